@@ -180,32 +180,38 @@ def test_unmerged_dense_equals_merged():
 
 def test_sharded_merge_is_communication_free():
   mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("fsdp", "tensor"))
-  base = {"layers": {0: {"attention": {"query": {"kernel": jnp.asarray(
-      np.random.default_rng(0).normal(size=(16, 8)), jnp.float32)}}}}}
-  cfg = lora.LoraConfig(rank=4)
+  rng = np.random.default_rng(0)
+  normal = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  base = {"layers": {0: {"attention": {"query": {"kernel": normal(16, 8)}}}},
+          "conv": {"kernel": normal(3, 3, 8, 4)}}
+  cfg = lora.LoraConfig(rank=4, targets="all_dense_and_conv")
   adapters = jax.tree.map(lambda x: x + 0.5, lora.init_adapters(base, cfg, jax.random.key(1)))
-  base_specs = {"layers": {0: {"attention": {"query": {"kernel": P("fsdp", "tensor")}}}}}
+  base_specs = {"layers": {0: {"attention": {"query": {"kernel": P("fsdp", "tensor")}}}},
+                "conv": {"kernel": P(None, None, "fsdp", "tensor")}}
   specs = lora.adapter_partition_specs(base_specs, adapters)
   path = "layers/0/attention/query/kernel"
   assert specs[path] == {"a": P("fsdp", None), "b": P(None, "tensor")}
+  assert specs["conv/kernel"] == {"a": P(None, None, "fsdp", None), "b": P(None, "tensor")}
   logical = lora.adapter_partition_specs(
-      {"layers": {0: {"attention": {"query": {"kernel": ("embed", "heads")}}}}}, adapters)
+      {"layers": {0: {"attention": {"query": {"kernel": ("embed", "heads")}}}},
+       "conv": {"kernel": (None, None, "conv_in", "conv_out")}}, adapters)
   assert logical[path] == {"a": ("embed", None), "b": (None, "heads")}
+  assert logical["conv/kernel"] == {"a": (None, None, "conv_in", None), "b": (None, "conv_out")}
 
   shard = lambda tree, spec_tree: jax.tree.map(
       lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, spec_tree)
   s_base, s_adapters = shard(base, base_specs), shard(adapters, specs)
   fn = jax.jit(lambda b, a: lora.apply(b, a, cfg))
   out = fn(s_base, s_adapters)
-  w_sharding = s_base["layers"][0]["attention"]["query"]["kernel"].sharding
-  assert out["layers"][0]["attention"]["query"]["kernel"].sharding.is_equivalent_to(w_sharding, 2)
+  single = lora.apply(base, adapters, cfg)
+  for p in (path, "conv/kernel"):
+    w = lora._get(s_base, p)
+    assert lora._get(out, p).sharding.is_equivalent_to(w.sharding, w.ndim), p
+    np.testing.assert_allclose(np.asarray(lora._get(out, p)), np.asarray(lora._get(single, p)),
+                               rtol=1e-6, atol=1e-6)
   hlo = fn.lower(s_base, s_adapters).compile().as_text()
   for op in ("all-gather", "all-reduce", "collective-permute", "all-to-all"):
     assert op not in hlo, op
-  single = lora.apply(base, adapters, cfg)
-  np.testing.assert_allclose(np.asarray(out["layers"][0]["attention"]["query"]["kernel"]),
-                             np.asarray(single["layers"][0]["attention"]["query"]["kernel"]),
-                             rtol=1e-6, atol=1e-6)
 
 
 def _dir_size(path):
