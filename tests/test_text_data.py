@@ -41,7 +41,7 @@ def tok(small_docs):
 
 
 def _words(tokenizer, s):
-  """The tokenizer's own view of the words of `s` (lowercased, accents stripped, punctuation split)."""
+  """The tokenizer's view of the words of `s`: lowercased, no accents, punctuation split."""
   normalized = tokenizer.normalizer.normalize_str(s)
   return [w for w, _ in tokenizer.pre_tokenizer.pre_tokenize_str(normalized)]
 

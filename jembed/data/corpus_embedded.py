@@ -6,7 +6,7 @@ tests work offline:
   * docstrings of a fixed list of well-documented standard-library modules, found by a
     lexical scan of their source (never imported, so no side effects). The topics alone are
     ~0.35 MB, which a tiny BERT would see ten times over in a few hundred steps; the
-    docstrings add ~1 MB.
+    docstrings add ~0.8 MB.
 
 Documents are prose paragraphs; code samples, grammar rules, tables and doctests are
 dropped. The result is deterministic for a given Python version (the text itself differs a
