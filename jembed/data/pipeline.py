@@ -1,0 +1,77 @@
+"""grain pipelines over in-memory columns: deterministic, shuffled, sharded by JAX process,
+batched, prefetched and checkpointable (the iterator state is saved with the train state)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import grain
+import jax
+import numpy as np
+
+from jembed.errors import UserError
+
+
+class ColumnSource:
+  """A random-access grain source over columns name -> (N, ...) arrays."""
+
+  def __init__(self, columns: dict[str, np.ndarray]):
+    self.columns = columns
+    self._len = len(next(iter(columns.values())))
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return {k: v[index] for k, v in self.columns.items()}
+
+
+def per_process_batch(global_batch: int, batch_shards: int) -> int:
+  """The share of the global batch each JAX process loads; refuses sizes that do not divide."""
+  if global_batch % batch_shards:
+    raise UserError(f"batch_size={global_batch} does not divide over the {batch_shards} devices the batch is "
+                    f"sharded across (mesh data*fsdp); use a multiple of {batch_shards}")
+  n = jax.process_count()
+  if global_batch % n:
+    raise UserError(f"batch_size={global_batch} does not divide over {n} processes; use a multiple of {n}")
+  return global_batch // n
+
+
+def train_iterator(columns: dict[str, np.ndarray], global_batch: int, seed: int, *,
+                   prefetch: int = 4) -> grain.DatasetIterator:
+  """An endless, epoch-reshuffled stream of this process's share of each global batch.
+
+  Every process walks the same seeded global order and takes a strided slice of it, so the data
+  order depends on the seed only, and each global batch is the same set of examples whatever the
+  number of processes.
+  """
+  n_proc, idx = jax.process_count(), jax.process_index()
+  local = global_batch // n_proc
+  if len(ColumnSource(columns)) < global_batch:
+    raise UserError(f"the training split has {len(ColumnSource(columns))} examples, fewer than "
+                    f"batch_size={global_batch}; lower --config.batch_size or add data")
+  ds = (grain.MapDataset.source(ColumnSource(columns))
+        .seed(seed)
+        .shuffle()
+        .repeat()
+        .batch(global_batch, drop_remainder=True)
+        .map(lambda b: {k: v[idx * local:(idx + 1) * local] for k, v in b.items()}))
+  read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)
+  return iter(ds.to_iter_dataset(read))
+
+
+def eval_batches(columns: dict[str, np.ndarray], global_batch: int, max_batches: int
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """Fixed, unshuffled held-out batches (this process's share); the remainder is dropped."""
+  n_proc, idx = jax.process_count(), jax.process_index()
+  local = global_batch // n_proc
+  n = len(ColumnSource(columns)) // global_batch
+  if max_batches:
+    n = min(n, max_batches)
+  for b in range(n):
+    lo = b * global_batch + idx * local
+    yield {k: v[lo:lo + local] for k, v in columns.items()}
+
+
+def num_eval_batches(columns: dict[str, np.ndarray], global_batch: int, max_batches: int) -> int:
+  n = len(ColumnSource(columns)) // global_batch
+  return min(n, max_batches) if max_batches else n

@@ -1,0 +1,59 @@
+"""Heads that sit on a backbone's features: MLM, pooling, classification, projection."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jembed.models.layers import Dense, Embed, LayerNorm, param, zeros_init
+
+
+class MlmHead(nnx.Module):
+  """BERT's MLM head: dense + GELU + LayerNorm, then the output projection tied to the token table."""
+
+  def __init__(self, hidden_size: int, vocab_size: int, *, eps: float = 1e-12, rngs: nnx.Rngs):
+    self.transform = Dense(hidden_size, hidden_size, ("embed", "mlp"), rngs=rngs)
+    self.norm = LayerNorm(hidden_size, eps=eps, axis_name="mlp")
+    self.bias = param(None, zeros_init, (vocab_size,), ("vocab",))
+
+  def __call__(self, hidden: jax.Array, token_table: Embed) -> jax.Array:
+    h = self.norm(jax.nn.gelu(self.transform(hidden), approximate=False))
+    return token_table.attend(h) + self.bias.value.astype(h.dtype)
+
+
+def pool(hidden: jax.Array, mask: jax.Array, method: str) -> jax.Array:
+  """(B, T, D) -> (B, D): the first ([CLS]) token, or the mean over non-padding tokens."""
+  if method == "cls":
+    return hidden[:, 0]
+  if method == "mean":
+    m = mask[..., None].astype(hidden.dtype)
+    return (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+  raise ValueError(f"unknown pooling '{method}'")
+
+
+class Classifier(nnx.Module):
+  """A linear head (features -> classes)."""
+
+  def __init__(self, features: int, num_classes: int, *, rngs: nnx.Rngs):
+    self.dense = Dense(features, num_classes, ("embed", None), init_std=0.01, rngs=rngs)
+
+  def __call__(self, x):
+    return self.dense(x.astype(jnp.float32))
+
+
+class ProjectionHead(nnx.Module):
+  """SimCLR-style MLP projection: (Dense, ReLU) x (layers-1), then Dense to `out`."""
+
+  def __init__(self, features: int, hidden: int, out: int, num_layers: int = 2, *, rngs: nnx.Rngs):
+    dims = [features] + [hidden] * (num_layers - 1) + [out]
+    self.layers = nnx.List([
+        Dense(dims[i], dims[i + 1], ("embed", "mlp") if i % 2 == 0 else ("mlp", "embed"), rngs=rngs,
+              kernel_init=nnx.initializers.lecun_normal())
+        for i in range(num_layers)])
+
+  def __call__(self, x):
+    for i, layer in enumerate(self.layers):
+      x = layer(x)
+      if i < len(self.layers) - 1:
+        x = jax.nn.relu(x)
+    return x

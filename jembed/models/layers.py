@@ -1,0 +1,80 @@
+"""Small NNX building blocks whose parameters carry logical axis names."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], names: Sequence[str | None],
+          dtype=jnp.float32) -> nnx.Param:
+  value = init(rngs.params(), tuple(shape), dtype) if rngs is not None else init(None, tuple(shape), dtype)
+  return nnx.Param(value, sharding_names=tuple(names))
+
+
+def zeros_init(_key, shape, dtype):
+  return jnp.zeros(shape, dtype)
+
+
+def ones_init(_key, shape, dtype):
+  return jnp.ones(shape, dtype)
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel + bias over the last axis; kernel is (in, out) with logical names `axes`."""
+
+  def __init__(self, in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
+               use_bias: bool = True, dtype=jnp.float32, init_std: float = 0.02,
+               kernel_init=None, rngs: nnx.Rngs):
+    kernel_init = kernel_init or nnx.initializers.truncated_normal(init_std)
+    self.kernel = param(rngs, kernel_init, (in_features, out_features), axes)
+    self.bias = param(rngs, zeros_init, (out_features,), (axes[1],)) if use_bias else None
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.dot(x.astype(self.dtype), self.kernel.value.astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias.value.astype(self.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in float32 (BERT uses eps 1e-12)."""
+
+  def __init__(self, features: int, *, eps: float = 1e-12, axis_name: str | None = "embed",
+               rngs: nnx.Rngs | None = None):
+    self.scale = param(None, ones_init, (features,), (axis_name,))
+    self.bias = param(None, zeros_init, (features,), (axis_name,))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale.value + self.bias.value).astype(dtype)
+
+
+class Embed(nnx.Module):
+  """A lookup table (num, features) with logical names `axes`."""
+
+  def __init__(self, num: int, features: int, axes: tuple[str | None, str | None], *,
+               init_std: float = 0.02, rngs: nnx.Rngs):
+    self.embedding = param(rngs, nnx.initializers.truncated_normal(init_std), (num, features), axes)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding.value, ids, axis=0)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """x @ table.T: the tied output projection."""
+    return jnp.dot(x, self.embedding.value.astype(x.dtype).T)
+
+
+def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None, train: bool) -> jax.Array:
+  if not train or rate == 0.0 or rngs is None:
+    return x
+  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)

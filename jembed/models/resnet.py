@@ -1,0 +1,188 @@
+"""ResNet v1.5 backbones (18/34/50/101) in Flax NNX, returning pooled features.
+
+v1.5 places the stride of a bottleneck block on its 3x3 conv (as torchvision does), which
+is slightly more accurate than v1's strided 1x1. There is no classification head: the
+model maps images to globally average-pooled features for embedding heads downstream.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jembed.errors import UserError
+
+# (block type, blocks per stage) per depth.
+_DEPTHS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+}
+_EXPANSION = {"basic": 1, "bottleneck": 4}
+_STEMS = ("imagenet", "cifar")
+_NORMS = ("batch", "group")
+
+# He init on fan_out, as torchvision does for ResNets.
+_CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _conv(cin: int, cout: int, k: int, stride: int, dtype, rngs: nnx.Rngs) -> nnx.Conv:
+  # Explicit symmetric padding k//2 matches torchvision; "SAME" pads asymmetrically
+  # for strided even-sized inputs and would shift the receptive field.
+  pad = k // 2
+  return nnx.Conv(
+      cin, cout, (k, k), strides=stride, padding=((pad, pad), (pad, pad)),
+      use_bias=False, dtype=dtype, kernel_init=_CONV_INIT,
+      kernel_metadata={"out_sharding": (None, None, "conv_in", "conv_out")},
+      rngs=rngs)
+
+
+def _group_count(channels: int) -> int:
+  # 32 groups is standard; narrow layers (small widths) need a divisor of channels.
+  return math.gcd(32, channels)
+
+
+def _norm(kind: str, channels: int, dtype, rngs: nnx.Rngs, zero_scale: bool = False):
+  scale_init = nnx.initializers.zeros if zero_scale else nnx.initializers.ones
+  meta = {"out_sharding": ("conv_out",)}
+  if kind == "batch":
+    # Flax momentum is the weight of the old running value (PyTorch's 0.1 == Flax's 0.9).
+    return nnx.BatchNorm(channels, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                         scale_init=scale_init, scale_metadata=meta, bias_metadata=meta,
+                         rngs=rngs)
+  return nnx.GroupNorm(channels, num_groups=_group_count(channels), epsilon=1e-5,
+                       dtype=dtype, scale_init=scale_init, scale_metadata=meta,
+                       bias_metadata=meta, rngs=rngs)
+
+
+def _apply_norm(norm, x, train: bool):
+  if isinstance(norm, nnx.BatchNorm):
+    return norm(x, use_running_average=not train)
+  return norm(x)
+
+
+class _Downsample(nnx.Module):
+  """1x1 strided projection on the shortcut when shape changes."""
+
+  def __init__(self, cin, cout, stride, norm, dtype, rngs):
+    self.conv = _conv(cin, cout, 1, stride, dtype, rngs)
+    self.norm = _norm(norm, cout, dtype, rngs)
+
+  def __call__(self, x, train):
+    return _apply_norm(self.norm, self.conv(x), train)
+
+
+class BasicBlock(nnx.Module):
+  """Two 3x3 convs (ResNet-18/34)."""
+
+  def __init__(self, cin: int, planes: int, stride: int, norm: str, dtype,
+               zero_init_residual: bool, *, rngs: nnx.Rngs):
+    cout = planes
+    self.conv1 = _conv(cin, planes, 3, stride, dtype, rngs)
+    self.norm1 = _norm(norm, planes, dtype, rngs)
+    self.conv2 = _conv(planes, cout, 3, 1, dtype, rngs)
+    self.norm2 = _norm(norm, cout, dtype, rngs, zero_scale=zero_init_residual)
+    self.downsample = (_Downsample(cin, cout, stride, norm, dtype, rngs)
+                       if stride != 1 or cin != cout else None)
+    self.out_channels = cout
+
+  def __call__(self, x, train: bool):
+    y = jax.nn.relu(_apply_norm(self.norm1, self.conv1(x), train))
+    y = _apply_norm(self.norm2, self.conv2(y), train)
+    shortcut = x if self.downsample is None else self.downsample(x, train)
+    return jax.nn.relu(y + shortcut)
+
+
+class Bottleneck(nnx.Module):
+  """1x1 reduce, 3x3 (strided, v1.5), 1x1 expand x4 (ResNet-50/101)."""
+
+  def __init__(self, cin: int, planes: int, stride: int, norm: str, dtype,
+               zero_init_residual: bool, *, rngs: nnx.Rngs):
+    cout = planes * _EXPANSION["bottleneck"]
+    self.conv1 = _conv(cin, planes, 1, 1, dtype, rngs)
+    self.norm1 = _norm(norm, planes, dtype, rngs)
+    self.conv2 = _conv(planes, planes, 3, stride, dtype, rngs)
+    self.norm2 = _norm(norm, planes, dtype, rngs)
+    self.conv3 = _conv(planes, cout, 1, 1, dtype, rngs)
+    self.norm3 = _norm(norm, cout, dtype, rngs, zero_scale=zero_init_residual)
+    self.downsample = (_Downsample(cin, cout, stride, norm, dtype, rngs)
+                       if stride != 1 or cin != cout else None)
+    self.out_channels = cout
+
+  def __call__(self, x, train: bool):
+    y = jax.nn.relu(_apply_norm(self.norm1, self.conv1(x), train))
+    y = jax.nn.relu(_apply_norm(self.norm2, self.conv2(y), train))
+    y = _apply_norm(self.norm3, self.conv3(y), train)
+    shortcut = x if self.downsample is None else self.downsample(x, train)
+    return jax.nn.relu(y + shortcut)
+
+
+class ResNet(nnx.Module):
+  """ResNet v1.5 feature extractor: (B, H, W, C) images -> (B, out_features).
+
+  Attributes:
+    out_features: channels of the pooled feature vector.
+  """
+
+  def __init__(self, depth: int = 18, width: int = 64, stem: str = "imagenet",
+               norm: str = "batch", in_channels: int = 3, num_stages: int = 4,
+               dtype: Any = jnp.float32, zero_init_residual: bool = False, *,
+               rngs: nnx.Rngs):
+    if depth not in _DEPTHS:
+      raise UserError(f"ResNet depth {depth} is not supported; use one of {sorted(_DEPTHS)}")
+    if stem not in _STEMS:
+      raise UserError(f"ResNet stem {stem!r} is unknown; use one of {_STEMS}")
+    if norm not in _NORMS:
+      raise UserError(f"ResNet norm {norm!r} is unknown; use one of {_NORMS}")
+    if not 1 <= num_stages <= 4:
+      raise UserError(f"ResNet num_stages={num_stages} must be in 1..4")
+    if width < 1:
+      raise UserError(f"ResNet width={width} must be positive")
+    kind, blocks_per_stage = _DEPTHS[depth]
+    block_cls = BasicBlock if kind == "basic" else Bottleneck
+    self.stem_kind = stem
+    self.norm_kind = norm
+    if stem == "imagenet":
+      self.stem_conv = _conv(in_channels, width, 7, 2, dtype, rngs)
+    else:
+      self.stem_conv = _conv(in_channels, width, 3, 1, dtype, rngs)
+    self.stem_norm = _norm(norm, width, dtype, rngs)
+
+    blocks = []
+    cin = width
+    for stage in range(num_stages):
+      planes = width * 2**stage
+      for i in range(blocks_per_stage[stage]):
+        stride = 2 if (stage > 0 and i == 0) else 1
+        block = block_cls(cin, planes, stride, norm, dtype, zero_init_residual, rngs=rngs)
+        blocks.append(block)
+        cin = block.out_channels
+    self.blocks = nnx.List(blocks)
+    self.out_features = cin
+
+  def __call__(self, x: jax.Array, *, train: bool,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    del rngs  # No dropout; kept for the shared module call signature.
+    x = _apply_norm(self.stem_norm, self.stem_conv(x), train)
+    x = jax.nn.relu(x)
+    if self.stem_kind == "imagenet":
+      x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for block in self.blocks:
+      x = block(x, train)
+    # Pool in float32 so low-precision compute dtypes do not lose the mean.
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def resnet_from_config(cfg: Any, *, in_channels: int = 3, rngs: nnx.Rngs) -> ResNet:
+  """Builds a ResNet from a ConfigDict with depth, width, stem, norm (others optional)."""
+  get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+  return ResNet(
+      depth=int(get("depth", 18)), width=int(get("width", 64)),
+      stem=str(get("stem", "imagenet")), norm=str(get("norm", "batch")),
+      in_channels=int(get("in_channels", in_channels) or in_channels),
+      num_stages=int(get("num_stages", 4)),
+      zero_init_residual=bool(get("zero_init_residual", False)), rngs=rngs)

@@ -1,0 +1,207 @@
+"""A BERT-family Transformer encoder in Flax NNX.
+
+Post-LayerNorm by default, laid out like BERT (token + position + segment embeddings, LayerNorm,
+then blocks of attention -> add & norm -> GELU MLP -> add & norm) so BERT checkpoints map onto it
+one tensor to one tensor; `pre_ln=True` gives the pre-LN variant with a final LayerNorm. Every
+parameter carries logical axis names; activations are pinned to (`batch`, `length`, `embed`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jembed.errors import UserError
+from jembed.models.layers import Dense, Embed, LayerNorm, dropout
+
+# BERT's published sizes (Turc et al. 2019 for the small ones): (layers, hidden); heads = hidden/64,
+# mlp = 4 * hidden.
+SIZES = {
+    "tiny": (2, 128),
+    "mini": (4, 256),
+    "small": (4, 512),
+    "medium": (8, 512),
+    "base": (12, 768),
+    "large": (24, 1024),
+}
+
+ACTIVATION = ("batch", "length", "embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  num_layers: int
+  hidden_size: int
+  num_heads: int
+  mlp_dim: int
+  vocab_size: int
+  max_position: int = 512
+  type_vocab_size: int = 2
+  dropout: float = 0.1
+  attention_dropout: float = 0.1
+  pre_ln: bool = False
+  layer_norm_eps: float = 1e-12
+  dtype: Any = jnp.float32
+  adapter_dim: int = 0
+  remat: bool = False
+
+  @classmethod
+  def from_config(cls, model_config, vocab_size: int | None = None) -> "TransformerConfig":
+    """Size preset from `model.size`, then any explicitly set dimension overrides it."""
+    size = model_config.get("size", "tiny")
+    if size not in SIZES:
+      raise UserError(f"model.size '{size}' is unknown; choose one of {', '.join(SIZES)}")
+    layers, hidden = SIZES[size]
+    pick = lambda key, default: model_config.get(key) or default  # 0 / None means "from the preset"
+    hidden = pick("hidden_size", hidden)
+    heads = pick("num_heads", max(1, hidden // 64))
+    if hidden % heads:
+      raise UserError(f"model.hidden_size={hidden} is not divisible by model.num_heads={heads}; "
+                      "choose sizes where hidden_size % num_heads == 0")
+    vocab = pick("vocab_size", vocab_size or 30522)
+    if vocab_size and vocab < vocab_size:
+      raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({vocab_size}); "
+                      "leave model.vocab_size=0 to take it from the tokenizer")
+    return cls(
+        num_layers=pick("num_layers", layers), hidden_size=hidden, num_heads=heads,
+        mlp_dim=pick("mlp_dim", 4 * hidden), vocab_size=vocab,
+        max_position=model_config.get("max_position", 512),
+        type_vocab_size=model_config.get("type_vocab_size", 2),
+        dropout=model_config.get("dropout", 0.1),
+        attention_dropout=model_config.get("attention_dropout", 0.1),
+        pre_ln=model_config.get("pre_ln", False),
+        dtype=jnp.dtype(model_config.get("dtype", "float32")),
+        adapter_dim=model_config.get("adapter_dim", 0),
+        remat=model_config.get("remat", False),
+    )
+
+
+def constrain(x: jax.Array, names) -> jax.Array:
+  # A no-op outside a mesh + logical-rules context (e.g. in plain unit tests).
+  return nn.with_logical_constraint(x, names)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    self.query = Dense(d, d, ("embed", "heads"), dtype=cfg.dtype, rngs=rngs)
+    self.key = Dense(d, d, ("embed", "heads"), dtype=cfg.dtype, rngs=rngs)
+    self.value = Dense(d, d, ("embed", "heads"), dtype=cfg.dtype, rngs=rngs)
+    self.out = Dense(d, d, ("heads", "embed"), dtype=cfg.dtype, rngs=rngs)
+    self.num_heads = cfg.num_heads
+    self.dropout_rate = cfg.attention_dropout
+
+  def __call__(self, x, mask, *, train: bool, rngs: nnx.Rngs | None):
+    b, t, d = x.shape
+    split = lambda y: constrain(y.reshape(b, t, self.num_heads, d // self.num_heads),
+                                ("batch", "length", "heads", "kv"))
+    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    scores = jnp.einsum("bqnh,bknh->bnqk", q, k) / jnp.sqrt(d // self.num_heads).astype(q.dtype)
+    scores = jnp.where(mask[:, None, None, :], scores.astype(jnp.float32), -1e9)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    probs = dropout(probs, self.dropout_rate, rngs, train)
+    ctx = jnp.einsum("bnqk,bknh->bqnh", probs, v).reshape(b, t, d)
+    return self.out(ctx)
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.wi = Dense(cfg.hidden_size, cfg.mlp_dim, ("embed", "mlp"), dtype=cfg.dtype, rngs=rngs)
+    self.wo = Dense(cfg.mlp_dim, cfg.hidden_size, ("mlp", "embed"), dtype=cfg.dtype, rngs=rngs)
+
+  def __call__(self, x):
+    h = constrain(self.wi(x), ("batch", "length", "mlp"))
+    # BERT uses the exact (erf) GELU.
+    return self.wo(jax.nn.gelu(h, approximate=False))
+
+
+class Layer(nnx.Module):
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.attention = Attention(cfg, rngs=rngs)
+    self.attention_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+    self.mlp = Mlp(cfg, rngs=rngs)
+    self.mlp_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+    if cfg.adapter_dim:
+      from jembed.peft.adapters import BottleneckAdapter  # only models with adapters need it
+      self.attention_adapter = BottleneckAdapter(cfg.hidden_size, cfg.adapter_dim, rngs=rngs)
+      self.mlp_adapter = BottleneckAdapter(cfg.hidden_size, cfg.adapter_dim, rngs=rngs)
+    else:
+      self.attention_adapter = None
+      self.mlp_adapter = None
+    self.pre_ln = cfg.pre_ln
+    self.rate = cfg.dropout
+
+  def _block(self, x, fn, norm, adapter, train, rngs):
+    if self.pre_ln:
+      h = dropout(fn(norm(x)), self.rate, rngs, train)
+      if adapter is not None:
+        h = adapter(h)
+      return x + h
+    h = dropout(fn(x), self.rate, rngs, train)
+    if adapter is not None:
+      # Houlsby: the adapter sits on the sub-layer output, before the residual add and LayerNorm.
+      h = adapter(h)
+    return norm(x + h)
+
+  def __call__(self, x, mask, *, train: bool, rngs: nnx.Rngs | None):
+    x = self._block(x, lambda y: self.attention(y, mask, train=train, rngs=rngs), self.attention_norm,
+                    self.attention_adapter, train, rngs)
+    x = self._block(x, self.mlp, self.mlp_norm, self.mlp_adapter, train, rngs)
+    return constrain(x, ACTIVATION)
+
+
+class Embeddings(nnx.Module):
+  """Token + position + segment embeddings, then LayerNorm (post-LN) and dropout."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.token = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), rngs=rngs)
+    self.position = Embed(cfg.max_position, cfg.hidden_size, (None, "embed"), rngs=rngs)
+    self.segment = Embed(cfg.type_vocab_size, cfg.hidden_size, (None, "embed"), rngs=rngs)
+    self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+    self.pre_ln = cfg.pre_ln
+    self.rate = cfg.dropout
+    self.dtype = cfg.dtype
+
+  def __call__(self, tokens, segments, *, train: bool, rngs):
+    positions = jnp.arange(tokens.shape[1])[None, :]
+    x = self.token(tokens) + self.position(positions) + self.segment(segments)
+    if not self.pre_ln:
+      x = self.norm(x)
+    return dropout(constrain(x.astype(self.dtype), ACTIVATION), self.rate, rngs, train)
+
+
+class TransformerEncoder(nnx.Module):
+  """tokens (B, T) int -> hidden states (B, T, D). Padding is where `mask` is False."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.embeddings = Embeddings(cfg, rngs=rngs)
+    self.layers = nnx.List([Layer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_ln else None
+
+  def __call__(self, tokens, mask=None, segments=None, *, train: bool = False,
+               rngs: nnx.Rngs | None = None):
+    if mask is None:
+      mask = jnp.ones(tokens.shape, bool)
+    if segments is None:
+      segments = jnp.zeros_like(tokens)
+    x = self.embeddings(tokens, segments, train=train, rngs=rngs)
+    return self.encode_embedded(x, mask, train=train, rngs=rngs)
+
+  def encode_embedded(self, x, mask, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    """Runs the layers on already-embedded inputs (B, T, D): ViT feeds patch embeddings here."""
+    for layer in self.layers:
+      if self.config.remat:
+        x = nnx.remat(lambda lyr, y: lyr(y, mask, train=train, rngs=rngs))(layer, x)
+      else:
+        x = layer(x, mask, train=train, rngs=rngs)
+    if self.final_norm is not None:
+      x = self.final_norm(x)
+    return x

@@ -1,0 +1,303 @@
+"""The one train loop, top to bottom: config, mesh, data, model, state, step, loop.
+
+It knows objectives only through the `Task` interface (jembed/tasks/base.py) and which parameters
+train only through a tuning (jembed/tuning.py), so pretraining and fine-tuning share it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jembed import checkpoint as ckpt
+from jembed import config as config_lib
+from jembed import metrics as metrics_lib
+from jembed import sharding
+from jembed.data import pipeline
+from jembed.errors import UserError
+from jembed.tasks import get_task
+
+# Random numbers that do not depend on how an array is sharded: a sharded run draws the same
+# masks, dropout and augmentations as a single-device one.
+jax.config.update("jax_threefry_partitionable", True)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any        # the trained parameters (all of them for full training)
+  frozen: Any        # parameters that do not train (a frozen backbone, a LoRA base)
+  opt_state: Any     # optax state, for `params` only
+  model_state: Any   # non-parameter variables, e.g. BatchNorm statistics
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optimizer
+# ---------------------------------------------------------------------------------------------------
+def learning_rate_schedule(config) -> optax.Schedule:
+  warmup = min(config.warmup_steps, config.total_steps)
+  decay_steps = max(config.total_steps - warmup, 1)
+  peak, end = config.learning_rate, config.learning_rate * config.end_lr_fraction
+  if config.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.end_lr_fraction)
+  elif config.schedule == "linear":
+    decay = optax.linear_schedule(peak, end, decay_steps)
+  else:
+    decay = optax.constant_schedule(peak)
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  # No weight decay on biases and norm parameters (the 1-D leaves), as in BERT.
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
+  adamw = optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2,
+                      weight_decay=config.weight_decay, mask=decay_mask)
+  if config.grad_clip:
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
+  return adamw
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model and state
+# ---------------------------------------------------------------------------------------------------
+class Setup:
+  """Everything the loop needs that does not change from step to step."""
+
+  def __init__(self, config, workdir: str, devices=None):
+    # ---- config ----
+    config_lib.validate(config)
+    self.config = config
+    self.workdir = workdir
+    self.task = get_task(config, workdir)
+
+    # ---- mesh ----
+    self.mesh = sharding.make_mesh(config.mesh, devices)
+    self.rules = sharding.rules_from_config(config)
+    self.batch_shards = sharding.batch_axis_size(self.mesh, self.rules)
+    self.local_batch = pipeline.per_process_batch(config.batch_size, self.batch_shards)
+
+    # ---- data (host side; fails before anything is written) ----
+    self.data = self.task.load_data()
+
+    # ---- model: abstract first, so shapes and shardings are known before any compute ----
+    with nn.logical_axis_rules(self.rules):
+      abstract_model = nnx.eval_shape(lambda: self.task.build_model(nnx.Rngs(0)))
+    self.graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+    param_specs = sharding.logical_specs(abs_params)
+    rest_specs = sharding.logical_specs(abs_rest)
+    self.abs_params = nnx.to_pure_dict(abs_params)
+    self.param_shardings = sharding.logical_to_sharding(param_specs, self.mesh, self.rules)
+    self.rest_shardings = sharding.logical_to_sharding(rest_specs, self.mesh, self.rules)
+    sharding.check_divisible(self.abs_params, self.param_shardings, "parameter")
+
+    self.tuning = self.task.tuning()
+    trained_specs, frozen_specs = self.tuning.split_specs(param_specs, self.abs_params)
+    self.trained_shardings = sharding.logical_to_sharding(trained_specs, self.mesh, self.rules)
+    self.frozen_shardings = sharding.logical_to_sharding(frozen_specs, self.mesh, self.rules)
+    self.tx = make_optimizer(config)
+    self.base_key = jax.random.key(config.seed)
+
+  # -- initial state --
+  def _init_model(self, key):
+    model = self.task.build_model(nnx.Rngs(params=key))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+  def _make_state(self, params, model_state, key):
+    trained, frozen = self.tuning.split(params, key)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=trained, frozen=frozen,
+                      opt_state=self.tx.init(trained), model_state=model_state)
+
+  def state_shardings(self) -> TrainState:
+    rep = sharding.replicated(self.mesh)
+    abs_state = jax.eval_shape(self._make_state, self.abs_params, self._abs_rest(),
+                               jax.random.key(0))
+    opt = optax.tree_map_params(self.tx, lambda _, s: s, abs_state.opt_state, self.trained_shardings,
+                                transform_non_params=lambda _: rep)
+    return TrainState(step=rep, params=self.trained_shardings, frozen=self.frozen_shardings,
+                      opt_state=opt, model_state=self.rest_shardings)
+
+  def _abs_rest(self):
+    return jax.eval_shape(lambda: self._init_model(jax.random.key(0))[1])
+
+  def init_state(self) -> TrainState:
+    init_key, split_key = jax.random.split(jax.random.fold_in(self.base_key, 1))
+    with jax.set_mesh(self.mesh):
+      params, model_state = jax.jit(
+          self._init_model, out_shardings=(self.param_shardings, self.rest_shardings))(init_key)
+      params, model_state = self.task.load_pretrained(params, model_state, self.mesh, self.rules)
+      self.shardings = self.state_shardings()
+      return jax.jit(self._make_state, out_shardings=self.shardings)(params, model_state, split_key)
+
+  # -- steps --
+  def model_from(self, state: TrainState, *, rng=None, train: bool = False):
+    params = self.tuning.combine(state.params, state.frozen, rng=rng, train=train)
+    return nnx.merge(self.graphdef, params, state.model_state)
+
+  def train_step(self, state: TrainState, batch):
+    rng = jax.random.fold_in(self.base_key, state.step)
+    tuning_rng, task_rng = jax.random.split(rng)
+
+    def loss_fn(trained):
+      params = self.tuning.combine(trained, state.frozen, rng=tuning_rng, train=True)
+      model = nnx.merge(self.graphdef, params, state.model_state)
+      loss, metrics = self.task.loss(model, batch, task_rng, True)
+      _, _, rest = nnx.split(model, nnx.Param, ...)
+      return loss, (metrics, nnx.to_pure_dict(rest))
+
+    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              model_state=model_state)
+    return new_state, metrics
+
+  def eval_step(self, state: TrainState, batch, index):
+    # A fixed key per eval batch: every evaluation masks / augments the held-out set the same way.
+    rng = jax.random.fold_in(jax.random.fold_in(self.base_key, 2**31 - 1), index)
+    model = self.model_from(state)
+    _, metrics = self.task.loss(model, batch, rng, False)
+    return metrics
+
+  def compile(self, state: TrainState, batch):
+    """AOT-compiles the train and eval steps with explicit shardings and donated state."""
+    batch_sh = {k: sharding.batch_sharding(self.mesh, self.rules, v.ndim) for k, v in batch.items()}
+    rep = sharding.replicated(self.mesh)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      train = jax.jit(self.train_step, in_shardings=(self.shardings, batch_sh),
+                      out_shardings=(self.shardings, rep), donate_argnums=(0,))
+      self.compiled_train = train.lower(state, batch).compile()
+      evals = jax.jit(self.eval_step, in_shardings=(self.shardings, batch_sh, rep), out_shardings=rep)
+      self.compiled_eval = evals.lower(state, batch, jnp.zeros((), jnp.int32)).compile()
+    self.step_flops = metrics_lib.compiled_flops(self.compiled_train)
+
+  def to_global(self, local_batch):
+    return sharding.to_global(local_batch, self.mesh, self.rules)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------
+def evaluate(setup: Setup, state: TrainState) -> dict[str, float]:
+  if not setup.data.eval:
+    return {}
+  sums: dict[str, float] = {}
+  n = 0
+  for i, local in enumerate(pipeline.eval_batches(setup.data.eval, setup.config.batch_size,
+                                                  setup.config.eval_batches)):
+    m = jax.device_get(setup.compiled_eval(state, setup.to_global(local), jnp.asarray(i, jnp.int32)))
+    for k, v in m.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+    n += 1
+  if n == 0:
+    raise UserError(f"the held-out split has fewer than batch_size={setup.config.batch_size} examples; "
+                    "lower --config.batch_size or give more eval data")
+  return {k: v / n for k, v in sums.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains `config.task` in `workdir`, resuming from its latest checkpoint. Returns final eval metrics."""
+  setup = Setup(config, workdir)
+  task, mesh = setup.task, setup.mesh
+
+  # ---- state: fresh, or restored from the workdir's latest checkpoint ----
+  data_iter = pipeline.train_iterator(setup.data.train, config.batch_size, config.seed)
+  state = setup.init_state()
+  resume_step = ckpt.latest_step(workdir)
+  if resume_step is not None:
+    abstract = ckpt.abstract_with_sharding(state, setup.shardings)
+    state = ckpt.restore(workdir, resume_step, abstract, data_iter)
+  start = int(jax.device_get(state.step))
+
+  # ---- compile: one jit each for the train and eval steps ----
+  setup.compile(state, setup.to_global(_peek(data_iter)))
+
+  # Every check has passed: from here on the run writes into the workdir.
+  os.makedirs(workdir, exist_ok=True)
+  task.save_artifacts()
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+  logger = metrics_lib.Logger(workdir, config.total_steps, start)
+  checkpointer = ckpt.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                   async_save=config.async_checkpointing)
+  peak = metrics_lib.peak_flops_total()
+  logger.info(f"jembed: task={config.task} devices={jax.device_count()} mesh={dict(mesh.shape)} "
+              f"{setup.tuning.describe(state.params, state.frozen)}; "
+              f"data: {', '.join(f'{k}={v}' for k, v in setup.data.info.items())}")
+  if start:
+    logger.info(f"resumed from {ckpt.checkpoint_dir(workdir)}/{start}")
+
+  # ---- loop ----
+  items_per_batch = config.batch_size * task.items_per_example()
+  stop_at = config.total_steps
+  if config.get("stop_after_steps", 0):
+    stop_at = min(stop_at, start + config.stop_after_steps)
+  eval_metrics: dict[str, float] = {}
+  t_last, steps_since = time.perf_counter(), 0
+  step = start
+  try:
+    while step < stop_at:
+      batch = setup.to_global(next(data_iter))
+      state, train_metrics = setup.compiled_train(state, batch)
+      step += 1
+      steps_since += 1
+      logger.progress(step)
+      last = step == config.total_steps
+      if step % config.log_every == 0 or last or step == stop_at:
+        train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
+        dt = (time.perf_counter() - t_last) / steps_since
+        if not math.isfinite(train_metrics["loss"]):
+          raise FloatingPointError(f"loss is {train_metrics['loss']} at step {step}; lower "
+                                   "--config.learning_rate or raise warmup_steps (checkpoints up to "
+                                   f"step {checkpointer.manager.latest_step()} are intact)")
+        row = dict(train_metrics, learning_rate=float(learning_rate_schedule(config)(step - 1)),
+                   step_time=dt, **{f"{task.unit}_per_sec": items_per_batch / dt})
+        row["mfu"] = (setup.step_flops / dt / peak) if (setup.step_flops and peak) else float("nan")
+        logger.write(step, "train", row)
+        t_last, steps_since = time.perf_counter(), 0
+      if step % config.eval_every == 0 or last:
+        eval_metrics = evaluate(setup, state)
+        eval_metrics.update(task.extra_eval(setup.model_from(state), step))
+        logger.write(step, "eval", eval_metrics)
+        t_last, steps_since = time.perf_counter(), 0
+      if step % config.checkpoint_every == 0 or last or step == stop_at:
+        checkpointer.save(step, state, data_iter)
+    if step == config.total_steps:
+      if not eval_metrics:
+        eval_metrics = evaluate(setup, state)
+      task.final_summary(setup.model_from(state), eval_metrics, logger)
+  finally:
+    checkpointer.close()
+    logger.close()
+  return eval_metrics
+
+
+def _peek(data_iter):
+  """The first batch of the stream without consuming it (its state is rewound)."""
+  saved = data_iter.get_state()
+  batch = next(data_iter)
+  data_iter.set_state(saved)
+  return batch
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=str)
+  os.replace(tmp, path)
