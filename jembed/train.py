@@ -282,6 +282,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       if not eval_metrics:
         eval_metrics = evaluate(setup, state)
       task.final_summary(setup.model_from(state), eval_metrics, logger)
+      task.export(state, setup.tuning)
   finally:
     checkpointer.close()
     logger.close()

@@ -68,3 +68,7 @@ class Task:
 
   def final_summary(self, model: nnx.Module, eval_metrics: dict[str, float], logger) -> None:
     """Printed and saved at the end of training."""
+
+  def export(self, state, tuning) -> None:
+    """Called once after `final_summary` with the final TrainState and the tuning, for exports that
+    need the trained/frozen split (e.g. LoRA adapters apart from their base)."""
