@@ -160,7 +160,7 @@ class Setup:
     (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               model_state=model_state)
     return new_state, metrics
@@ -173,16 +173,20 @@ class Setup:
     return metrics
 
   def compile(self, state: TrainState, batch):
-    """AOT-compiles the train and eval steps with explicit shardings and donated state."""
+    """AOT-compiles the train step (explicit shardings, donated state); the eval step compiles on
+    first use."""
     batch_sh = {k: sharding.batch_sharding(self.mesh, self.rules, v.ndim) for k, v in batch.items()}
     rep = sharding.replicated(self.mesh)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       train = jax.jit(self.train_step, in_shardings=(self.shardings, batch_sh),
                       out_shardings=(self.shardings, rep), donate_argnums=(0,))
       self.compiled_train = train.lower(state, batch).compile()
-      evals = jax.jit(self.eval_step, in_shardings=(self.shardings, batch_sh, rep), out_shardings=rep)
-      self.compiled_eval = evals.lower(state, batch, jnp.zeros((), jnp.int32)).compile()
     self.step_flops = metrics_lib.compiled_flops(self.compiled_train)
+    self._eval_fn = jax.jit(self.eval_step, in_shardings=(self.shardings, batch_sh, rep), out_shardings=rep)
+
+  def run_eval_step(self, state: TrainState, batch, index: int):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self._eval_fn(state, batch, jnp.asarray(index, jnp.int32))
 
   def to_global(self, local_batch):
     return sharding.to_global(local_batch, self.mesh, self.rules)
@@ -198,7 +202,7 @@ def evaluate(setup: Setup, state: TrainState) -> dict[str, float]:
   n = 0
   for i, local in enumerate(pipeline.eval_batches(setup.data.eval, setup.config.batch_size,
                                                   setup.config.eval_batches)):
-    m = jax.device_get(setup.compiled_eval(state, setup.to_global(local), jnp.asarray(i, jnp.int32)))
+    m = jax.device_get(setup.run_eval_step(state, setup.to_global(local), i))
     for k, v in m.items():
       sums[k] = sums.get(k, 0.0) + float(v)
     n += 1

@@ -18,7 +18,7 @@ class MlmHead(nnx.Module):
 
   def __call__(self, hidden: jax.Array, token_table: Embed) -> jax.Array:
     h = self.norm(jax.nn.gelu(self.transform(hidden), approximate=False))
-    return token_table.attend(h) + self.bias.value.astype(h.dtype)
+    return token_table.attend(h) + self.bias[...].astype(h.dtype)
 
 
 def pool(hidden: jax.Array, mask: jax.Array, method: str) -> jax.Array:

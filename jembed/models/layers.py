@@ -11,7 +11,7 @@ from flax import nnx
 def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], names: Sequence[str | None],
           dtype=jnp.float32) -> nnx.Param:
   value = init(rngs.params(), tuple(shape), dtype) if rngs is not None else init(None, tuple(shape), dtype)
-  return nnx.Param(value, sharding_names=tuple(names))
+  return nnx.Param(value, out_sharding=tuple(names))
 
 
 def zeros_init(_key, shape, dtype):
@@ -34,9 +34,9 @@ class Dense(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel.value.astype(self.dtype))
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
-      y = y + self.bias.value.astype(self.dtype)
+      y = y + self.bias[...].astype(self.dtype)
     return y
 
 
@@ -55,7 +55,7 @@ class LayerNorm(nnx.Module):
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
     y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * self.scale.value + self.bias.value).astype(dtype)
+    return (y * self.scale[...] + self.bias[...]).astype(dtype)
 
 
 class Embed(nnx.Module):
@@ -66,11 +66,11 @@ class Embed(nnx.Module):
     self.embedding = param(rngs, nnx.initializers.truncated_normal(init_std), (num, features), axes)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding.value, ids, axis=0)
+    return jnp.take(self.embedding[...], ids, axis=0)
 
   def attend(self, x: jax.Array) -> jax.Array:
     """x @ table.T: the tied output projection."""
-    return jnp.dot(x, self.embedding.value.astype(x.dtype).T)
+    return jnp.dot(x, self.embedding[...].astype(x.dtype).T)
 
 
 def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None, train: bool) -> jax.Array:

@@ -1,0 +1,55 @@
+"""Small MLM configs and data shared by the spine tests (tiny model, short sequences)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import ml_collections
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config_file(name: str) -> ml_collections.ConfigDict:
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  try:
+    module = __import__(name)
+  finally:
+    sys.path.pop(0)
+  return module.get_config()
+
+
+def write_corpus(directory: str, n_docs: int = 300) -> str:
+  from jembed.data.text import embedded_documents
+  path = os.path.join(directory, "corpus.txt")
+  if not os.path.exists(path):
+    with open(path, "w") as f:
+      f.write("\n".join(embedded_documents()[:n_docs]) + "\n")
+  return path
+
+
+def tiny_mlm_config(corpus: str, **overrides) -> ml_collections.ConfigDict:
+  c = load_config_file("mlm")
+  c.total_steps = 6
+  c.batch_size = 16
+  c.warmup_steps = 2
+  c.log_every = 2
+  c.eval_every = 3
+  c.checkpoint_every = 3
+  c.eval_batches = 2
+  c.async_checkpointing = False
+  c.model.num_layers = 1
+  c.model.hidden_size = 32
+  c.model.num_heads = 2
+  c.model.mlp_dim = 64
+  c.model.max_position = 64
+  c.data.train = corpus
+  c.data.eval_fraction = 0.1
+  c.data.vocab_size = 512
+  c.data.seq_len = 32
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c
