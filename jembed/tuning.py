@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 import jax
+import ml_collections
 
 from jembed.errors import UserError
 from jembed.peft import lora
@@ -190,3 +191,21 @@ def tuning_from_config(config):
   if method == "adapter":
     return AdapterTuning()
   raise UserError(f"peft.method='{method}' is unknown; choose one of {', '.join(METHODS)}")
+
+
+def peft_config(**overrides) -> ml_collections.ConfigDict:
+  """`config.peft` of the fine-tuning configs (configs/finetune_*.py), with overrides."""
+  c = ml_collections.ConfigDict(dict(
+      method="full",            # full | linear_probe | lora | adapter
+      rank=8,                   # LoRA
+      alpha=16.0,
+      rslora=False,             # scale alpha/sqrt(rank) instead of alpha/rank
+      dropout=0.0,              # on the LoRA input features
+      targets="attention_qv",   # a preset (attention_qv | attention | all_dense | all_dense_and_conv) or a regex over parameter paths
+      exclude=r"^head/",        # regex of kernels never LoRA-adapted
+      trainable=r"^head/",      # regex of extra leaves trained in full next to LoRA (head, biases, norms)
+      unmerged="",              # regex of LoRA kernels computed as x@W + s(x@A)@B (not wired yet; must stay "")
+      adapter_dim=64,           # bottleneck width of the Houlsby adapters
+  ))
+  c.update(overrides)
+  return c

@@ -1,0 +1,78 @@
+"""Text classification fine-tuning: a BERT encoder (from an MLM pretraining run) plus a fresh head.
+
+  python -m jembed.main --config configs/mlm.py --workdir /tmp/run1
+  python -m jembed.main --config configs/finetune_text.py --workdir /tmp/ft \
+      --config.init.checkpoint=/tmp/run1 --config.peft.method=lora --config.peft.rank=8
+
+With no data given it trains on an embedded dataset that needs no download: docstrings of the
+installed Python standard library (functions, classes, methods) labelled by the topic of their module,
+one of six classes: concurrency, files, network, numbers, text, time (jembed/data/labeled_text.py).
+Your own data: --config.data.train=train.jsonl --config.data.eval=test.jsonl (one {"text", "label"}
+object per line; a .csv with a text,label header works too), or --config.data.tfds_name=imdb_reviews
+(prepared under data.data_dir). At the end it prints a classification report and writes
+WORKDIR/classification_report.json and WORKDIR/confusion_matrix.png (LoRA runs also write
+WORKDIR/lora_adapter/ and WORKDIR/merged/).
+
+peft.method: full | linear_probe (encoder frozen) | lora | adapter (Houlsby bottleneck adapters).
+With init.checkpoint, the encoder architecture and tokenizer come from that run: leave the model
+fields at 0/"" to take them from it; a field you set must match the checkpoint.
+"""
+import ml_collections
+
+from jembed.config import base_config
+from jembed.tuning import peft_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = base_config()
+  c.task = "classification"
+  c.total_steps = 600
+  c.batch_size = 32
+  c.learning_rate = 1e-3
+  c.warmup_steps = 60
+  c.log_every = 50
+  c.eval_every = 200
+  c.eval_batches = 0            # the whole held-out split
+  c.checkpoint_every = 600
+  c.stop_after_steps = 0
+
+  c.init = ml_collections.ConfigDict(dict(
+      checkpoint="",            # a pretraining --workdir (its latest checkpoint); "" = from scratch
+      step=0,                   # 0 = the latest step
+  ))
+  c.peft = peft_config()
+
+  # 0 / "" / False = as in the pretraining run (or BERT-tiny from scratch).
+  c.model = ml_collections.ConfigDict(dict(
+      size="",                  # tiny | mini | small | medium | base | large
+      num_layers=0,
+      hidden_size=0,
+      num_heads=0,
+      mlp_dim=0,
+      vocab_size=0,
+      max_position=0,
+      type_vocab_size=0,
+      pre_ln=False,
+      dropout=0.1,
+      attention_dropout=0.1,
+      dtype="float32",
+      remat=False,
+      pooling="cls",            # cls ([CLS] token) | mean (over non-padding tokens)
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      modality="text",
+      train="",                 # .jsonl / .csv with text and label; "" = the embedded dataset
+      eval="",                  # the same for the held-out split; "" = a hash-based eval_fraction of train
+      eval_fraction=0.2,
+      text_key="text",
+      label_key="label",
+      tfds_name="",
+      tfds_split="train",
+      tfds_eval_split="test",
+      data_dir="",
+      tokenizer="",             # "" = the pretraining run's tokenizer.json, else trained on the train texts
+      vocab_size=8192,
+      seq_len=128,
+  ))
+  return c
