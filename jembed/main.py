@@ -54,7 +54,13 @@ def _parse_flags(argv):
   # Flag errors (unknown config key, wrong type, missing config file) are one line, exit 2.
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
+  except (AttributeError, KeyError) as e:
+    # config_flags reports a key the locked config does not have this way.
+    key = str(e).strip("\"'")
+    given = [a for a in argv[1:] if a.startswith("--config.") and key in a]
+    _fail(f"unknown config key '{key}' in {given[0] if given else 'the overrides'}; "
+          "see the config file for the fields it has (print them with --config=FILE --helpfull)")
+  except (flags.Error, ValueError, TypeError) as e:
     _fail(str(e).strip().splitlines()[0])
 
 

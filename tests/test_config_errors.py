@@ -1,0 +1,92 @@
+"""Bad input gets one clear line, a non-zero exit and nothing written."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jembed import train
+from jembed.errors import UserError
+from spine_helpers import ROOT, tiny_mlm_config, write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  return write_corpus(str(tmp_path_factory.mktemp("corpus")))
+
+
+def cli(workdir, *flags):
+  cmd = [sys.executable, "-m", "jembed.main", f"--config={ROOT}/configs/mlm.py", f"--workdir={workdir}",
+         *flags]
+  return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("flag, words", [
+    ("--config.no_such_key=1", "no_such_key"),
+    ("--config.total_steps=many", "total_steps"),
+    ("--config.model.no_such_field=3", "no_such_field"),
+])
+def test_cli_refuses_bad_flags_in_one_line(tmp_path, flag, words):
+  workdir = tmp_path / "run"
+  proc = cli(workdir, flag)
+  assert proc.returncode != 0
+  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1, proc.stderr
+  assert words in lines[0]
+  assert not workdir.exists()
+
+
+def test_cli_user_error_is_one_line_and_writes_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  proc = cli(workdir, "--config.data.train=/no/such/file.txt")
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("jembed: error:"), proc.stderr
+  assert "/no/such/file.txt" in lines[0]
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"mesh.data": 3}, "mesh"),                                   # product is not the device count
+    ({"mesh.data": -1, "mesh.fsdp": -1}, "-1"),
+    ({"batch_size": 12}, "batch_size=12"),                        # does not divide over 8 devices
+    ({"data.seq_len": 128}, "max_position"),                      # beyond the position table (64)
+    ({"mesh.data": 1, "mesh.tensor": 8, "model.mlp_dim": 60}, "divide"),  # a weight dim over tensor=8
+    ({"task": "nope"}, "config.task"),
+    ({"total_steps": 0}, "total_steps"),
+])
+def test_bad_config_is_refused_before_anything_is_written(corpus, tmp_path, overrides, words):
+  workdir = tmp_path / "run"
+  with pytest.raises(UserError, match=words.replace("+", r"\+")):
+    train.train_and_evaluate(tiny_mlm_config(corpus, **overrides), str(workdir))
+  assert not workdir.exists()
+
+
+def test_empty_corpus_is_refused(tmp_path):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n  \n")
+  workdir = tmp_path / "run"
+  with pytest.raises(UserError, match="empty"):
+    train.train_and_evaluate(tiny_mlm_config(str(empty)), str(workdir))
+  assert not workdir.exists()
+
+
+def test_corrupt_checkpoint_is_reported_and_kept(corpus, tmp_path):
+  workdir = tmp_path / "run"
+  config = tiny_mlm_config(corpus, total_steps=2, log_every=1, eval_every=2, checkpoint_every=2)
+  train.train_and_evaluate(config, str(workdir))
+  ckpt = workdir / "checkpoints" / "2"
+  # Damage every array file of the saved state.
+  damaged = 0
+  for root, _, files in os.walk(ckpt / "state"):
+    for name in files:
+      if "manifest" in name or name.startswith("d"):
+        path = os.path.join(root, name)
+        with open(path, "wb") as f:
+          f.write(b"garbage")
+        damaged += 1
+  assert damaged
+  config.total_steps = 4
+  with pytest.raises(UserError, match="cannot be restored"):
+    train.train_and_evaluate(config, str(workdir))
+  assert ckpt.exists()   # never deleted
