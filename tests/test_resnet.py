@@ -53,13 +53,41 @@ def _split(model):
   return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
 
+def _he_fill(path, leaf, rng):
+  # NumPy stand-in for the module's He-normal init: eager JAX init compiles one random
+  # program per kernel shape, which dominated these tests' run time.
+  name = path[-1].key
+  if name in ("scale", "var"):
+    return np.ones(leaf.shape, np.float32)
+  if name in ("bias", "mean"):
+    return np.zeros(leaf.shape, np.float32)
+  fan_out = leaf.shape[0] * leaf.shape[1] * leaf.shape[3]
+  return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_out)).astype(np.float32)
+
+
 @functools.cache
 def _tiny(depth: int, stem: str = "cifar", in_channels: int = 1, norm: str = "batch"):
-  # Eager init compiles one random program per kernel shape, so tests share a few narrow
-  # models (width 4: same topology as width 64) instead of building new ones.
-  model = ResNet(depth, width=4, stem=stem, norm=norm, in_channels=in_channels,
-                 rngs=nnx.Rngs(0))
-  return _split(model)
+  """A narrow model (width 4: same topology as width 64) as (graphdef, params, rest)."""
+  model = nnx.eval_shape(lambda: ResNet(depth, width=4, stem=stem, norm=norm,
+                                        in_channels=in_channels, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = _split(model)
+  rng = np.random.default_rng(depth)
+  fill = lambda path, leaf: jnp.asarray(_he_fill(path, leaf, rng))  # noqa: E731
+  return (graphdef, jax.tree_util.tree_map_with_path(fill, params),
+          jax.tree_util.tree_map_with_path(fill, rest))
+
+
+def test_module_init_is_he_normal_with_unit_norms():
+  model = ResNet(18, width=16, stem="cifar", num_stages=1, in_channels=1,
+                 zero_init_residual=True, rngs=nnx.Rngs(0))
+  kernel = np.asarray(model.blocks[0].conv2.kernel[...])
+  np.testing.assert_allclose(kernel.std(), np.sqrt(2.0 / (3 * 3 * 16)), rtol=0.1)
+  assert abs(kernel.mean()) < 0.01
+  np.testing.assert_array_equal(model.blocks[0].norm1.scale[...], np.ones(16))
+  np.testing.assert_array_equal(model.blocks[0].norm2.scale[...], np.zeros(16))
+  np.testing.assert_array_equal(model.stem_norm.mean[...], np.zeros(16))
+  np.testing.assert_array_equal(model.stem_norm.var[...], np.ones(16))
+  assert isinstance(model.stem_norm.mean, nnx.BatchStat)
 
 
 @pytest.mark.parametrize("depth", [18, 50])
