@@ -75,12 +75,12 @@ def make_optimizer(config) -> optax.GradientTransformation:
 class Setup:
   """Everything the loop needs that does not change from step to step."""
 
-  def __init__(self, config, workdir: str, devices=None):
+  def __init__(self, config, workdir: str, devices=None, task=None):
     # ---- config ----
     config_lib.validate(config)
     self.config = config
     self.workdir = workdir
-    self.task = get_task(config, workdir)
+    self.task = task or get_task(config, workdir)
 
     # ---- mesh ----
     self.mesh = sharding.make_mesh(config.mesh, devices)
