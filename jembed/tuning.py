@@ -171,6 +171,11 @@ class LoraTuning(FullTuning):
 
 
 def lora_config(peft) -> lora.LoraConfig:
+  if peft.get("unmerged", ""):
+    # lora.apply leaves those kernels for the model to compute unmerged, which the models do not
+    # do yet: the adapters would silently have no effect.
+    raise UserError("peft.unmerged is not supported by the models yet; leave it empty (LoRA is "
+                    "merged into the kernels inside the step)")
   return lora.LoraConfig(
       rank=int(peft.get("rank", 8)), alpha=float(peft.get("alpha", 16.0)),
       rslora=bool(peft.get("rslora", False)), dropout=float(peft.get("dropout", 0.0)),
@@ -204,7 +209,7 @@ def peft_config(**overrides) -> ml_collections.ConfigDict:
       targets="attention_qv",   # a preset (attention_qv | attention | all_dense | all_dense_and_conv) or a regex over parameter paths
       exclude=r"^head/",        # regex of kernels never LoRA-adapted
       trainable=r"^head/",      # regex of extra leaves trained in full next to LoRA (head, biases, norms)
-      unmerged="",              # regex of LoRA kernels computed as x@W + s(x@A)@B (not wired yet; must stay "")
+      unmerged="",              # x@W + s(x@A)@B for matching kernels: not wired into the models yet, must stay ""
       adapter_dim=64,           # bottleneck width of the Houlsby adapters
   ))
   c.update(overrides)
