@@ -1,0 +1,196 @@
+"""What the image tasks share: the backbone from config, image columns, and frozen-feature eval.
+
+Models built here expose the backbone as the attribute `backbone` (heads as `head` /
+`projection`), so a classifier can restore `backbone/...` parameters from a pretraining
+checkpoint. Images travel as uint8 (N, H, W, C) and become float [0, 1] on device.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jembed import evaluate as evaluate_lib
+from jembed.data import images as images_lib
+from jembed.errors import UserError
+from jembed.tasks.base import Data, Task
+
+BACKBONES = ("resnet", "vit")
+
+
+# ---- config sections shared by configs/rotation.py and configs/simclr.py ----
+def model_config() -> ml_collections.ConfigDict:
+  """`config.model` of the image configs (backbone choice and both backbones' fields); the
+  defaults are sized for 8x8 digits on a CPU."""
+  return ml_collections.ConfigDict(dict(
+      backbone="resnet",        # resnet | vit
+      resnet=ml_collections.ConfigDict(dict(
+          depth=18,             # 18 | 34 | 50 | 101
+          width=16,             # channels of the first stage (64 in the paper)
+          stem="cifar",         # cifar (3x3, stride 1: small images) | imagenet (7x7/2 + max-pool)
+          norm="batch",         # batch | group
+          num_stages=3,         # 8x8 inputs: three stages end at 2x2
+          zero_init_residual=False,
+      )),
+      vit=ml_collections.ConfigDict(dict(
+          size="Ti",            # Ti | S | B; the fields below override the preset when non-zero
+          patch_size=2,
+          hidden_size=0,
+          num_layers=0,
+          num_heads=0,
+          mlp_dim=0,
+          dropout=0.0,
+          attention_dropout=0.0,
+          dtype="float32",
+          remat=False,
+      )),
+  ))
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """`config.data`: the labelled image source (jembed/data/images.py)."""
+  return ml_collections.ConfigDict(dict(
+      source="",                # "" = inferred: folder if data.train, tfds if data.tfds_name, else embedded digits
+      train="",                 # folder with one sub-folder of images per class
+      eval="",                  # the same for held-out images; empty = a stratified eval_fraction of train
+      eval_fraction=0.2,
+      tfds_name="",
+      tfds_split="train",
+      tfds_eval_split="test",
+      data_dir="",
+      image_size=0,             # 0 = native size; N resizes to NxN
+      channels=0,               # 0 = native; 1 or 3 converts
+  ))
+
+
+def frozen_eval_config() -> ml_collections.ConfigDict:
+  """The linear probe / kNN evaluation of frozen backbone features (every eval_every steps)."""
+  return ml_collections.ConfigDict(dict(
+      enabled=True,
+      probe_steps=300,          # full-batch Adam steps of the logistic regression
+      probe_lr=0.05,
+      probe_l2=1e-4,
+      knn_k=20,
+      knn_temperature=0.07,
+      n_per_class=10,           # the low-label variant; 0 turns it off
+      max_train=10000,          # labelled training images used (0 = all)
+      batch=256,                # feature-extraction batch
+  ))
+
+
+def to_float(images: jax.Array) -> jax.Array:
+  """uint8 images -> float32 in [0, 1] (floats pass through)."""
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    return images.astype(jnp.float32) / 255.0
+  return images.astype(jnp.float32)
+
+
+def build_backbone(model_config: Any, image_shape: tuple[int, int, int], rngs: nnx.Rngs
+                   ) -> tuple[nnx.Module, int]:
+  """The backbone named by `model_config.backbone` for (H, W, C) images, and its feature width."""
+  kind = model_config.get("backbone", "resnet")
+  if kind == "resnet":
+    from jembed.models.resnet import resnet_from_config
+    module = resnet_from_config(model_config.get("resnet", {}), in_channels=image_shape[-1], rngs=rngs)
+  elif kind == "vit":
+    from jembed.models.vit import vit_from_config
+    module = vit_from_config(model_config.get("vit", {}), image_shape=tuple(image_shape), rngs=rngs)
+  else:
+    raise UserError(f"model.backbone='{kind}' is unknown; choose one of {', '.join(BACKBONES)}")
+  return module, int(module.out_features)
+
+
+def backbone_features(backbone: nnx.Module, images_float: jax.Array, train: bool) -> jax.Array:
+  """(B, H, W, C) float images -> (B, D) pooled float32 features."""
+  return backbone(images_float, train=train).astype(jnp.float32)
+
+
+class VisionTask(Task):
+  """A self-supervised image task: labelled image data for frozen-feature evaluation, backbone
+  from config. Subclasses implement `build_model` (with a `backbone` attribute) and `loss`."""
+
+  unit = "images"
+
+  def __init__(self, config, workdir):
+    super().__init__(config, workdir)
+    self._features_fn = None
+    self._random_metrics = None
+
+  # -- data --
+  def load_data(self) -> Data:
+    train, held = images_lib.load_image_splits(self.config.data)
+    if len(train) == 0:
+      raise UserError("the training split has no images; check config.data")
+    self.train_ds, self.eval_ds = train, held
+    self.image_shape = tuple(int(s) for s in train.images.shape[1:])
+    eval_cols = ({"image": held.images, "label": held.labels} if len(held) else None)
+    info = {"train_images": len(train), "eval_images": len(held),
+            "image_shape": "x".join(map(str, self.image_shape)), "classes": train.num_classes}
+    return Data(train={"image": train.images, "label": train.labels}, eval=eval_cols, info=info)
+
+  def build_backbone(self, rngs: nnx.Rngs) -> tuple[nnx.Module, int]:
+    return build_backbone(self.config.model, self.image_shape, rngs)
+
+  # -- frozen-feature evaluation (host side) --
+  def _eval_cfg(self):
+    return self.config.get("frozen_eval", None) or {}
+
+  def _features(self, backbone: nnx.Module, images: np.ndarray) -> np.ndarray:
+    graphdef, state = nnx.split(backbone)
+    if self._features_fn is None:
+      # One compiled function for pretrained and random-init backbones (same graph, new weights).
+      self._features_fn = jax.jit(
+          lambda g, s, x: backbone_features(nnx.merge(g, s), to_float(x), False), static_argnums=0)
+    batch = int(self._eval_cfg().get("batch", 256))
+    return evaluate_lib.extract_features(lambda x: self._features_fn(graphdef, state, x), images, batch)
+
+  def _eval_split(self):
+    """Labelled (train, test) images for the probes; the train side capped at max_train."""
+    cap = int(self._eval_cfg().get("max_train", 0))
+    train, test = self.train_ds, self.eval_ds
+    if len(test) == 0:
+      raise UserError("frozen-feature evaluation needs held-out labelled images; raise "
+                      "data.eval_fraction or give data.eval / data.tfds_eval_split")
+    idx = np.arange(len(train))
+    if cap and len(train) > cap:
+      idx = np.sort(np.random.default_rng(0).permutation(len(train))[:cap])
+    return (train.images[idx], train.labels[idx]), (test.images, test.labels)
+
+  def frozen_eval_metrics(self, model: nnx.Module, *, with_random: bool = True) -> dict[str, float]:
+    """Probe and kNN accuracy of the model's frozen backbone features, and of a random-init
+    backbone of the same architecture (computed once and cached) as `random_*`."""
+    (tr_x, tr_y), (te_x, te_y) = self._eval_split()
+    kwargs = evaluate_lib.eval_kwargs(self.config)
+    kwargs["num_classes"] = self.train_ds.num_classes
+    feats = (self._features(model.backbone, tr_x), self._features(model.backbone, te_x))
+    out = evaluate_lib.feature_metrics(feats[0], tr_y, feats[1], te_y, **kwargs)
+    if with_random:
+      if self._random_metrics is None:
+        rand = self.build_model(nnx.Rngs(params=int(self.config.get("seed", 0)) + 7919)).backbone
+        rfeats = (self._features(rand, tr_x), self._features(rand, te_x))
+        rnd = evaluate_lib.feature_metrics(rfeats[0], tr_y, rfeats[1], te_y, **kwargs)
+        self._random_metrics = {f"random_{k}": v for k, v in rnd.items()}
+      out.update(self._random_metrics)
+    return out
+
+  def extra_eval(self, model, step):
+    if not bool(self._eval_cfg().get("enabled", True)):
+      return {}
+    return self.frozen_eval_metrics(model)
+
+  # Subclasses say what their pretext accuracy means.
+  pretext_name = "pretext accuracy"
+
+  def final_summary(self, model, eval_metrics, logger) -> None:
+    metrics = dict(eval_metrics or {})
+    if "probe_acc" not in metrics and bool(self._eval_cfg().get("enabled", True)):
+      metrics.update(self.frozen_eval_metrics(model))
+    if "accuracy" in metrics:
+      logger.info(f"held-out {self.pretext_name} {metrics['accuracy']:.4f} (loss {metrics['loss']:.4f})")
+    if "probe_acc" in metrics:
+      logger.info("frozen-embedding evaluation (linear probe and weighted kNN on backbone features):\n"
+                  + evaluate_lib.format_table(metrics))
