@@ -74,7 +74,20 @@ class Embed(nnx.Module):
 
 
 def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None, train: bool) -> jax.Array:
+  """Inverted dropout with one random byte per element.
+
+  Random bits are a large share of a CPU step's time (threefry costs tens of integer ops per
+  32-bit word), so each word is split into four bytes: 4x fewer words for the same mask. The drop
+  probability is quantised to k/256 (0.1 -> 26/256 = 0.1016) and the scaling uses that exact value,
+  so the expectation is preserved.
+  """
   if not train or rate == 0.0 or rngs is None:
     return x
-  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+  threshold = int(round(rate * 256))
+  if threshold == 0:
+    return x
+  n = x.shape[-1]
+  words = jax.random.bits(rngs.dropout(), x.shape[:-1] + ((n + 3) // 4,), jnp.uint32)
+  bytes_ = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(x.shape[:-1] + (-1,))[..., :n]
+  keep_prob = 1.0 - threshold / 256
+  return jnp.where(bytes_ >= threshold, x / keep_prob, 0).astype(x.dtype)
