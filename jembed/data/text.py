@@ -173,7 +173,7 @@ def _tfds_documents(config: Any, split: str, what: str) -> list[str]:
     raise UserError(
         f"data.data_dir is not set for TFDS dataset {name!r}; jembed never downloads: {how}")
   data_dir = os.path.expanduser(data_dir)
-  if not os.path.isdir(data_dir):
+  if "://" not in data_dir and not os.path.isdir(data_dir):  # gs:// etc. are checked by tfds
     raise UserError(f"data.data_dir {data_dir!r} does not exist; {how}")
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   # Community datasets would be looked up over the network; local builders are enough.
