@@ -41,7 +41,7 @@ def main(argv) -> None:
   from jembed import train
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except UserError as e:
+  except (UserError, FloatingPointError) as e:
     _fail(str(e))
 
 

@@ -127,8 +127,25 @@ class Logger:
     if self._jsonl is None and self.main:
       from tensorboardX import SummaryWriter
       os.makedirs(self.workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
+      path = os.path.join(self.workdir, "metrics.jsonl")
+      self._drop_rows_after(path, self.bar.start)
+      self._jsonl = open(path, "a")
       self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+
+  @staticmethod
+  def _drop_rows_after(path: str, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint; their old rows are dropped so every
+    step appears once."""
+    if not os.path.exists(path):
+      return
+    with open(path) as f:
+      lines = f.readlines()
+    keep = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= step]
+    if len(keep) != len(lines):
+      tmp = path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(keep)
+      os.replace(tmp, path)
 
   def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
     if not self.main:

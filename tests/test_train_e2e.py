@@ -3,6 +3,7 @@ loss falls; a run stopped at step k and resumed logs the same losses as one that
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -92,4 +93,13 @@ def test_stop_and_resume_equals_uninterrupted(cli_run, corpus, tmp_path):
   resumed = [r for r in read_rows(workdir) if r["split"] == "train"]
   assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6, 7, 8]
   for r in resumed:
+    np.testing.assert_allclose(r["loss"], reference[r["step"]], rtol=1e-5, err_msg=f"step {r['step']}")
+
+  # A run that died after its step-4 checkpoint (the step-8 one never landed) redoes steps 5..8;
+  # each step is still logged once, with the same losses.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))
+  train.train_and_evaluate(config, workdir)
+  redone = [r for r in read_rows(workdir) if r["split"] == "train"]
+  assert [r["step"] for r in redone] == [1, 2, 3, 4, 5, 6, 7, 8]
+  for r in redone:
     np.testing.assert_allclose(r["loss"], reference[r["step"]], rtol=1e-5, err_msg=f"step {r['step']}")
