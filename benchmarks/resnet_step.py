@@ -15,8 +15,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 

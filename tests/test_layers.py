@@ -1,5 +1,4 @@
 """Building blocks: byte-wise dropout keeps its rate and the expectation; LayerNorm matches NumPy."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -7,13 +7,13 @@ names the offending files and the config field that fixes it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from jembed.data import tfds_source
 from jembed.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -242,44 +242,8 @@ def load_image_folder(root: str, config: Any, what: str = "train",
 
 def _tfds_split(config: Any, split: str, what: str) -> ImageDataset:
   """Reads one split of a TFDS image dataset already prepared under data.data_dir."""
-  name = str(_field(config, "tfds_name", "")).strip()
-  data_dir = str(_field(config, "data_dir", "")).strip()
-  if not name:
-    raise UserError("data.source='tfds' needs data.tfds_name, e.g. 'cifar10'")
-  how = (f"run `tfds build {name} --data_dir DIR --file_format=array_record` on a machine "
-         "with internet and copy DIR here")
-  if not data_dir:
-    raise UserError(
-        f"data.data_dir is not set for TFDS dataset {name!r}; jembed never downloads: {how}")
-  data_dir = os.path.expanduser(data_dir)
-  if "://" not in data_dir and not os.path.isdir(data_dir):  # gs:// etc. are checked by tfds
-    raise UserError(f"data.data_dir {data_dir!r} does not exist; {how}")
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  # Community datasets would be looked up over the network; local builders are enough.
-  known = tfds.list_builders(with_community_datasets=False)
-  base = name.split("/")[0].split(":")[0]
-  if base not in known:
-    close = difflib.get_close_matches(base, known, n=3)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise UserError(f"unknown TFDS dataset {name!r}{hint}; set data.tfds_name to a name "
-                    "from `tfds.list_builders()`")
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f"cannot open TFDS dataset {name!r} in {data_dir!r} ({e}); {how}") \
-        from None
-  try:
-    source = builder.as_data_source(split=split)
-  except Exception as e:  # pylint: disable=broad-except
-    if not builder.is_prepared():
-      raise UserError(f"TFDS dataset {name!r} is not prepared in {data_dir!r}; {how}") \
-          from None
-    first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise UserError(
-        f"cannot read split {split!r} of TFDS dataset {name!r} ({first_line}); check "
-        f"data.{what} and that it was built with --file_format=array_record") from None
-  if len(source) == 0:
-    raise UserError(f"split {split!r} of TFDS dataset {name!r} is empty; check data.{what}")
+  source, builder = tfds_source.open_split(config, split, what, "cifar10")
+  name = builder.info.name
   first = source[0]
   for key in ("image", "label"):
     if key not in first:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from jembed.data import tfds_source
 from jembed.errors import UserError
 
 # topic -> stdlib modules whose docstrings carry that label.
@@ -193,16 +194,8 @@ def _read_files(spec: str, what: str, text_key: str, label_key: str):
 
 
 def _tfds(config, split: str):
-  import tensorflow_datasets as tfds  # heavy; only for TFDS runs
-  name = str(_get(config, "tfds_name", ""))
   text_key, label_key = str(_get(config, "text_key", "text")), str(_get(config, "label_key", "label"))
-  try:
-    builder = tfds.builder(name, data_dir=_get(config, "data_dir", "") or None)
-    ds = builder.as_data_source(split=split)
-  except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f"cannot open TFDS {name!r} split {split!r} ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0] if str(e) else ''}); prepare it under data.data_dir "
-                    "first (jembed never downloads at run time)") from None
+  ds, builder = tfds_source.open_split(config, split, "tfds_split", "imdb_reviews")
   texts, labels = [], []
   for record in ds:
     text = record[text_key]

@@ -7,7 +7,6 @@ documents concatenated across rows, so almost no compute is spent on padding.
 from __future__ import annotations
 
 import collections
-import difflib
 import glob
 import hashlib
 import heapq
@@ -21,6 +20,7 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from jembed.data.corpus_embedded import embedded_documents
+from jembed.data import tfds_source
 from jembed.errors import UserError
 
 __all__ = [
@@ -162,44 +162,9 @@ def _read_files(spec: str, what: str) -> list[str]:
 
 def _tfds_documents(config: Any, split: str, what: str) -> list[str]:
   """Reads one split of a TFDS dataset that is already prepared under data.data_dir."""
-  name = str(_field(config, "tfds_name", "")).strip()
-  data_dir = str(_field(config, "data_dir", "")).strip()
   text_key = str(_field(config, "tfds_text_key", "text")) or "text"
-  if not name:
-    raise UserError("data.source='tfds' needs data.tfds_name, e.g. 'imdb_reviews'")
-  how = (f"prepare it where there is internet with `tfds build {name} --data_dir DIR "
-         "--file_format=array_record` and copy DIR here")
-  if not data_dir:
-    raise UserError(
-        f"data.data_dir is not set for TFDS dataset {name!r}; jembed never downloads: {how}")
-  data_dir = os.path.expanduser(data_dir)
-  if "://" not in data_dir and not os.path.isdir(data_dir):  # gs:// etc. are checked by tfds
-    raise UserError(f"data.data_dir {data_dir!r} does not exist; {how}")
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  # Community datasets would be looked up over the network; local builders are enough.
-  known = tfds.list_builders(with_community_datasets=False)
-  base = name.split("/")[0].split(":")[0]
-  if base not in known:
-    close = difflib.get_close_matches(base, known, n=3)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise UserError(
-        f"unknown TFDS dataset {name!r}{hint}; set data.tfds_name to a name from "
-        "`tfds.list_builders()`")
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f"cannot open TFDS dataset {name!r} in {data_dir!r} ({e}); {how}") \
-        from None
-  try:
-    source = builder.as_data_source(split=split)
-  except Exception as e:  # pylint: disable=broad-except
-    if not builder.is_prepared():
-      raise UserError(
-          f"TFDS dataset {name!r} is not prepared in {data_dir!r}; {how}") from None
-    first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise UserError(
-        f"cannot read split {split!r} of TFDS dataset {name!r} ({first_line}); check "
-        f"data.{what} and that it was built with --file_format=array_record") from None
+  source, builder = tfds_source.open_split(config, split, what, "imdb_reviews")
+  name = builder.info.name
   docs = []
   for i in range(len(source)):
     record = source[i]

@@ -6,7 +6,6 @@ recognise what is in the image. Metrics: cross-entropy and accuracy over the 4B 
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
