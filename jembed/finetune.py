@@ -28,11 +28,20 @@ def save_params(directory: str, params: dict) -> None:
   """A dense parameter tree as an orbax checkpoint (replaces an existing one)."""
   import orbax.checkpoint as ocp
   directory = os.path.abspath(directory)
-  if os.path.exists(directory):
-    shutil.rmtree(directory)
+  # Written beside the old export and swapped in only when complete, so a crash mid-save never
+  # leaves the workdir without a readable export.
+  tmp, old = directory + ".tmp", directory + ".old"
+  for path in (tmp, old):
+    if os.path.exists(path):
+      shutil.rmtree(path)
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(directory, _str_keys(params))
+  ckpt.save(tmp, _str_keys(params))
   ckpt.wait_until_finished()
+  if os.path.exists(directory):
+    os.replace(directory, old)
+  os.replace(tmp, directory)
+  if os.path.exists(old):
+    shutil.rmtree(old)
 
 
 def load_params(directory: str) -> dict:
