@@ -6,6 +6,7 @@ checkpoint. Restoring reads straight into the current mesh's shardings.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import grain
@@ -13,6 +14,24 @@ import jax
 import orbax.checkpoint as ocp
 
 from jembed.errors import UserError
+
+
+@contextlib.contextmanager
+def _quiet():
+  """orbax warns that a read-only manager will not save, every time one is opened for reading."""
+  from absl import logging
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(level)
+
+
+def _reader(path: str) -> ocp.CheckpointManager:
+  with _quiet():
+    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
+                                 item_names=("state", "data"))
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -63,8 +82,7 @@ def restore(workdir: str, step: int, abstract_state, data_iter=None, *, items=("
   a UserError; nothing is deleted.
   """
   path = checkpoint_dir(workdir)
-  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_names=("state", "data"))
+  manager = _reader(path)
   args = {"state": ocp.args.StandardRestore(abstract_state)}
   if data_iter is not None and "data" in items:
     args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -86,8 +104,7 @@ def restore_params_only(ckpt_root: str, step: int | None = None):
   if not os.path.isdir(path):
     raise UserError(f"init.checkpoint '{ckpt_root}' is not a jembed workdir or checkpoint directory; "
                     "point it at the --workdir of a pretraining run")
-  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_names=("state", "data"))
+  manager = _reader(path)
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
