@@ -104,6 +104,7 @@ def _atomic_write(path: str, write) -> None:
   os.close(fd)
   try:
     write(tmp)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are reports for anyone to read
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -341,6 +341,7 @@ def _save_atomic(tokenizer: tokenizers.Tokenizer, save_to: str) -> None:
   os.close(fd)
   try:
     tokenizer.save(tmp)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600
     os.replace(tmp, save_to)  # readers never see a half-written file
   finally:
     if os.path.exists(tmp):
