@@ -46,6 +46,11 @@ def tiny_mlm_config(corpus: str, **overrides) -> ml_collections.ConfigDict:
   c.data.eval_fraction = 0.1
   c.data.vocab_size = 512
   c.data.seq_len = 32
+  return apply_overrides(c, overrides)
+
+
+def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """Sets dotted keys ("mesh.data": 8) as --config.mesh.data=8 would."""
   for key, value in overrides.items():
     target = c
     *parents, leaf = key.split(".")

@@ -21,7 +21,7 @@ from jembed.checkpoint import restore_params_only
 from jembed.data import labeled_text, pipeline
 from jembed.errors import UserError
 from jembed.peft import lora
-from spine_helpers import load_config_file, tiny_mlm_config, write_corpus
+from spine_helpers import apply_overrides, load_config_file, tiny_mlm_config, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +75,7 @@ def ft_config(pretrained, labelled, **overrides):
   c.model.attention_dropout = 0.0
   c.data.train, c.data.eval = labelled
   c.data.seq_len = 32
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
+  return apply_overrides(c, overrides)
 
 
 def run_steps(config, workdir, devices, steps=2):

@@ -5,6 +5,7 @@ and metrics for a batch. The loop in `jembed/train.py` knows nothing else about 
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any
 
@@ -21,7 +22,7 @@ class Data:
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-class Task:
+class Task(abc.ABC):
   """Base class: subclasses implement `load_data`, `build_model` and `loss`."""
 
   # What one example counts as for throughput: `items_per_example` items of `unit`.
@@ -32,8 +33,9 @@ class Task:
     self.workdir = workdir
 
   # -- data (host side; runs before anything is written, so bad input fails early) --
+  @abc.abstractmethod
   def load_data(self) -> Data:
-    raise NotImplementedError
+    """Loads and validates the train and eval splits (UserError on bad input)."""
 
   def items_per_example(self) -> int:
     return 1
@@ -43,8 +45,9 @@ class Task:
     check has passed, so bad input leaves nothing behind."""
 
   # -- model --
+  @abc.abstractmethod
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-    raise NotImplementedError
+    """The backbone and heads, unsharded; the loop places them on the mesh."""
 
   def tuning(self):
     """How parameters split into trained and frozen; full training unless a task says otherwise."""
@@ -56,10 +59,10 @@ class Task:
     return params, model_state
 
   # -- objective (inside jit) --
+  @abc.abstractmethod
   def loss(self, model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array, train: bool
            ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Scalar loss and a dict of scalar metrics (means over the global batch); `accuracy` expected."""
-    raise NotImplementedError
 
   # -- reporting (host side) --
   def extra_eval(self, model: nnx.Module, step: int) -> dict[str, float]:
