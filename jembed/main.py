@@ -37,12 +37,26 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   import jax
   if _want_distributed():
-    jax.distributed.initialize()
+    _initialize_distributed(jax)
   from jembed import train
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (UserError, FloatingPointError) as e:
     _fail(str(e))
+
+
+def _initialize_distributed(jax) -> None:
+  """jax.distributed.initialize(): cluster auto-detection (TPU VMs, SLURM, ...), or explicit
+  JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID (e.g. a hand-launched GPU cluster,
+  or several CPU processes on one machine)."""
+  # Cross-process collectives for CPU devices; accelerators bring their own.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  env = os.environ
+  if "JAX_COORDINATOR_ADDRESS" in env and "JAX_NUM_PROCESSES" in env and "JAX_PROCESS_ID" in env:
+    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], num_processes=int(env["JAX_NUM_PROCESSES"]),
+                               process_id=int(env["JAX_PROCESS_ID"]))
+  else:
+    jax.distributed.initialize()
 
 
 def _fail(message: str) -> None:
