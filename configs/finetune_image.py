@@ -33,7 +33,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 200
   c.eval_batches = 0
   c.checkpoint_every = 400
-  c.stop_after_steps = 0
 
   c.init = ml_collections.ConfigDict(dict(checkpoint="", step=0))
   c.peft = peft_config(targets="all_dense_and_conv",

@@ -34,7 +34,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 200
   c.eval_batches = 0            # the whole held-out split
   c.checkpoint_every = 600
-  c.stop_after_steps = 0
 
   c.init = ml_collections.ConfigDict(dict(
       checkpoint="",            # a pretraining --workdir (its latest checkpoint); "" = from scratch

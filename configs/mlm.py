@@ -26,7 +26,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.eval_every = 200
   c.checkpoint_every = 200
-  c.stop_after_steps = 0      # stop this invocation early (e.g. a preemptible job); resume later
 
   c.model = ml_collections.ConfigDict(dict(
       size="tiny",              # tiny | mini | small | medium | base | large (BERT's dimensions)

@@ -33,7 +33,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 200
   c.eval_batches = 0            # the whole held-out split
   c.checkpoint_every = 200
-  c.stop_after_steps = 0
   # Random-resized crops before rotating (keyword arguments of jembed.data.augment.simclr_augment);
   # an empty dict turns them off. Without them the angle of a digit is read off trivially and the
   # features specialise to the pretext task.

@@ -32,7 +32,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 300
   c.eval_batches = 0
   c.checkpoint_every = 300
-  c.stop_after_steps = 0
   c.temperature = 0.2           # NT-Xent temperature
   c.model = model_config()
   c.model.projection = ml_collections.ConfigDict(dict(

@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.async_checkpointing = True
+  c.stop_after_steps = 0      # stop this invocation early (e.g. a preemptible job); the next resumes
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = ()       # () = jembed.sharding.DEFAULT_RULES; else ((logical, mesh axes), ...)
   c.model = ml_collections.ConfigDict()

@@ -249,7 +249,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   # ---- loop ----
   items_per_batch = config.batch_size * task.items_per_example()
   stop_at = config.total_steps
-  if config.get("stop_after_steps", 0):
+  if config.stop_after_steps:
     stop_at = min(stop_at, start + config.stop_after_steps)
   eval_metrics: dict[str, float] = {}
   t_last, steps_since = time.perf_counter(), 0
