@@ -63,7 +63,7 @@ def programs(graphdef, tuning, frozen, rest):
     pooled = (h * mask[..., None]).sum(1) / jnp.maximum(mask.sum(1, keepdims=True), 1)
     return {"anchor": pooled[:n], "positive": pooled[n:2 * n], "negative": pooled[2 * n:].reshape(n, k, -1)}
 
-  def loss_from_embeddings(emb):
+  def loss_from_embeddings(emb, trained=None):  # a fixed scale: `trained` is not needed
     loss, metrics = info_nce(emb["anchor"], emb["positive"], scale=20.0, negatives=emb["negative"])
     return loss, metrics
 

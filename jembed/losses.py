@@ -134,10 +134,10 @@ def _batch_size(inputs: Any) -> int:
 
 
 def grad_cache(encode: Callable[[Any, Any, jax.Array], Any],
-               loss_from_embeddings: Callable[[Any], tuple[jax.Array, Any]],
+               loss_from_embeddings: Callable[[Any, Any], tuple[jax.Array, Any]],
                params: Any, inputs: Any, *, chunk_size: int,
                rng: jax.Array) -> tuple[tuple[jax.Array, Any], Any]:
-  """((loss, aux), d loss / d params) of `loss_from_embeddings(encode(params, inputs))`, computed
+  """((loss, aux), d loss / d params) of `loss_from_embeddings(encode(params, inputs), params)`, computed
   chunk by chunk so that memory holds one chunk's activations, not the batch's (GradCache,
   Gao et al. 2021, arXiv 2101.06983).
 
@@ -146,8 +146,10 @@ def grad_cache(encode: Callable[[Any, Any, jax.Array], Any],
   {"anchor": (c, D), "positive": (c, D), "negative": (c, K, D)} for two weight-sharing towers: embed
   each column of the chunk with the same parameters, folding a distinct constant into `rng` per
   column if the columns need different dropout masks).
-  loss_from_embeddings(embeddings) -> (loss, aux): sees the whole batch's embeddings in the
-  original example order (so in-batch negatives span the whole batch), e.g. `info_nce`.
+  loss_from_embeddings(embeddings, params) -> (loss, aux): sees the whole batch's embeddings in the
+  original example order (so in-batch negatives span the whole batch), e.g. `info_nce`. It gets
+  `params` too, for parameters of the loss itself (a learnable temperature: `clip_logit_scale` of
+  a leaf of params); their gradient is added to the encoder's. A loss without any ignores it.
   params: any pytree of float arrays (the gradient has its structure and dtypes).
   inputs: any pytree of arrays with a common leading batch axis B; chunk_size must divide B.
   rng: chunk i runs with `jax.random.fold_in(rng, i)` in both passes, so dropout masks match.
@@ -184,7 +186,8 @@ def grad_cache(encode: Callable[[Any, Any, jax.Array], Any],
 
   _, embeddings = jax.lax.scan(embed, None, (chunks, index))
   embeddings = jax.tree.map(from_chunks, embeddings)
-  (loss, aux), cotangent = jax.value_and_grad(loss_from_embeddings, has_aux=True)(embeddings)
+  (loss, aux), (cotangent, loss_grads) = jax.value_and_grad(
+      loss_from_embeddings, argnums=(0, 1), has_aux=True)(embeddings, params)
   cotangent = jax.tree.map(to_chunks, cotangent)
 
   def pull_back(total, xs):
@@ -193,7 +196,7 @@ def grad_cache(encode: Callable[[Any, Any, jax.Array], Any],
     (grads,) = vjp(g)
     return jax.tree.map(lambda t, x: t + x.astype(jnp.float32), total, grads), None
 
-  zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-  total, _ = jax.lax.scan(pull_back, zeros, (chunks, index, cotangent))
+  start = jax.tree.map(lambda g: g.astype(jnp.float32), loss_grads)
+  total, _ = jax.lax.scan(pull_back, start, (chunks, index, cotangent))
   grads = jax.tree.map(lambda t, p: t.astype(jnp.result_type(p)), total, params)
   return (loss, aux), grads

@@ -165,7 +165,7 @@ def _encode(dropout):
   return encode
 
 
-def _loss(emb):
+def _loss(emb, params=None):
   loss, m = info_nce(emb["anchor"], emb["positive"], scale=20.0, negatives=emb["negative"])
   return loss, m["accuracy"]
 
@@ -206,15 +206,24 @@ def _close(a, b):
 
 
 def test_grad_cache_equals_unchunked_grad_without_dropout():
-  params, inputs, rng = _params(), _inputs(), jax.random.key(1)
+  """Also a loss with a parameter of its own (CLIP's learnable temperature): its gradient comes
+  from the loss side and is added to the encoder's."""
+  params, inputs, rng = dict(_params(), log_scale=clip_logit_scale_init()), _inputs(), jax.random.key(1)
   encode = _encode(0.0)
-  gc = jax.jit(lambda p, x: grad_cache(encode, _loss, p, x, chunk_size=3, rng=rng))
-  (loss, acc), grads = gc(params, inputs)
-  (ref_loss, ref_acc), ref_grads = jax.value_and_grad(
-      lambda p: _loss(encode(p, inputs, rng)), has_aux=True)(params)
-  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+
+  def loss(emb, p):
+    value, m = info_nce(emb["anchor"], emb["positive"], scale=clip_logit_scale(p["log_scale"]),
+                        negatives=emb["negative"])
+    return value, m["accuracy"]
+
+  gc = jax.jit(lambda p, x: grad_cache(encode, loss, p, x, chunk_size=3, rng=rng))
+  (value, acc), grads = gc(params, inputs)
+  (ref_value, ref_acc), ref_grads = jax.jit(jax.value_and_grad(
+      lambda p: loss(encode(p, inputs, rng), p), has_aux=True))(params)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   np.testing.assert_allclose(acc, ref_acc)
   _close(grads, ref_grads)
+  assert abs(float(grads["log_scale"])) > 1e-4
   assert jax.tree.structure(grads) == jax.tree.structure(params)
 
 
