@@ -96,9 +96,9 @@ def test_bad_csv_rows_and_scores(tmp_path):
 def test_file_level_errors(tmp_path):
   with pytest.raises(UserError, match="matches no files"):
     P.load_pairs(str(tmp_path / "none*.jsonl"))
-  (tmp_path / "x.txt").write_text("a")
+  (tmp_path / "x.parquet").write_text("a")
   with pytest.raises(UserError, match="unsupported file"):
-    P.load_pairs(str(tmp_path / "x.txt"))
+    P.load_pairs(str(tmp_path / "x.parquet"))
   bad = _jsonl(tmp_path / "allbad.jsonl", ["{", "{"])
   with pytest.raises(UserError, match=r"no valid pairs \(2 bad records skipped\)"):
     P.load_pairs(bad, on_bad_record="skip")
@@ -171,3 +171,12 @@ def test_load_pair_splits_from_config(tmp_path):
   assert len(train) == 200 and held == [P.TextPair("eq", "ed")]
   with pytest.raises(UserError, match="without data.train"):
     P.load_pair_splits(cfg(eval=ev))
+
+
+def test_txt_gives_unsupervised_pairs(tmp_path):
+  path = tmp_path / "plain.txt"
+  path.write_text("first line\n\nsecond line\n")
+  pairs, skipped = P.load_pairs(str(path))
+  assert [(p.anchor, p.positive, p.negatives) for p in pairs] == [
+      ("first line", "first line", ()), ("second line", "second line", ())]
+  assert skipped == 0

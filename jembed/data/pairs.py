@@ -32,7 +32,7 @@ from typing import Any, Iterator
 from jembed.data import labeled_text
 from jembed.errors import UserError
 
-ON_BAD_RECORD = ("raise", "skip")
+ON_BAD_RECORD = ("error", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +63,9 @@ def _paths(spec: str) -> list[str]:
     if not matches:
       raise UserError(f"{pattern!r} matches no files; check the path or glob")
     for path in matches:
-      if not path.endswith((".jsonl", ".csv")):
-        raise UserError(f"unsupported file {path!r}; use .jsonl (one JSON object a line) or .csv "
-                        "(a header row naming the fields)")
+      if not path.endswith((".jsonl", ".csv", ".txt")):
+        raise UserError(f"unsupported file {path!r}; use .jsonl (one JSON object a line), .csv "
+                        "(a header row naming the fields) or .txt (unsupervised: a text a line)")
       paths.append(path)
   if not paths:
     raise UserError("no pair files given; pass a .jsonl or .csv path")
@@ -74,7 +74,14 @@ def _paths(spec: str) -> list[str]:
 
 def _records(path: str, required: tuple[str, ...]) -> Iterator[tuple[int, dict | None, str]]:
   """(line number, record, problem): a record that cannot be read comes with its problem."""
-  if path.endswith(".jsonl"):
+  if path.endswith(".txt"):
+    # Unsupervised pairs (SimCSE): each non-empty line is its own positive; dropout makes two views.
+    with open(path, encoding="utf-8") as f:
+      for line_no, line in enumerate(f, start=1):
+        if line.strip():
+          text = line.rstrip("\n")
+          yield line_no, {k: text for k in required[:2]}, ""
+  elif path.endswith(".jsonl"):
     with open(path, encoding="utf-8") as f:
       for line_no, line in enumerate(f, start=1):
         if not line.strip():
@@ -113,7 +120,7 @@ def _text(record: dict, key: str) -> str:
 
 def _read(spec: str, required: tuple[str, ...], parse, on_bad_record: str, what: str):
   if on_bad_record not in ON_BAD_RECORD:
-    raise UserError(f"on_bad_record={on_bad_record!r}; use 'raise' or 'skip'")
+    raise UserError(f"on_bad_record={on_bad_record!r}; use 'error' or 'skip'")
   out, skipped = [], 0
   for path in _paths(spec):
     try:
@@ -123,7 +130,7 @@ def _read(spec: str, required: tuple[str, ...], parse, on_bad_record: str, what:
             raise _BadRecord(problem)
           out.append(parse(record, path.endswith(".csv")))
         except _BadRecord as e:
-          if on_bad_record == "raise":
+          if on_bad_record == "error":
             raise UserError(f"{path}:{line_no}: {e}; fix the record or skip bad records "
                             "(on_bad_record='skip')") from None
           skipped += 1
@@ -138,7 +145,7 @@ def _read(spec: str, required: tuple[str, ...], parse, on_bad_record: str, what:
 
 
 def load_pairs(spec: str, *, anchor_key: str = "anchor", positive_key: str = "positive",
-               negative_key: str = "negative", on_bad_record: str = "raise") -> tuple[list[TextPair], int]:
+               negative_key: str = "negative", on_bad_record: str = "error") -> tuple[list[TextPair], int]:
   """(pairs, number of bad records skipped) from .jsonl/.csv files (comma-separated globs)."""
 
   def parse(record: dict, is_csv: bool) -> TextPair:
@@ -158,7 +165,7 @@ def load_pairs(spec: str, *, anchor_key: str = "anchor", positive_key: str = "po
 
 
 def load_scored_pairs(spec: str, *, text1_key: str = "text1", text2_key: str = "text2",
-                      score_key: str = "score", on_bad_record: str = "raise") -> tuple[list[ScoredPair], int]:
+                      score_key: str = "score", on_bad_record: str = "error") -> tuple[list[ScoredPair], int]:
   """(scored pairs, number of bad records skipped): gold similarity scores for Spearman."""
 
   def parse(record: dict, is_csv: bool) -> ScoredPair:
@@ -279,7 +286,7 @@ def load_pair_splits(data_config: Any) -> tuple[list[TextPair], list[TextPair], 
   """(train pairs, eval pairs, bad records skipped) from data.train / data.eval files, or the
   embedded pairs when data.train is unset. Without data.eval the train files are split by
   data.eval_fraction (a hash of the anchor). Field names: data.anchor_key / positive_key /
-  negative_key; data.on_bad_record: 'raise' (default) or 'skip'."""
+  negative_key; data.on_bad_record: 'error' (default) or 'skip'."""
   train_spec, eval_spec = str(_get(data_config, "train", "")), str(_get(data_config, "eval", ""))
   fraction = float(_get(data_config, "eval_fraction", 0.15))
   if not train_spec:
@@ -291,7 +298,7 @@ def load_pair_splits(data_config: Any) -> tuple[list[TextPair], list[TextPair], 
   keys = dict(anchor_key=str(_get(data_config, "anchor_key", "anchor")),
               positive_key=str(_get(data_config, "positive_key", "positive")),
               negative_key=str(_get(data_config, "negative_key", "negative")),
-              on_bad_record=str(_get(data_config, "on_bad_record", "raise")))
+              on_bad_record=str(_get(data_config, "on_bad_record", "error")))
   train, skipped = load_pairs(train_spec, **keys)
   if eval_spec:
     held, more = load_pairs(eval_spec, **keys)
