@@ -15,10 +15,19 @@ kernels, with BatchNorm scale/bias and the head trained in full) | adapter (ViT 
 With init.checkpoint, the backbone architecture comes from that run: leave the model fields at
 0/"" to take them from it; a field you set must match the checkpoint.
 """
+import os
+import sys
+
 import ml_collections
 
 from jembed.config import base_config
-from jembed.tuning import peft_config
+
+# Shared sections live in configs/common.py, imported as `configs.common`: that needs the repository
+# root on the path however this file is loaded (jembed.main from any directory, pytest, importlib).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.append(_ROOT)
+from configs.common import peft_config  # noqa: E402
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -1,7 +1,7 @@
 """The one train loop, top to bottom: config, mesh, data, model, state, step, loop.
 
 It knows objectives only through the `Task` interface (jembed/tasks/base.py) and which parameters
-train only through a tuning (jembed/tuning.py), so pretraining and fine-tuning share it.
+train only through a tuning (jembed/peft/), so pretraining and fine-tuning share it.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from jembed.tasks.mlm import MlmTask
 from jembed.checkpoint import restore_params_only
 from jembed.data import labeled_text, pipeline
 from jembed.errors import UserError
-from jembed.peft import lora
+from jembed import tree
 from spine_helpers import apply_overrides, load_config_file, tiny_mlm_config, write_corpus
 
 
@@ -94,8 +94,8 @@ def run_steps(config, workdir, devices, steps=2):
   return setup, state
 
 
-def _flat(tree):
-  return {p: np.asarray(jax.device_get(v)) for p, v in lora._flatten(tree).items()}
+def _flat(params):
+  return {p: np.asarray(jax.device_get(v)) for p, v in tree.flatten(params).items()}
 
 
 def test_architecture_mismatch_names_the_parameter(pretrained, labelled, tmp_path):
@@ -135,10 +135,11 @@ def _check_sharded_equals_single(single, sharded, pretrained):
 def test_lora_sharded_step_equals_single_device(lora_runs, pretrained):
   (_, single), (setup, sharded) = lora_runs
   _check_sharded_equals_single(single, sharded, pretrained)
-  assert set(lora._flatten(sharded.params["extra"])) == {"head/dense/kernel", "head/dense/bias"}
+  assert set(tree.flatten(sharded.params["extra"])) == {"head/dense/kernel", "head/dense/bias"}
   # A is sharded like its kernel's input dim (fsdp), B like its output dim.
-  kernel_spec = setup.frozen_shardings["encoder"]["layers"][0]["attention"]["query"]["kernel"].spec
-  ab = setup.trained_shardings["adapters"]["encoder"]["layers"]["0"]["attention"]["query"]["kernel"]
+  kernel = "encoder/layers/0/attention/query/kernel"
+  kernel_spec = tree.get(setup.frozen_shardings, kernel).spec
+  ab = tree.get(setup.trained_shardings, f"adapters/{kernel}")
   assert ab["a"].spec[0] == kernel_spec[0] == "fsdp" and ab["a"].spec[1] is None
   assert ab["b"].spec[0] is None and tuple(ab["b"].spec)[1:] == tuple(kernel_spec)[1:]
 
@@ -150,7 +151,7 @@ def test_adapter_sharded_step_equals_single_device(pretrained, labelled, tmp_pat
   _, sharded = run_steps(ft_config(pretrained, labelled, **over, **{"mesh.data": 2, "mesh.fsdp": 4}),
                          str(tmp_path / "eight"), jax.devices())
   _check_sharded_equals_single(single, sharded, pretrained)
-  assert any("adapter" in p for p in lora._flatten(sharded.params))
+  assert any("adapter" in p for p in tree.flatten(sharded.params))
 
 
 class _Logger:

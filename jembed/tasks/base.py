@@ -51,7 +51,7 @@ class Task(abc.ABC):
 
   def tuning(self):
     """How parameters split into trained and frozen; full training unless a task says otherwise."""
-    from jembed.tuning import FullTuning
+    from jembed.peft import FullTuning
     return FullTuning()
 
   def load_pretrained(self, params: dict, model_state: dict, mesh, rules) -> tuple[dict, dict]:

@@ -12,14 +12,14 @@ False) means "as in the pretraining run" (or the built-in default without one); 
 it and must then match the checkpoint, or `load_pretrained` names the first mismatching parameter.
 Dropout rates, dtype, remat and pooling are always this config's.
 
-Tunings (`peft.method`): see jembed/tuning.py. A linear probe runs its frozen backbone in inference
-mode (BatchNorm keeps its pretrained statistics); the other methods run it in training mode.
+Tunings (`peft.method`): see jembed/peft/. The tuning says whether the backbone runs in inference mode
+(a linear probe: BatchNorm keeps its pretrained statistics), what it adds to the model description
+and which new parameters a warm start may lack.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +30,13 @@ from flax import nnx
 
 from jembed import checkpoint as ckpt_lib
 from jembed import report as report_lib
+from jembed import tree
 from jembed.data import labeled_text
 from jembed.data import text as text_lib
 from jembed.errors import UserError
 from jembed.models.heads import Classifier, pool
 from jembed.tasks.base import Data, Task
-from jembed.tuning import LoraTuning, tuning_from_config
+from jembed.peft import tuning_from_config
 
 # Fields whose falsy values are real choices for fine-tuning, never taken from the pretraining run.
 _ALWAYS_OURS = ("dropout", "attention_dropout", "dtype", "remat", "pooling", "adapter_dim")
@@ -53,29 +54,6 @@ def _merge_arch(pretrained: dict, ours: dict) -> dict:
   return out
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, tuple[tuple, Any]]:
-  """{"a/0/b": (original key tuple, leaf)}; keys compared as strings (orbax restores int keys as str)."""
-  out = {}
-  for k, v in tree.items():
-    path = f"{prefix}{k}"
-    if isinstance(v, dict):
-      for p, (keys, leaf) in _flatten(v, path + "/").items():
-        out[p] = ((k,) + keys, leaf)
-    else:
-      out[path] = ((k,), v)
-  return out
-
-
-def _set(tree: dict, keys: tuple, value) -> None:
-  for k in keys[:-1]:
-    tree = tree[k]
-  tree[keys[-1]] = value
-
-
-def _copy_tree(tree):
-  return {k: _copy_tree(v) if isinstance(v, dict) else v for k, v in tree.items()}
-
-
 def restore_backbone(target: dict, source: dict, prefix: str, *, what: str = "parameter",
                      allow_missing: str | None = None) -> dict:
   """`target` with every leaf under `prefix/` replaced by `source`'s (same path), placed with the
@@ -84,14 +62,14 @@ def restore_backbone(target: dict, source: dict, prefix: str, *, what: str = "pa
   leaves under the prefix raise a UserError naming the first one; target leaves whose path matches
   the `allow_missing` regex (e.g. new adapters) may be absent from `source`."""
   import re
-  want = {p: v for p, v in _flatten(target).items() if p.startswith(prefix + "/")}
-  have = {p: leaf for p, (_, leaf) in _flatten(source).items() if p.startswith(prefix + "/")}
+  want = {p: v for p, v in tree.flatten(target).items() if p.startswith(prefix + "/")}
+  have = {p: leaf for p, leaf in tree.flatten(source).items() if p.startswith(prefix + "/")}
   if want and not have:
     raise UserError(f"the pretraining checkpoint has no {what}s under '{prefix}/' (it has "
-                    f"{sorted({p.split('/')[0] for p in _flatten(source)})}); it is not a "
+                    f"{sorted({p.split('/')[0] for p in tree.flatten(source)})}); it is not a "
                     "checkpoint of this kind of backbone")
-  out = _copy_tree(target)
-  for path, (keys, leaf) in want.items():
+  restored = {}
+  for path, leaf in want.items():
     if path not in have:
       if allow_missing and re.search(allow_missing, path):
         continue
@@ -103,13 +81,13 @@ def restore_backbone(target: dict, source: dict, prefix: str, *, what: str = "pa
                       f"the pretraining checkpoint {tuple(np.shape(src))}; use the pretraining run's "
                       "model settings (leave config.model fields at 0/'' to take them from it)")
     value = np.asarray(jax.device_get(src)).astype(leaf.dtype)
-    _set(out, keys, jax.device_put(value, leaf.sharding))
+    restored[path] = jax.device_put(value, leaf.sharding)
   extra = sorted(set(have) - set(want))
   if extra:
     raise UserError(f"architecture mismatch: the pretraining checkpoint has {what} '{extra[0]}' "
                     f"{tuple(np.shape(have[extra[0]]))}, which this model lacks; use the pretraining "
                     "run's model settings")
-  return out
+  return tree.replace(target, restored)
 
 
 class TextClassifier(nnx.Module):
@@ -146,11 +124,10 @@ class ClassificationTask(Task):
     self.modality = config.data.get("modality", "text")
     if self.modality not in ("text", "image"):
       raise UserError(f"data.modality='{self.modality}' is unknown; use text or image")
-    self.method = config.get("peft", {}).get("method", "full")
     self.init_dir = str(config.get("init", {}).get("checkpoint", "") or "")
     self.prefix = "encoder" if self.modality == "text" else "backbone"
     self.unit = "examples" if self.modality == "text" else "images"
-    self._tuning = tuning_from_config(config)
+    self._tuning = tuning_from_config(config.get("peft"))
     self._predict = None
 
   # -- architecture, possibly from the pretraining run --
@@ -172,18 +149,7 @@ class ClassificationTask(Task):
       from jembed.tasks import vision
       pre = vision.model_config().to_dict()  # from scratch: the image configs' defaults
     merged = _merge_arch(pre, self.config.model.to_dict())
-    if self.method == "adapter":
-      dim = int(self.config.peft.get("adapter_dim", 64))
-      if self.modality == "text":
-        merged["adapter_dim"] = dim
-      elif merged.get("backbone", "resnet") == "vit":
-        merged.setdefault("vit", {})["adapter_dim"] = dim
-      else:
-        raise UserError("peft.method=adapter needs a transformer backbone (text, or model.backbone=vit); "
-                        "use lora, linear_probe or full for ResNets")
-    else:
-      merged["adapter_dim"] = 0
-    return ml_collections.ConfigDict(merged)
+    return ml_collections.ConfigDict(self._tuning.model_overrides(merged))
 
   # -- data --
   def _tokenizer_path(self) -> str | None:
@@ -276,11 +242,9 @@ class ClassificationTask(Task):
     state, step = ckpt_lib.restore_params_only(self.init_dir, step)
     source = state.get("params") or {}
     if state.get("frozen"):
-      from jembed.peft.lora import combine
-      source = combine(state["frozen"], source)
-    allow = r"adapter" if self.method == "adapter" else None
-    params = restore_backbone(params, source, self.prefix, allow_missing=allow)
-    if any(p.startswith(self.prefix + "/") for p in _flatten(model_state)):
+      source = tree.merge(state["frozen"], source)
+    params = restore_backbone(params, source, self.prefix, allow_missing=self._tuning.new_params)
+    if any(p.startswith(self.prefix + "/") for p in tree.flatten(model_state)):
       model_state = restore_backbone(model_state, state.get("model_state") or {}, self.prefix,
                                      what="BatchNorm statistic")
     self.loaded_from = f"{self.init_dir} step {step}"
@@ -289,7 +253,7 @@ class ClassificationTask(Task):
   # -- objective --
   def _logits(self, model, batch, rng, train):
     # A frozen backbone runs in inference mode: BatchNorm keeps its pretrained statistics.
-    backbone_train = train and self.method != "linear_probe"
+    backbone_train = train and self._tuning.backbone_mode == "train"
     rngs = nnx.Rngs(dropout=rng) if rng is not None else None
     if self.modality == "text":
       tokens = batch["tokens"]
@@ -324,18 +288,15 @@ class ClassificationTask(Task):
   def final_summary(self, model, eval_metrics, logger) -> None:
     preds = self.predict(model, self.eval_columns)
     report = report_lib.classification_report(self.eval_columns["label"], preds, self.class_names)
-    report["method"] = self.method
+    report["method"] = self._tuning.name
     if jax.process_index() == 0:
       report_lib.save_report(report, self.workdir)
     logger.info(f"classification report on the whole eval split ({len(preds)} examples, "
-                f"peft.method={self.method}):\n{report_lib.format_report(report, digits=4)}"
+                f"peft.method={self._tuning.name}):\n{report_lib.format_report(report, digits=4)}"
                 f"accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}; saved "
                 f"{os.path.join(self.workdir, 'classification_report.json')} and confusion_matrix.png")
 
   def export(self, state, tuning) -> None:
     """LoRA runs: the adapter-only checkpoint (WORKDIR/lora_adapter) and the merged dense params
     (WORKDIR/merged), so the result can be used either way."""
-    if not isinstance(tuning, LoraTuning):
-      return
-    from jembed import finetune
-    finetune.export_lora(self.workdir, tuning, state.params, state.frozen)
+    tuning.export(self.workdir, state)
