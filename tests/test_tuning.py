@@ -3,6 +3,7 @@ frozen parameters, merge equal to the LoRA model, adapter checkpoints that refus
 tuning's own behaviour (backbone mode, model overrides, new parameters) and one set of defaults."""
 import dataclasses
 import os
+import re
 import sys
 
 import jax
@@ -107,7 +108,6 @@ def test_tunings_carry_their_behaviour():
   for m in ("full", "linear_probe", "lora"):
     assert _tuning(m).model_overrides({"size": "tiny"}) == {"size": "tiny"}
     assert not _tuning(m).new_params
-  import re
   assert re.search(adapter.new_params, "encoder/layers/0/mlp_adapter/up/kernel")
   assert not re.search(adapter.new_params, "encoder/layers/0/mlp_norm/scale")
 

@@ -208,8 +208,6 @@ def adapter_partition_specs(base_specs: Tree, adapters: dict) -> dict:
   return out
 
 
-
-
 # ----------------------------------------------------------------------------- the tuning
 
 
