@@ -72,14 +72,6 @@ def get(tree: Tree, path: str) -> Any:
   return node
 
 
-def has(tree: Tree, path: str) -> bool:
-  try:
-    get(tree, path)
-    return True
-  except KeyError:
-    return False
-
-
 def replace(tree: Tree, new_leaves: dict[str, Any]) -> Tree:
   """A copy of `tree` with the leaves at the given paths replaced. Only the dicts on those paths
   are copied; every other subtree and leaf is the same object. Every path must exist (KeyError)."""
@@ -128,18 +120,13 @@ def select(tree: Tree, where) -> Tree:
   return walk(tree, "")
 
 
-def map_leaves(fn: Callable[[str, Any], Any], tree: Tree) -> Tree:
-  """The tree of fn(path, leaf), same structure and keys."""
+def labels(tree: Tree, fn: Callable[[str, Any], Any]) -> Tree:
+  """A label tree of the same structure and keys: fn(path, leaf) at every leaf (e.g. "trained" /
+  "frozen", the form optax.partition takes)."""
   def walk(node, prefix):
     return {k: walk(v, f"{prefix}{k}{SEP}") if isinstance(v, dict) else fn(f"{prefix}{k}", v)
             for k, v in node.items()}
   return walk(tree, "")
-
-
-def labels(tree: Tree, fn: Callable[[str, Any], Any]) -> Tree:
-  """A label tree of the same structure: fn(path, leaf) at every leaf (e.g. "trained"/"frozen";
-  the form optax.partition takes)."""
-  return map_leaves(fn, tree)
 
 
 def partition(tree: Tree, label_tree: Tree) -> dict[Any, Tree]:

@@ -52,11 +52,11 @@ def test_unflatten_inverts_flatten_and_takes_key_types_from_like():
   assert extra == {"encoder": {"layers": {1: {"query": {"kernel": {"a": 1}}}}}}
 
 
-def test_get_and_has_address_int_keys_by_their_string():
+def test_get_addresses_int_keys_by_their_string():
   params = _params()
   for t in (params, _restored(params)):
     assert tree.get(t, "encoder/layers/1/query/bias") is tree.flatten(t)["encoder/layers/1/query/bias"]
-    assert tree.has(t, "encoder/layers/0") and not tree.has(t, "encoder/layers/2")
+    assert tree.get(t, "encoder/layers/0") is tree.get(t, "encoder")["layers"][next(iter(t["encoder"]["layers"]))]
   with pytest.raises(KeyError, match="encoder/layers/2/query"):
     tree.get(params, "encoder/layers/2/query")
   with pytest.raises(KeyError):
@@ -114,6 +114,6 @@ def test_labels_and_partition_round_trip():
   assert all(tree.flatten(back)[p] is leaf for p, leaf in tree.flatten(params).items())
   # Labels computed on one tree partition another with the same paths (specs by abstract params),
   # also when one of them has string layer keys.
-  specs = tree.map_leaves(lambda p, x: P(*([None] * x.ndim)), params)
+  specs = tree.labels(params, lambda p, x: P(*([None] * x.ndim)))
   spec_parts = tree.partition(_restored(specs), labels)
   assert tree.flatten(spec_parts["trained"]).keys() == tree.flatten(parts["trained"]).keys()
