@@ -35,8 +35,8 @@ from jembed.data import labeled_text
 from jembed.data import text as text_lib
 from jembed.errors import UserError
 from jembed.models.heads import Classifier, pool
-from jembed.tasks.base import Data, Task
 from jembed.peft import tuning_from_config
+from jembed.tasks.base import Data, Task
 
 # Fields whose falsy values are real choices for fine-tuning, never taken from the pretraining run.
 _ALWAYS_OURS = ("dropout", "attention_dropout", "dtype", "remat", "pooling", "adapter_dim")
