@@ -28,9 +28,10 @@ import ml_collections  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from jembed import config as config_lib, sharding, train, tuning as tuning_lib  # noqa: E402
+from jembed import config as config_lib, peft, sharding, train  # noqa: E402
 from jembed.models.transformer import TransformerConfig  # noqa: E402
 from jembed.tasks.classification import TextClassifier  # noqa: E402
+from configs.common import peft_config  # noqa: E402
 
 BATCH, SEQ, CLASSES = 32, 128, 2
 MiB = 2.0**20
@@ -43,7 +44,7 @@ def _bytes(tree) -> int:
 def measure(method: str, devices: int) -> dict:
   cfg = config_lib.base_config()
   cfg.total_steps, cfg.warmup_steps = 1000, 100
-  cfg.peft = tuning_lib.peft_config(method=method, rank=8, targets="attention_qv")
+  cfg.peft = peft_config(method=method, rank=8, targets="attention_qv")
   cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=devices, tensor=1))
   mesh = sharding.make_mesh(cfg.mesh)
   rules = sharding.DEFAULT_RULES
@@ -54,7 +55,7 @@ def measure(method: str, devices: int) -> dict:
   graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
   specs = sharding.logical_specs(abs_params)
   abs_params = nnx.to_pure_dict(abs_params)
-  tuning = tuning_lib.tuning_from_config(cfg)
+  tuning = peft.tuning_from_config(cfg.peft)
   tx = train.make_optimizer(cfg)
 
   def make_state(params, key):

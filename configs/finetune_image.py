@@ -18,8 +18,7 @@ With init.checkpoint, the backbone architecture comes from that run: leave the m
 import ml_collections
 
 from jembed.config import base_config
-from configs.common import vision_data_config
-from jembed.tuning import peft_config
+from configs.common import peft_config, vision_data_config
 
 
 def get_config() -> ml_collections.ConfigDict:

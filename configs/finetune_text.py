@@ -20,7 +20,7 @@ fields at 0/"" to take them from it; a field you set must match the checkpoint.
 import ml_collections
 
 from jembed.config import base_config
-from jembed.tuning import peft_config
+from configs.common import peft_config
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -20,11 +20,9 @@ MODEL_FILE = "model.json"
 
 
 def build(spec: dict[str, Any], rngs: nnx.Rngs) -> nnx.Module:
-  """The task model `spec` describes, unsharded (the loop places it on the mesh; eager sharding,
-  which would need a mesh and logical rules at construction, is off while it is built)."""
+  """The task model `spec` describes, unsharded (the loop places it on the mesh)."""
   from jembed.tasks import task_class
-  with nnx.use_eager_sharding(False):
-    return task_class(spec["task"]).build_model(spec, rngs)
+  return task_class(spec["task"]).build_model(spec, rngs)
 
 
 def save(workdir: str, spec: dict[str, Any]) -> None:

@@ -171,7 +171,9 @@ class Setup:
     # Data first (host side; fails before anything is written); the model description may depend
     # on it (a tokenizer's vocabulary, an image shape), the model itself only on the description.
     self.data = self.task.load_data()
-    self.spec = self.tuning.model_overrides(self.task.model_spec())
+    self.spec = self.task.model_spec()
+    part = "encoder" if "encoder" in self.spec else "backbone"  # what the tuning may add to (adapters)
+    self.spec[part] = self.tuning.model_overrides(self.spec[part])
     build = modelspec.build
 
     with nn.logical_axis_rules(self.rules):

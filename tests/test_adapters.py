@@ -1,4 +1,4 @@
-"""Bottleneck adapters: identity at init, trainable-parameter selection."""
+"""Bottleneck adapters: identity at init, trainable-parameter selection, and built into ViTs."""
 import re
 
 import jax
@@ -7,7 +7,9 @@ import numpy as np
 from flax import nnx
 
 import jembed  # noqa: F401  (switches eager sharding off)
-from jembed.peft.adapters import ADAPTER_TRAINABLE, BottleneckAdapter, adapter_trainable_mask
+from jembed import tree
+from jembed.models.vit import vit_from_config
+from jembed.peft import ADAPTER_TRAINABLE, TRAINED, AdapterTuning, BottleneckAdapter
 
 
 def test_adapter_starts_as_identity_and_learns():
@@ -23,7 +25,7 @@ def test_adapter_starts_as_identity_and_learns():
   assert float(jnp.abs(grads.up.kernel[...]).sum()) > 0
 
 
-def test_trainable_regex_and_mask():
+def test_trainable_labels():
   params = {
       "embed": {"embedding": 0},
       "layers": {0: {"attention": {"query": {"kernel": 0}},
@@ -35,10 +37,9 @@ def test_trainable_regex_and_mask():
                      "final_norm": {"scale": 0}}},
       "head": {"kernel": 0, "bias": 0},
   }
-  mask = adapter_trainable_mask(params)
-  assert jax.tree.structure(mask) == jax.tree.structure(params)
-  trained = {jax.tree_util.keystr(p, simple=True, separator="/")
-             for p, v in jax.tree_util.tree_leaves_with_path(mask) if v}
+  labels = AdapterTuning().labels(params)
+  assert jax.tree.structure(labels) == jax.tree.structure(params)
+  trained = {p for p, label in tree.flatten(labels).items() if label == TRAINED}
   assert trained == {"layers/0/attention_adapter/down/kernel", "layers/0/attention_adapter/down/bias",
                      "layers/0/attention_adapter/up/kernel", "layers/0/attention_adapter/up/bias",
                      "layers/0/mlp_adapter/down/kernel", "layers/0/attention_norm/scale",
@@ -46,6 +47,29 @@ def test_trainable_regex_and_mask():
                      "head/kernel", "head/bias"}
   # Real module parameter paths are matched too.
   model_params = nnx.to_pure_dict(nnx.state(BottleneckAdapter(8, 2, rngs=nnx.Rngs(0)), nnx.Param))
-  for path in jax.tree_util.tree_leaves_with_path(model_params):
-    name = "layers/3/mlp_adapter/" + jax.tree_util.keystr(path[0], simple=True, separator="/")
-    assert re.search(ADAPTER_TRAINABLE, name), name
+  for path in tree.flatten(model_params):
+    assert re.search(ADAPTER_TRAINABLE, "layers/3/mlp_adapter/" + path), path
+
+
+def test_vit_built_for_adapter_tuning_has_adapters_that_get_gradients():
+  # The model description as a task builds it: an image model naming a ViT backbone, with the
+  # tuning's overrides. The adapters must reach the ViT's encoder (they once were silently dropped).
+  tuning = AdapterTuning(dim=4)
+  description = tuning.model_overrides({"backbone": "vit", "vit": dict(
+      size="Ti", patch_size=4, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32)})
+  vit = vit_from_config(description["vit"], image_shape=(8, 8, 1), rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(vit, nnx.Param, ...)
+  params = nnx.to_pure_dict(params)
+  adapters = [p for p in tree.flatten(params) if "adapter" in p]
+  assert len(adapters) == 2 * 4, sorted(tree.flatten(params))  # 2 adapters x (down, up) x (kernel, bias)
+  trained, frozen = tuning.split(params, jax.random.key(0))
+  assert set(adapters) <= set(tree.flatten(trained))
+  images = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 8, 8, 1)), jnp.float32)
+
+  def loss(t):
+    model = nnx.merge(graphdef, tuning.combine(t, frozen), rest)
+    return jnp.sum(model(images) ** 2)
+  grads = tree.flatten(jax.jit(jax.grad(loss))(trained))
+  for path in adapters:
+    if "/up/" in path:  # the zero-initialised up projections; down moves once up is non-zero
+      assert float(jnp.abs(grads[path]).sum()) > 0, path

@@ -13,37 +13,22 @@ from flax import nnx
 
 import flax.linen as nn
 
-from jembed import sharding, train
-from jembed.checkpoint import Checkpointer
-from jembed.data import text
-from jembed.tasks.mlm import MlmTask
+from jembed import train
 from jembed.checkpoint import restore_params_only
 from jembed.data import labeled_text, pipeline
 from jembed.errors import UserError
-from jembed.peft import lora
-from spine_helpers import apply_overrides, load_config_file, tiny_mlm_config, write_corpus
+from jembed import tree
+from spine_helpers import apply_overrides, load_config_file, tiny_mlm_config, write_corpus, write_workdir
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-  """A pretraining workdir as the MLM run leaves it (config.json, tokenizer.json, an orbax
-  checkpoint of the state), written directly so no MLM step has to compile."""
+  """A pretraining workdir as the MLM run leaves it (config.json, model.json, tokenizer.json, an
+  orbax checkpoint of the state), written directly so no MLM step has to compile."""
   root = str(tmp_path_factory.mktemp("mlm"))
-  config = tiny_mlm_config(write_corpus(root))
+  config = tiny_mlm_config(write_corpus(root), **{"data.vocab_size": 512})
   workdir = os.path.join(root, "run")
-  os.makedirs(workdir)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(json.loads(config.to_json_best_effort()), f)
-  docs = open(os.path.join(root, "corpus.txt")).read().splitlines()
-  text.build_tokenizer(docs, 512, save_to=os.path.join(workdir, "tokenizer.json"))
-  task = MlmTask(config, workdir)
-  task.vocab = 512
-  model = task.build_model(nnx.Rngs(3))
-  params = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
-  state = {"step": jnp.asarray(6), "params": params}
-  saver = Checkpointer(workdir, async_save=False)
-  saver.save(6, state, None)
-  saver.close()
+  write_workdir(config, workdir)
   return workdir
 
 
@@ -84,25 +69,21 @@ def run_steps(config, workdir, devices, steps=2):
   setup = train.Setup(config, workdir, devices=devices)
   state = setup.init_state()
   it = pipeline.train_iterator(setup.data.train, config.batch_size, config.seed)
-  batch_sh = {k: sharding.batch_sharding(setup.mesh, setup.rules, v.ndim)
-              for k, v in setup.data.train.items()}
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-    step = jax.jit(setup.train_step, in_shardings=(setup.shardings, batch_sh),
-                   out_shardings=(setup.shardings, sharding.replicated(setup.mesh)))
+    step = setup.jit_train_step(setup.data.train)
     for _ in range(steps):
       state, _ = step(state, setup.to_global(next(it)))
   return setup, state
 
 
-def _flat(tree):
-  return {p: np.asarray(jax.device_get(v)) for p, v in lora._flatten(tree).items()}
+def _flat(params):
+  return {p: np.asarray(jax.device_get(v)) for p, v in tree.flatten(params).items()}
 
 
-def test_architecture_mismatch_names_the_parameter(pretrained, labelled, tmp_path):
+def test_architecture_mismatch_names_the_field(pretrained, labelled, tmp_path):
   config = ft_config(pretrained, labelled, **{"model.mlp_dim": 48})
-  setup = train.Setup(config, str(tmp_path), devices=jax.devices()[:1])
-  with pytest.raises(UserError, match=r"encoder/layers/0/mlp/wi/bias.*\(48,\).*\(64,\)"):
-    setup.init_state()
+  with pytest.raises(UserError, match=r"model.mlp_dim=48 disagrees with the warm-start source \(mlp_dim=64\)"):
+    train.Setup(config, str(tmp_path), devices=jax.devices()[:1])
 
 
 OVERRIDES = {"peft.adapter_dim": 8, "peft.dropout": 0.1, "peft.targets": "attention"}
@@ -135,10 +116,11 @@ def _check_sharded_equals_single(single, sharded, pretrained):
 def test_lora_sharded_step_equals_single_device(lora_runs, pretrained):
   (_, single), (setup, sharded) = lora_runs
   _check_sharded_equals_single(single, sharded, pretrained)
-  assert set(lora._flatten(sharded.params["extra"])) == {"head/dense/kernel", "head/dense/bias"}
+  assert set(tree.flatten(sharded.params["extra"])) == {"head/dense/kernel", "head/dense/bias"}
   # A is sharded like its kernel's input dim (fsdp), B like its output dim.
-  kernel_spec = setup.frozen_shardings["encoder"]["layers"][0]["attention"]["query"]["kernel"].spec
-  ab = setup.trained_shardings["adapters"]["encoder"]["layers"]["0"]["attention"]["query"]["kernel"]
+  kernel = "encoder/layers/0/attention/query/kernel"
+  kernel_spec = tree.get(setup.frozen_shardings, kernel).spec
+  ab = tree.get(setup.trained_shardings, f"adapters/{kernel}")
   assert ab["a"].spec[0] == kernel_spec[0] == "fsdp" and ab["a"].spec[1] is None
   assert ab["b"].spec[0] is None and tuple(ab["b"].spec)[1:] == tuple(kernel_spec)[1:]
 
@@ -150,7 +132,7 @@ def test_adapter_sharded_step_equals_single_device(pretrained, labelled, tmp_pat
   _, sharded = run_steps(ft_config(pretrained, labelled, **over, **{"mesh.data": 2, "mesh.fsdp": 4}),
                          str(tmp_path / "eight"), jax.devices())
   _check_sharded_equals_single(single, sharded, pretrained)
-  assert any("adapter" in p for p in lora._flatten(sharded.params))
+  assert any("adapter" in p for p in tree.flatten(sharded.params))
 
 
 class _Logger:
@@ -167,7 +149,7 @@ def test_final_report_matches_sklearn_and_lora_exports(lora_runs, tmp_path):
   model = setup.model_from(state)
   logger = _Logger()
   setup.task.final_summary(model, {}, logger)
-  setup.task.export(state, setup.tuning)
+  setup.tuning.export(str(tmp_path), state)
   labels = setup.task.eval_columns["label"]
   preds = setup.task.predict(model, setup.task.eval_columns)
   assert len(preds) == len(labels) == 50  # the whole split, the last partial batch included

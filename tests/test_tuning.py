@@ -1,26 +1,29 @@
 """Tunings as parameter-tree splits: exact start, frozen leaves untouched, no optimizer state for
-frozen parameters, merge equal to the LoRA model, adapter checkpoints that refuse a wrong base."""
+frozen parameters, merge equal to the LoRA model, adapter checkpoints that refuse a wrong base; the
+tuning's own behaviour (backbone mode, model overrides, new parameters) and one set of defaults."""
+import dataclasses
+import os
+import re
+
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
-from jembed import finetune
+from jembed import peft, tree
 from jembed.errors import UserError
 from jembed.models.transformer import TransformerConfig
-from jembed.peft import lora
-from jembed.tasks.classification import TextClassifier
-from jembed import tuning as tuning_lib
+from jembed.peft import export, lora
+from jembed.tasks.classification_text import TextClassifier
+from configs.common import peft_config
 
 CFG = TransformerConfig(num_layers=2, hidden_size=16, num_heads=2, mlp_dim=32, vocab_size=40,
                         max_position=16, dropout=0.0, attention_dropout=0.0)
 
 
 def _model(adapter_dim=0, seed=0):
-  import dataclasses
   cfg = dataclasses.replace(CFG, adapter_dim=adapter_dim)
   model = TextClassifier(cfg, 3, "mean", rngs=nnx.Rngs(seed))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -32,15 +35,11 @@ LABELS = jnp.asarray([0, 1, 2, 1])
 
 
 def _forward(graphdef, rest, params):
-  return nnx.merge(graphdef, params, rest)(TOKENS, TOKENS > 0, train=False)
+  return nnx.merge(graphdef, params, rest)(TOKENS, TOKENS > 0)
 
 
-def _peft(**kw):
-  return tuning_lib.peft_config(**kw)
-
-
-def _cfg(method, **kw):
-  return ml_collections.ConfigDict({"peft": _peft(method=method, **kw).to_dict()})
+def _tuning(method, **kw):
+  return peft.tuning_from_config(peft_config(method=method, **kw))
 
 
 def _train(tuning, graphdef, rest, params, steps=3):
@@ -52,7 +51,7 @@ def _train(tuning, graphdef, rest, params, steps=3):
   def step(trained, opt, key):
     def loss_fn(t):
       p = tuning.combine(t, frozen, rng=key, train=True)
-      logits = nnx.merge(graphdef, p, rest)(TOKENS, TOKENS > 0, train=True)
+      logits = nnx.merge(graphdef, p, rest)(TOKENS, TOKENS > 0)
       return optax.softmax_cross_entropy_with_integer_labels(logits, LABELS).mean()
     g = jax.grad(loss_fn)(trained)
     u, opt = tx.update(g, opt, trained)
@@ -73,24 +72,78 @@ def base():
 
 
 def test_from_config_and_unknown_method():
-  assert isinstance(tuning_lib.tuning_from_config(ml_collections.ConfigDict()), tuning_lib.FullTuning)
-  assert isinstance(tuning_lib.tuning_from_config(_cfg("lora")), tuning_lib.LoraTuning)
-  assert isinstance(tuning_lib.tuning_from_config(_cfg("adapter")), tuning_lib.AdapterTuning)
-  assert isinstance(tuning_lib.tuning_from_config(_cfg("linear_probe")), tuning_lib.LinearProbeTuning)
+  assert isinstance(peft.tuning_from_config(None), peft.FullTuning)
+  assert isinstance(_tuning("full"), peft.FullTuning)
+  assert isinstance(_tuning("lora"), peft.LoraTuning)
+  assert isinstance(_tuning("adapter"), peft.AdapterTuning)
+  assert isinstance(_tuning("linear_probe"), peft.LinearProbeTuning)
+  assert _tuning("lora", rank=3, rslora=True).cfg == lora.LoraConfig(rank=3, rslora=True)
+  assert _tuning("adapter", adapter_dim=5).dim == 5
   with pytest.raises(UserError, match="peft.method='prefix'"):
-    tuning_lib.tuning_from_config(_cfg("prefix"))
+    _tuning("prefix")
 
 
-def test_lora_starts_at_base_trains_only_adapters_and_merges(base, tmp_path):
+def test_library_defaults_are_the_config_sections():
+  section = peft_config()
+  assert lora.LoraConfig() == lora.LoraConfig.from_peft(section)
+  assert peft.AdapterTuning().dim == section.adapter_dim
+  # Every key of the section is read: the method, LoRA's fields and the adapter width.
+  fields = {f.name for f in dataclasses.fields(lora.LoraConfig)}
+  assert set(section) == fields | {"method", "adapter_dim"}
+
+
+def test_tunings_carry_their_behaviour():
+  assert [_tuning(m).backbone_mode for m in peft.METHODS] == ["train", "inference", "train", "train"]
+  adapter = _tuning("adapter", adapter_dim=6)
+  assert adapter.model_overrides({"size": "tiny"}) == {"size": "tiny", "adapter_dim": 6}
+  vit = adapter.model_overrides({"backbone": "vit", "vit": {"size": "Ti"}})
+  assert vit["vit"] == {"size": "Ti", "adapter_dim": 6}
+  with pytest.raises(UserError, match="transformer backbone"):
+    adapter.model_overrides({"backbone": "resnet"})
+  for m in ("full", "linear_probe", "lora"):
+    assert _tuning(m).model_overrides({"size": "tiny"}) == {"size": "tiny"}
+    assert not _tuning(m).new_params
+  assert re.search(adapter.new_params, "encoder/layers/0/mlp_adapter/up/kernel")
+  assert not re.search(adapter.new_params, "encoder/layers/0/mlp_norm/scale")
+
+
+def test_labels_give_values_and_specs_the_same_split(base):
+  _, params, _ = base
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.split(nnx.eval_shape(
+      lambda: TextClassifier(CFG, 3, "mean", rngs=nnx.Rngs(0))), nnx.Param, ...)[1]))
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  for tuning in (_tuning("full"), _tuning("linear_probe"), _tuning("lora", targets="attention")):
+    trained, frozen = tuning.split(params, jax.random.key(0))
+    t_specs, f_specs = tuning.split_specs(specs, params)
+    assert jax.tree.structure(t_specs, is_leaf=is_spec) == jax.tree.structure(trained), tuning.name
+    assert jax.tree.structure(f_specs, is_leaf=is_spec) == jax.tree.structure(frozen), tuning.name
+
+
+@pytest.fixture(scope="module")
+def lora_run(base, tmp_path_factory):
+  """A LoRA tuning trained for 3 steps, and its exports."""
   graphdef, params, rest = base
-  tuning = tuning_lib.tuning_from_config(_cfg("lora", rank=2, targets="attention", dropout=0.1))
+  tuning = _tuning("lora", rank=2, targets="attention", dropout=0.1)
   trained, frozen = tuning.split(params, jax.random.key(0))
+  trained2, frozen2, opt = _train(tuning, graphdef, rest, params)
+  workdir = tmp_path_factory.mktemp("lora_export")
+  export.export_lora(str(workdir), tuning, trained2, frozen2)
+  return dict(tuning=tuning, trained=trained, frozen=frozen, trained2=trained2, frozen2=frozen2,
+              opt=opt, workdir=workdir)
+
+
+def test_lora_starts_exactly_at_the_base(base, lora_run):
+  graphdef, params, rest = base
+  tuning, trained, frozen = lora_run["tuning"], lora_run["trained"], lora_run["frozen"]
   # B = 0: exactly the base model's outputs.
   np.testing.assert_array_equal(_forward(graphdef, rest, tuning.combine(trained, frozen)),
                                 _forward(graphdef, rest, params))
-  frozen_before = _bits(frozen)
-  trained2, frozen2, opt = _train(tuning, graphdef, rest, params)
-  assert _bits(frozen2) == frozen_before  # the frozen base is bitwise unchanged
+
+
+def test_lora_trains_only_adapters_and_head(base, lora_run):
+  _, params, _ = base
+  trained2, frozen2, opt = lora_run["trained2"], lora_run["frozen2"], lora_run["opt"]
+  assert _bits(frozen2) == _bits(lora_run["frozen"])  # the frozen base is bitwise unchanged
   # Optimizer state only for the trained tree: no leaf shaped like a frozen kernel.
   n_trained = sum(x.size for x in jax.tree.leaves(trained2))
   n_opt = sum(x.size for x in jax.tree.leaves(opt) if x.ndim > 0)
@@ -98,62 +151,76 @@ def test_lora_starts_at_base_trains_only_adapters_and_merges(base, tmp_path):
   assert n_trained < 0.2 * sum(x.size for x in jax.tree.leaves(params))
   assert set(trained2) == {"adapters", "extra"} and "head" in trained2["extra"]
   assert "head" not in frozen2
-  # Training moved the model, and the merged dense tree gives the LoRA model's outputs.
-  lora_out = _forward(graphdef, rest, tuning.combine(trained2, frozen2))
-  assert not np.allclose(lora_out, _forward(graphdef, rest, params))
-  merged = tuning.merged(trained2, frozen2)
-  np.testing.assert_allclose(_forward(graphdef, rest, merged), lora_out, rtol=1e-6, atol=1e-6)
+  # Adapters are nested like the base, int layer keys included.
+  assert tree.get(trained2, "adapters/encoder/layers/1/attention/out/kernel/b").shape == (2, 16)
+  assert list(trained2["adapters"]["encoder"]["layers"]) == [0, 1]
 
-  # Adapter-only checkpoint: a small fraction of the full one, refuses another base.
-  finetune.export_lora(str(tmp_path), tuning, trained2, frozen2)
-  small = finetune.directory_bytes(str(tmp_path / "lora_adapter"))
-  full = finetune.directory_bytes(str(tmp_path / "merged"))
+
+def test_lora_merged_export_is_the_lora_model(base, lora_run):
+  graphdef, params, rest = base
+  tuning, trained2, frozen2 = lora_run["tuning"], lora_run["trained2"], lora_run["frozen2"]
+  lora_out = _forward(graphdef, rest, tuning.combine(trained2, frozen2))
+  assert not np.allclose(lora_out, _forward(graphdef, rest, params))  # training moved the model
+  restored = export.load_params(str(lora_run["workdir"] / export.MERGED_DIR))
+  dense = tree.replace(params, {p: tree.get(restored, p) for p in tree.flatten(params)})
+  np.testing.assert_allclose(_forward(graphdef, rest, dense), lora_out, rtol=1e-6, atol=1e-6)
+
+
+def _dir_bytes(path):
+  return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def test_lora_adapter_checkpoint_is_small_and_round_trips(lora_run):
+  tuning, trained2, frozen2 = lora_run["tuning"], lora_run["trained2"], lora_run["frozen2"]
+  small = _dir_bytes(lora_run["workdir"] / export.ADAPTER_DIR)
+  full = _dir_bytes(lora_run["workdir"] / export.MERGED_DIR)
   assert small < 0.5 * full, (small, full)
   extra_like = jax.tree.map(jnp.zeros_like, trained2["extra"])
-  adapters, extra, cfg = finetune.load_lora(str(tmp_path / "lora_adapter"), frozen2, extra_like)
+  got, cfg = export.load_adapters(str(lora_run["workdir"] / export.ADAPTER_DIR), frozen2, extra_like)
   assert cfg == tuning.cfg
-  np.testing.assert_array_equal(extra["head"]["dense"]["kernel"], trained2["extra"]["head"]["dense"]["kernel"])
-  flat = tuning_lib.flat_adapters(trained2["adapters"])
-  for path in flat:
-    np.testing.assert_array_equal(adapters[path]["b"], flat[path]["b"])
+  assert jax.tree.structure(got) == jax.tree.structure(trained2)
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(trained2)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_lora_adapter_checkpoint_refuses_another_base(lora_run):
+  tuning = lora_run["tuning"]
   _, other, _ = _model(seed=5)
   _, other_frozen = tuning.split(other, jax.random.key(0))
+  extra_like = jax.tree.map(jnp.zeros_like, lora_run["trained2"]["extra"])
   with pytest.raises(UserError, match="different base"):
-    finetune.load_lora(str(tmp_path / "lora_adapter"), other_frozen, extra_like)
-  # Merged export restores to the same outputs.
-  restored = finetune.load_params(str(tmp_path / "merged"))
-  np.testing.assert_allclose(np.asarray(restored["head"]["dense"]["kernel"]),
-                             merged["head"]["dense"]["kernel"])
+    export.load_adapters(str(lora_run["workdir"] / export.ADAPTER_DIR), other_frozen, extra_like)
 
 
 def test_linear_probe_trains_only_the_head(base):
   graphdef, params, rest = base
-  tuning = tuning_lib.LinearProbeTuning()
+  tuning = peft.LinearProbeTuning()
   trained, frozen = tuning.split(params, jax.random.key(0))
   assert list(trained) == ["head"] and "head" not in frozen
   trained2, frozen2, opt = _train(tuning, graphdef, rest, params)
   assert _bits(frozen2) == _bits(frozen)
   assert sum(x.size for x in jax.tree.leaves(opt) if x.ndim > 0) == 2 * (16 * 3 + 3)
-  specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.split(nnx.eval_shape(
-      lambda: TextClassifier(CFG, 3, "mean", rngs=nnx.Rngs(0))), nnx.Param, ...)[1]))
-  t_specs, f_specs = tuning.split_specs(specs, params)
-  assert jax.tree.structure(t_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)) \
-      == jax.tree.structure(trained)
+
+
+def test_regex_tuning_that_trains_nothing_is_refused(base):
+  _, params, _ = base
+  with pytest.raises(UserError, match="nothing would train"):
+    peft.RegexTuning(r"^no_such_module/").split(params, jax.random.key(0))
 
 
 def test_adapter_tuning_starts_at_base_and_trains_adapters_norms_head():
   graphdef, params, rest = _model(adapter_dim=4)
-  tuning = tuning_lib.AdapterTuning()
+  tuning = peft.AdapterTuning()
   trained, frozen = tuning.split(params, jax.random.key(0))
-  flat = lora._flatten(trained)
+  flat = tree.flatten(trained)
   assert any("attention_adapter" in p for p in flat) and any("mlp_adapter" in p for p in flat)
   assert any(p.endswith("attention_norm/scale") for p in flat) and "head/dense/kernel" in flat
   assert not any(p.endswith("query/kernel") for p in flat)
   # Zero-initialised up projections: the adapter model is the base model at the start.
   g0, p0, r0 = _model(adapter_dim=0)
-  no_adapters = {k: v for k, v in lora._flatten(params).items() if "adapter" not in k}
-  assert set(no_adapters) == set(lora._flatten(p0))
-  base_params = lora._replace(p0, no_adapters)
+  no_adapters = {k: v for k, v in tree.flatten(params).items() if "adapter" not in k}
+  assert set(no_adapters) == set(tree.flatten(p0))
+  base_params = tree.replace(p0, no_adapters)
   np.testing.assert_allclose(_forward(graphdef, rest, tuning.combine(trained, frozen)),
                              _forward(g0, r0, base_params), rtol=1e-6, atol=1e-6)
   _, frozen2, _ = _train(tuning, graphdef, rest, params)

@@ -11,7 +11,14 @@ from flax import nnx
 def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], names: Sequence[str | None],
           dtype=jnp.float32) -> nnx.Param:
   value = init(rngs.params(), tuple(shape), dtype) if rngs is not None else init(None, tuple(shape), dtype)
-  return nnx.Param(value, out_sharding=tuple(names))
+  return nnx.Param(value, **logical(*names))
+
+
+def logical(*names: str | None) -> dict:
+  """Variable metadata: the logical axis names of each dimension, mapped to mesh axes by the rules
+  in the config (jembed/sharding.py). Eager sharding is off for the variable, so models build the
+  same with or without a mesh; the loop places them on the mesh with explicit shardings."""
+  return {"out_sharding": tuple(names), "eager_sharding": False}
 
 
 def zeros_init(_key, shape, dtype):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jembed.errors import UserError
+from jembed.models.layers import logical
 
 # (block type, blocks per stage) per depth.
 _DEPTHS = {
@@ -37,7 +38,7 @@ def _conv(cin: int, cout: int, k: int, stride: int, dtype, rngs: nnx.Rngs) -> nn
   return nnx.Conv(
       cin, cout, (k, k), strides=stride, padding=((pad, pad), (pad, pad)),
       use_bias=False, dtype=dtype, kernel_init=_CONV_INIT,
-      kernel_metadata={"out_sharding": (None, None, "conv_in", "conv_out")},
+      kernel_metadata=logical(None, None, "conv_in", "conv_out"),
       rngs=rngs)
 
 
@@ -48,7 +49,7 @@ def _group_count(channels: int) -> int:
 
 def _norm(kind: str, channels: int, dtype, rngs: nnx.Rngs, zero_scale: bool = False):
   scale_init = nnx.initializers.zeros if zero_scale else nnx.initializers.ones
-  meta = {"out_sharding": ("conv_out",)}
+  meta = logical("conv_out")
   if kind == "batch":
     # Flax momentum is the weight of the old running value (PyTorch's 0.1 == Flax's 0.9).
     return nnx.BatchNorm(channels, momentum=0.9, epsilon=1e-5, dtype=dtype,

@@ -43,6 +43,7 @@ def vit_config(vit_config_dict: Any) -> TransformerConfig:
       mlp_dim=pick("mlp_dim", 4 * hidden), vocab_size=1, max_position=1, type_vocab_size=1,
       dropout=get("dropout", 0.0), attention_dropout=get("attention_dropout", 0.0),
       pre_ln=True, layer_norm_eps=1e-6, dtype=jnp.dtype(get("dtype", "float32")),
+      adapter_dim=int(get("adapter_dim", 0) or 0),  # set by peft.method=adapter (jembed/peft/adapters.py)
       remat=get("remat", False))
 
 

@@ -1,29 +1,26 @@
-"""Parameter-efficient fine-tuning: LoRA (lora) and bottleneck adapters (adapters)."""
-from jembed.peft import adapters, lora
-from jembed.peft.adapters import ADAPTER_TRAINABLE, BottleneckAdapter, adapter_trainable_mask
-from jembed.peft.lora import LoraConfig
+"""Parameter-efficient fine-tuning: which parameters train (base), LoRA (lora), bottleneck adapters
+(adapters) and LoRA's exports (export). `tuning_from_config` builds the tuning `config.peft` names."""
+from __future__ import annotations
+
+from typing import Any
+
+from jembed.errors import UserError
+from jembed.peft.adapters import ADAPTER_TRAINABLE, AdapterTuning, BottleneckAdapter
+from jembed.peft.base import FROZEN, TRAINED, FullTuning, LinearProbeTuning, RegexTuning, Tuning
+from jembed.peft.lora import LoraConfig, LoraTuning
+
+METHODS = ("full", "linear_probe", "lora", "adapter")
 
 
-# ---- temporary shim (replaced when the PEFT package lands) ----
-def tuning_from_config(peft):
-  from jembed import tuning as _t
-  import ml_collections
-  cfg = ml_collections.ConfigDict({"peft": peft}) if peft is not None else ml_collections.ConfigDict()
-  t = _t.tuning_from_config(cfg)
-  method = t.name
-  t.backbone_mode = "inference" if method == "linear_probe" else "train"
-  t.new_params = r"adapter" if method == "adapter" else None
-  def model_overrides(spec):
-    if method == "adapter":
-      spec = dict(spec)
-      dim = int(peft.get("adapter_dim", 64))
-      if "encoder" in spec:
-        spec["encoder"] = dict(spec["encoder"], adapter_dim=dim)
-    return spec
-  t.model_overrides = model_overrides
-  def export(workdir, state):
-    if method == "lora":
-      from jembed import finetune
-      finetune.export_lora(workdir, t, state.params, state.frozen)
-  t.export = export
-  return t
+def tuning_from_config(peft: Any = None) -> Tuning:
+  """The tuning named by the `peft` config section's `method` (full when there is no section)."""
+  method = "full" if peft is None else peft["method"]
+  if method == "full":
+    return FullTuning()
+  if method == "linear_probe":
+    return LinearProbeTuning()
+  if method == "lora":
+    return LoraTuning(LoraConfig.from_peft(peft))
+  if method == "adapter":
+    return AdapterTuning(int(peft["adapter_dim"])) if "adapter_dim" in peft else AdapterTuning()
+  raise UserError(f"peft.method='{method}' is unknown; choose one of {', '.join(METHODS)}")

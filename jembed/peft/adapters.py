@@ -1,21 +1,26 @@
-"""Houlsby bottleneck adapters: a small residual MLP inserted after a block.
+"""Houlsby bottleneck adapters: a small residual MLP inserted after each Transformer sub-layer, and
+the tuning that trains them.
 
-The up projection starts at zero, so inserting adapters into a pretrained model leaves
-its outputs unchanged until training moves them. Only adapters, LayerNorms and the head
-are trained (ADAPTER_TRAINABLE).
+The up projection starts at zero, so inserting adapters into a pretrained model leaves its outputs
+unchanged until training moves them. Adapters, LayerNorms and the head train (ADAPTER_TRAINABLE).
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jembed.errors import UserError
+from jembed.models.layers import logical
+from jembed.peft.base import RegexTuning
+
 # Any path segment containing "adapter", LayerNorm parameters (module names ending in
 # "norm") and the task head; matched with re.search on "/"-joined paths.
 ADAPTER_TRAINABLE = r"(^|/)[^/]*adapter[^/]*/|(^|/)[^/]*norm/(scale|bias)$|^head/"
+ADAPTER_PARAMS = r"(^|/)[^/]*adapter[^/]*/"
+DEFAULT_DIM = 64
 
 
 class BottleneckAdapter(nnx.Module):
@@ -26,22 +31,40 @@ class BottleneckAdapter(nnx.Module):
     self.down = nnx.Linear(
         features, bottleneck, dtype=dtype, param_dtype=param_dtype,
         kernel_init=nnx.initializers.lecun_normal(),
-        kernel_metadata={"out_sharding": ("embed", None)},
-        bias_metadata={"out_sharding": (None,)}, rngs=rngs)
+        kernel_metadata=logical("embed", None),
+        bias_metadata=logical(None), rngs=rngs)
     self.up = nnx.Linear(
         bottleneck, features, dtype=dtype, param_dtype=param_dtype,
         kernel_init=nnx.initializers.zeros_init(),
-        kernel_metadata={"out_sharding": (None, "embed")},
-        bias_metadata={"out_sharding": ("embed",)}, rngs=rngs)
+        kernel_metadata=logical(None, "embed"),
+        bias_metadata=logical("embed"), rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return x + self.up(jax.nn.gelu(self.down(x))).astype(x.dtype)
 
 
-def adapter_trainable_mask(params: dict) -> dict:
-  """Bool tree (same structure as ``params``): True where ADAPTER_TRAINABLE matches."""
-  def walk(tree, prefix):
-    return {k: walk(v, f"{prefix}{k}/") if isinstance(v, dict)
-            else re.search(ADAPTER_TRAINABLE, f"{prefix}{k}") is not None
-            for k, v in tree.items()}
-  return walk(params, "")
+class AdapterTuning(RegexTuning):
+  """Bottleneck adapters of width `dim`, LayerNorms and the head train; the model is built with
+  adapters (`model_overrides`), which a warm start from a checkpoint without them may lack."""
+  name = "adapter"
+  new_params = ADAPTER_PARAMS
+
+  def __init__(self, dim: int = DEFAULT_DIM, trainable: str = ADAPTER_TRAINABLE):
+    if dim < 1:
+      raise UserError(f"peft.adapter_dim={dim} must be >= 1 for peft.method=adapter; set a bottleneck width")
+    super().__init__(trainable)
+    self.dim = dim
+
+  def model_overrides(self, model_config: dict) -> dict:
+    # A text model description is the encoder's own; an image one names its backbone, and the
+    # adapters go into the ViT's encoder.
+    out = dict(model_config)
+    backbone = out.get("backbone")
+    if backbone is None:
+      out["adapter_dim"] = self.dim
+    elif backbone == "vit":
+      out["vit"] = dict(out.get("vit") or {}, adapter_dim=self.dim)
+    else:
+      raise UserError(f"peft.method=adapter needs a transformer backbone (text, or model.backbone=vit), "
+                      f"not {backbone!r}; use lora, linear_probe or full for ResNets")
+    return out

@@ -1,8 +1,8 @@
 """LoRA as a pure transform of the parameter tree.
 
-The base tree (``nnx.to_pure_dict`` output: nested dicts keyed by str or int) stays
-frozen and untouched; the low-rank factors live in a separate flat dict keyed by path
-string (``"layers/0/attention/query/kernel"``). ``apply`` folds them into the kernels
+The base tree (``nnx.to_pure_dict`` output) stays frozen and untouched; the low-rank
+factors live in a separate flat dict keyed by jembed.tree path
+(``"layers/0/attention/query/kernel"``). ``apply`` folds them into the kernels
 (``W + s * A @ B``) so any model runs unchanged on the result, and gradients are taken
 w.r.t. the adapters (and optional ``extra`` leaves) only, so the optimizer never holds
 state for the base.
@@ -14,36 +14,31 @@ because a flattened A sharded on its first dim would split ``kh`` rather than ``
 the merge would then need an all-to-all. The math is the same as flattening
 (``einsum('...r,ro->...o')``), equivalent to PEFT's "conv A + 1x1 conv B".
 
-Dropout: PEFT drops the LoRA *input* per example, which needs the unmerged path. In
+Dropout: PEFT drops the LoRA *input* per example, which needs x @ A computed apart from x @ W. In
 merged mode we drop whole rows of A (input features of the low-rank path) with rate p,
 rescaled by 1/(1-p): the same mask for every example in the batch, fresh per step.
 
-Targets, exclude, trainable and unmerged are regexes applied with ``re.search`` to the
-path string (anchor with ``^``/``$`` when needed). ``targets`` may also be a preset name.
+Targets, exclude and trainable are regexes applied with ``re.search`` to the path string
+(anchor with ``^``/``$`` when needed). ``targets`` may also be a preset name.
 
-Unmerged path: merging means the model's backward pass materialises a full-size dW even
-though only A, B are trained. Paths matching ``cfg.unmerged`` are left unmerged by
-``apply`` and must be computed by the model with ``unmerged_dense`` (not yet wired into
-the models).
+``LoraTuning`` keeps the adapters in the train state nested like the base tree (``{"a", "b"}``
+in place of each adapted kernel), beside the fully trained ``extra`` leaves.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import math
-import os
 import re
-import shutil
-import uuid
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jembed import tree
 from jembed.errors import UserError
+from jembed.peft.base import HEAD_REGEX, Tuning, count
 
 Tree = dict[Any, Any]
 
@@ -55,28 +50,26 @@ PRESETS: dict[str, tuple[str, tuple[int, ...]]] = {
     "all_dense": (r"(^|/)kernel$", (2,)),
     "all_dense_and_conv": (r"(^|/)kernel$", (2, 4)),
 }
-_CONFIG_FILE = "lora_config.json"
-_STATE_DIR = "state"
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-  """LoRA hyper-parameters and which leaves they apply to (see module docstring)."""
+  """LoRA hyper-parameters and which leaves they apply to (see module docstring). The defaults
+  are those of the `peft` config section (configs/common.py; a test keeps them equal)."""
   rank: int = 8
   alpha: float = 16.0
   rslora: bool = False
   dropout: float = 0.0
   targets: str = "attention_qv"
-  exclude: str = ""
-  trainable: str = ""
-  unmerged: str = ""
+  exclude: str = HEAD_REGEX
+  trainable: str = HEAD_REGEX
 
   def __post_init__(self):
     if self.rank < 1:
       raise UserError(f"LoRA rank must be >= 1, got {self.rank}; set lora.rank to a positive int")
     if not 0.0 <= self.dropout < 1.0:
       raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout}; fix lora.dropout")
-    for name in ("targets", "exclude", "trainable", "unmerged"):
+    for name in ("targets", "exclude", "trainable"):
       value = getattr(self, name)
       if name == "targets" and value in PRESETS:
         continue
@@ -90,78 +83,11 @@ class LoraConfig:
     # rsLoRA keeps the update magnitude rank-independent, so higher ranks actually help.
     return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
-
-# ----------------------------------------------------------------------------- tree paths
-
-
-def _flatten(tree: Tree, prefix: str = "") -> dict[str, Any]:
-  """{path string: leaf}, in the tree's (insertion) order."""
-  out = {}
-  for k, v in tree.items():
-    path = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, path + "/"))
-    else:
-      out[path] = v
-  return out
-
-
-def _key_in(node: dict, part: str):
-  if part in node:
-    return part
-  if part.lstrip("-").isdigit() and int(part) in node:
-    return int(part)
-  raise KeyError(part)
-
-
-def _get(tree: Tree, path: str):
-  node = tree
-  for part in path.split("/"):
-    node = node[_key_in(node, part)]
-  return node
-
-
-def _replace(tree: Tree, new_leaves: dict[str, Any]) -> Tree:
-  """Copy of the dict spine with some leaves replaced; other leaves are the same objects."""
-  if not new_leaves:
-    return tree
-  out = dict(tree)
-  groups: dict[Any, dict[str, Any]] = {}
-  for path, leaf in new_leaves.items():
-    head, _, rest = path.partition("/")
-    key = _key_in(tree, head)
-    if rest:
-      groups.setdefault(key, {})[rest] = leaf
-    else:
-      out[key] = leaf
-  for key, sub in groups.items():
-    out[key] = _replace(tree[key], sub)
-  return out
-
-
-def _select(tree: Tree, keep) -> Tree:
-  """Subtree of leaves whose path satisfies keep(path); empty dicts pruned."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      sub = _select(v, lambda p, k=k: keep(f"{k}/{p}"))
-      if sub:
-        out[k] = sub
-    elif keep(str(k)):
-      out[k] = v
-  return out
-
-
-def combine(*trees: Tree) -> Tree:
-  """Deep union of trees; later trees win on equal paths (inverse of split_trainable)."""
-  out: Tree = {}
-  for tree in trees:
-    for k, v in tree.items():
-      if isinstance(v, dict) and isinstance(out.get(k), dict):
-        out[k] = combine(out[k], v)
-      else:
-        out[k] = v
-  return out
+  @classmethod
+  def from_peft(cls, peft: Any) -> "LoraConfig":
+    """From a `peft` config section; fields it lacks take these defaults."""
+    return cls(**{f.name: type(f.default)(peft[f.name]) for f in dataclasses.fields(cls)
+                  if f.name in peft})
 
 
 # ----------------------------------------------------------------------------- targets
@@ -177,14 +103,14 @@ def lora_targets(base: Tree, cfg: LoraConfig) -> list[str]:
   """Sorted paths of the kernels LoRA applies to (matched by re.search, ndim 2 or 4)."""
   regex, ndims = _target_regex(cfg)
   found = []
-  for path, leaf in _flatten(base).items():
+  for path, leaf in tree.flatten(base).items():
     if np.ndim(leaf) not in ndims or not re.search(regex, path):
       continue
     if cfg.exclude and re.search(cfg.exclude, path):
       continue
     found.append(path)
   if not found:
-    kernels = [p for p, x in _flatten(base).items() if np.ndim(x) in (2, 4)][:6]
+    kernels = [p for p, x in tree.flatten(base).items() if np.ndim(x) in (2, 4)][:6]
     raise UserError(
         f"lora.targets={cfg.targets!r} (regex {regex!r}, exclude {cfg.exclude!r}) matches no "
         f"{'/'.join(map(str, ndims))}-D kernel; available kernels include {kernels}; fix lora.targets")
@@ -203,7 +129,7 @@ def init_adapters(base: Tree, cfg: LoraConfig, key: jax.Array) -> dict[str, dict
   the adapted model start exactly at the base.
   """
   paths = lora_targets(base, cfg)
-  shapes = tuple(tuple(np.shape(_get(base, p))) for p in paths)
+  shapes = tuple(tuple(np.shape(tree.get(base, p))) for p in paths)
   factors = _init_factors(key, shapes, cfg.rank)
   return {p: {"a": a, "b": b} for p, (a, b) in zip(paths, factors)}
 
@@ -221,14 +147,6 @@ def _init_factors(key, shapes, rank):
     out.append((a, jnp.zeros((rank, shape[-1]), jnp.float32)))
     start += size
   return out
-
-
-def split_trainable(base: Tree, cfg: LoraConfig) -> tuple[Tree, Tree]:
-  """(extra, frozen): leaves matching cfg.trainable, and the rest; combine() restores base."""
-  if not cfg.trainable:
-    return {}, base
-  hit = lambda p: re.search(cfg.trainable, p) is not None
-  return _select(base, hit), _select(base, lambda p: not hit(p))
 
 
 # ----------------------------------------------------------------------------- merge
@@ -254,41 +172,19 @@ def apply(base: Tree, adapters: dict, cfg: LoraConfig, *, extra: Tree | None = N
           dropout_key: jax.Array | None = None) -> Tree:
   """Merged parameter tree: W + s * A @ B (f32, cast back to W.dtype) for each adapter.
 
-  ``extra`` (fully trained leaves, see split_trainable) overrides base leaves. Leaves that
-  are neither adapted nor in extra are passed through as the same objects. Targets matching
-  cfg.unmerged are left as W (the model computes them with unmerged_dense). Jit-able and
+  ``extra`` (fully trained leaves) overrides base leaves. Leaves that are neither adapted nor
+  in extra are passed through as the same objects. With ``dropout_key`` (training), rows of A
+  are dropped at rate cfg.dropout; without it this is the dense tree for export. Jit-able and
   differentiable w.r.t. adapters and extra.
   """
-  tree = combine(base, extra) if extra else base
+  params = tree.merge(base, extra) if extra else base
   merged = {}
   for i, path in enumerate(sorted(adapters)):
-    if cfg.unmerged and re.search(cfg.unmerged, path):
-      continue
     a, b = adapters[path]["a"], adapters[path]["b"]
     if dropout_key is not None and cfg.dropout > 0:
       a = _drop_rows(a, cfg.dropout, jax.random.fold_in(dropout_key, i))
-    merged[path] = _merge_one(_get(tree, path), a, b, cfg.scale)
-  return _replace(tree, merged)
-
-
-def merge(base: Tree, adapters: dict, cfg: LoraConfig, extra: Tree | None = None) -> Tree:
-  """Dense tree for export: every adapter folded in (unmerged ones too), no dropout."""
-  return apply(base, adapters, dataclasses.replace(cfg, unmerged=""), extra=extra)
-
-
-def unmerged_dense(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array,
-                   scale: float) -> jax.Array:
-  """x @ W + s * (x @ A) @ B, for 2-D W: never builds a full-size dW in the backward pass."""
-  y = x @ w
-  low = (x.astype(a.dtype) @ a) @ b
-  return (y + (scale * low).astype(y.dtype)).astype(y.dtype)
-
-
-def unmerged_targets(adapters: dict, cfg: LoraConfig) -> list[str]:
-  """Adapter paths that apply() leaves for the model to compute with unmerged_dense."""
-  if not cfg.unmerged:
-    return []
-  return sorted(p for p in adapters if re.search(cfg.unmerged, p))
+    merged[path] = _merge_one(tree.get(params, path), a, b, cfg.scale)
+  return tree.replace(params, merged)
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -303,7 +199,7 @@ def adapter_partition_specs(base_specs: Tree, adapters: dict) -> dict:
   """
   out = {}
   for path, ab in adapters.items():
-    spec = _get(base_specs, path)
+    spec = tree.get(base_specs, path)
     ndim = np.ndim(ab["a"])
     dims = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
     make = (lambda *d: jax.sharding.PartitionSpec(*d)) if isinstance(
@@ -312,144 +208,59 @@ def adapter_partition_specs(base_specs: Tree, adapters: dict) -> dict:
   return out
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- the tuning
 
 
-def _sample_index(shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
-  size = math.prod(shape)
-  rng = np.random.default_rng(size)
-  flat = np.unique(np.concatenate([np.arange(min(size, 4)), rng.integers(0, size, 12)]))
-  return np.unravel_index(flat, shape)
+def nest(adapters: dict, like: Tree | None = None) -> Tree:
+  """{path: {"a", "b"}} -> a tree with {"a", "b"} where each adapted kernel is (key types of `like`)."""
+  return tree.unflatten({f"{p}/{k}": v for p, ab in adapters.items() for k, v in ab.items()}, like)
 
 
-def fingerprint(base: Tree) -> str:
-  """Hash of paths, shapes, dtypes and a few exact sample values of every leaf.
-
-  Samples are gathered at fixed indices (first elements plus a fixed pseudo-random set)
-  rather than summed, so the result does not depend on how the base is sharded, and only
-  ~16 values per leaf leave the device (one jitted gather for the whole tree).
-  """
-  items = sorted(_flatten(base).items())
-  shapes = [tuple(np.shape(leaf)) for _, leaf in items]
-  sampled = [i for i, s in enumerate(shapes) if math.prod(s) > 0 and s]
-  on_device = [i for i in sampled if isinstance(items[i][1], jax.Array)]
-  gather = jax.jit(lambda xs: [x[_sample_index(x.shape)] for x in xs])
-  samples = dict(zip(on_device, jax.device_get(gather([items[i][1] for i in on_device]))))
-  h = hashlib.sha256()
-  for i, (path, leaf) in enumerate(items):
-    h.update(f"{path}|{shapes[i]}|{np.dtype(getattr(leaf, 'dtype', np.asarray(leaf).dtype))}|".encode())
-    if i in samples:
-      values = samples[i]
-    elif i in sampled:
-      values = np.asarray(leaf)[_sample_index(shapes[i])]
-    else:
-      values = np.asarray(leaf).ravel()
-    h.update(np.asarray(values, np.float64).tobytes())
-  return h.hexdigest()[:32]
+def flat(nested: Tree) -> dict:
+  """The inverse of `nest`: {kernel path: {"a", "b"}}."""
+  out: dict = {}
+  for path, leaf in tree.flatten(nested).items():
+    kernel, _, ab = path.rpartition("/")
+    out.setdefault(kernel, {})[ab] = leaf
+  return out
 
 
-def _saveable(adapters: dict, extra: Tree) -> Tree:
-  """Nested, string-keyed form (orbax-friendly; path strings are not valid names)."""
-  nest = {}
-  for path, ab in adapters.items():
-    nest = combine(nest, _nest(path, ab))
-  return {"adapters": nest, "extra": _str_keys(extra)}
+class LoraTuning(Tuning):
+  """Trained: {"adapters": low-rank factors nested like the base, "extra": the base leaves matching
+  cfg.trainable, trained in full}; frozen: the rest of the base. `combine` folds W + s * A @ B into
+  the base inside the step; `export` writes the adapter-only checkpoint and the merged weights."""
+  name = "lora"
 
+  def __init__(self, cfg: LoraConfig | None = None):
+    self.cfg = cfg or LoraConfig()
+    self._trainable = re.compile(self.cfg.trainable) if self.cfg.trainable else None
 
-def _nest(path: str, leaf) -> Tree:
-  for part in reversed(path.split("/")):
-    leaf = {part: leaf}
-  return leaf
+  def trains(self, path, leaf):
+    return self._trainable is not None and self._trainable.search(path) is not None
 
+  def split(self, params, key):
+    extra, frozen = super().split(params, key)
+    adapters = init_adapters(params, self.cfg, key)
+    return {"adapters": nest(adapters, like=params), "extra": extra}, frozen
 
-def _str_keys(tree: Tree) -> Tree:
-  return {str(k): _str_keys(v) if isinstance(v, dict) else v for k, v in tree.items()}
+  def split_specs(self, specs, abstract_params):
+    extra, frozen = super().split_specs(specs, abstract_params)
+    shapes = jax.eval_shape(lambda p: init_adapters(p, self.cfg, jax.random.key(0)), abstract_params)
+    adapter_specs = adapter_partition_specs(specs, shapes)
+    return {"adapters": nest(adapter_specs, like=specs), "extra": extra}, frozen
 
+  def combine(self, trained, frozen, *, rng=None, train=False):
+    return apply(frozen, flat(trained["adapters"]), self.cfg, extra=trained["extra"],
+                 dropout_key=rng if train else None)
 
-def _unsaveable(saved: Tree, like_extra: Tree) -> tuple[dict, Tree]:
-  flat = _flatten(saved["adapters"])
-  adapters: dict[str, dict] = {}
-  for path, leaf in flat.items():
-    head, _, ab = path.rpartition("/")
-    adapters.setdefault(head, {})[ab] = leaf
-  extra = _replace(like_extra, _flatten(saved["extra"]))
-  return adapters, extra
+  def export(self, workdir, state):
+    from jembed.peft import export  # orbax, only needed at the end of a run
+    export.export_lora(workdir, self, state.params, state.frozen)
 
-
-def save_adapters(directory: str, adapters: dict, extra: Tree, cfg: LoraConfig,
-                  base_fingerprint: str) -> None:
-  """Orbax checkpoint of {adapters, extra} + lora_config.json, published atomically.
-
-  Written into a sibling temp dir, then renamed, so readers never see a half-written
-  adapter. Single-process only.
-  """
-  import orbax.checkpoint as ocp  # heavy import, only needed here
-  directory = os.path.abspath(os.fspath(directory))
-  tmp = f"{directory}.tmp-{uuid.uuid4().hex[:8]}"
-  os.makedirs(tmp)
-  try:
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(os.path.join(tmp, _STATE_DIR), _saveable(adapters, extra))
-    ckpt.wait_until_finished()
-    meta = {"config": dataclasses.asdict(cfg), "base_fingerprint": base_fingerprint}
-    with open(os.path.join(tmp, _CONFIG_FILE), "w") as f:
-      json.dump(meta, f, indent=2)
-    if os.path.exists(directory):
-      old = f"{directory}.old-{uuid.uuid4().hex[:8]}"
-      os.rename(directory, old)
-      os.rename(tmp, directory)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
-def _read_config(directory: str) -> tuple[LoraConfig, str]:
-  path = os.path.join(directory, _CONFIG_FILE)
-  if not os.path.isdir(directory):
-    raise UserError(f"adapter directory {directory} does not exist; pass the directory written "
-                    "by save_adapters")
-  try:
-    with open(path) as f:
-      meta = json.load(f)
-    fields = {f.name for f in dataclasses.fields(LoraConfig)}
-    cfg = LoraConfig(**{k: v for k, v in meta["config"].items() if k in fields})
-    return cfg, str(meta["base_fingerprint"])
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise UserError(f"{path} is missing or corrupt ({type(e).__name__}: {e}); re-save the "
-                    "adapter with save_adapters") from None
-
-
-def load_adapters(directory: str, base: Tree, abstract: dict | None = None
-                  ) -> tuple[dict, Tree, LoraConfig]:
-  """(adapters, extra, cfg) saved by save_adapters; checks they were trained on ``base``.
-
-  ``abstract``: optional {"adapters": ..., "extra": ...} of jax.ShapeDtypeStruct (with
-  shardings) in the in-memory layout, to restore straight into a sharded layout. By
-  default it is derived from ``base`` and the saved config, on the default device.
-  """
-  import orbax.checkpoint as ocp
-  directory = os.path.abspath(os.fspath(directory))
-  cfg, saved_fp = _read_config(directory)
-  actual = fingerprint(base)
-  if saved_fp != actual:
-    raise UserError(f"adapter was trained on a different base model: {directory} expects base "
-                    f"fingerprint {saved_fp}, this base is {actual}; load the matching base weights")
-  if abstract is None:
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    to_abstract = lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=dev)
-    shapes = jax.eval_shape(lambda b: init_adapters(b, cfg, jax.random.key(0)), base)
-    abstract = {"adapters": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                                        sharding=dev), shapes),
-                "extra": jax.tree.map(to_abstract, split_trainable(base, cfg)[0])}
-  target = _saveable(abstract["adapters"], abstract["extra"])
-  try:
-    restored = ocp.StandardCheckpointer().restore(os.path.join(directory, _STATE_DIR), target)
-  except (FileNotFoundError, ValueError, KeyError) as e:
-    raise UserError(f"cannot restore adapters from {directory} ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0] if str(e) else ''}); re-save them with "
-                    "save_adapters") from None
-  adapters, extra = _unsaveable(restored, abstract["extra"])
-  return adapters, extra, cfg
+  def describe(self, trained, frozen):
+    n_ad, n_extra = count(trained["adapters"]), count(trained["extra"])
+    base = count(frozen) + n_extra
+    return (f"lora (rank {self.cfg.rank}, alpha {self.cfg.alpha}{', rsLoRA' if self.cfg.rslora else ''},"
+            f" {len(flat(trained['adapters']))} kernels): {n_ad + n_extra:,} trained parameters"
+            f" ({n_ad:,} LoRA + {n_extra:,} extra) on a {base:,}-parameter base"
+            f" ({100 * (n_ad + n_extra) / max(base, 1):.2f}%)")

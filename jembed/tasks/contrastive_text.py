@@ -26,6 +26,7 @@ from jembed import losses, retrieval
 from jembed.data import encode, pairs as pairs_lib
 from jembed.errors import UserError
 from jembed.models.heads import pool
+from jembed.models.layers import logical
 from jembed.models.transformer import TransformerConfig, TransformerEncoder
 from jembed.tasks.base import Data
 from jembed.tasks.text_base import TextTask
@@ -41,7 +42,7 @@ class ContrastiveTextModel(nnx.Module):
                init_temperature: float, *, rngs: nnx.Rngs):
     self.encoder = TransformerEncoder(cfg, rngs=rngs)
     self.pooling = pooling
-    self.log_scale = (nnx.Param(losses.clip_logit_scale_init(init_temperature), out_sharding=())
+    self.log_scale = (nnx.Param(losses.clip_logit_scale_init(init_temperature), **logical())
                       if learn_temperature else None)
 
   def __call__(self, tokens, mask):
