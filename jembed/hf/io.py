@@ -168,7 +168,9 @@ def save_dir(path: str, *, encoder_config, params: dict, tokenizer: tokenizers.T
   architecture = "BertForMaskedLM" if mlm_head is not None else "BertModel"
   config_json = hf_config.to_hf_config(cfg, pad_token_id=special_ids["pad"], architecture=architecture,
                                        dtype=_dtype_name(params))
-  files = hf_tokenizer.tokenizer_files(tokenizer, special_ids, cfg["max_position"])
+  # model_max_length = max_seq_length, as sentence-transformers 6 saves it (it reads the limit from
+  # there; older versions from sentence_bert_config.json, also written).
+  files = hf_tokenizer.tokenizer_files(tokenizer, special_ids, int(max_seq_length))
   files.update(st.st_files(pooling=pooling, normalize=normalize, max_seq_length=int(max_seq_length),
                            lowercase=lowercase, hidden_size=cfg["hidden_size"]))
   files["config.json"] = json.dumps(config_json, indent=2) + "\n"
