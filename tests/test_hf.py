@@ -176,6 +176,28 @@ def test_vocab_txt_tokenizer_matches_tokenizer_json(tmp_path, tokenizer):
   assert (ids_a[np.arange(len(TEXTS)), lengths - 1] == ids["sep"]).all()
   assert (ids_a[mask_a == 0] == ids["pad"]).all()
   assert ids["mask"] in ids_a[3]  # "[MASK]" in a text stays one special token
+  # tokenizer_config.json's options reach the rebuilt tokenizer (the vocabulary is lower-case).
+  tok_cfg_path = os.path.join(out, "tokenizer_config.json")
+  tok_cfg = json.load(open(tok_cfg_path))
+  unk = [ids["cls"], ids["unk"], ids["sep"]]
+  lower = with_json.encode(["hello"])[0].tolist()
+  assert lower != unk and with_json.encode(["Hello"])[0].tolist() == lower
+  json.dump(dict(tok_cfg, do_lower_case=False), open(tok_cfg_path, "w"))
+  assert hf.load_dir(out).encode(["Hello"])[0].tolist() == [unk]  # no upper-case pieces in the vocab
+  assert hf.load_dir(out).encode(["hello"])[0].tolist() == lower
+  # strip_accents=False keeps "é", which the (accent-stripped) vocabulary does not have.
+  assert with_json.encode(["café"])[0].tolist() != [unk]
+  json.dump(dict(tok_cfg, strip_accents=False), open(tok_cfg_path, "w"))
+  assert hf.load_dir(out).encode(["café"])[0].tolist() == [unk]
+  # Special tokens are found by name wherever they sit in the vocabulary.
+  lines = open(os.path.join(out, "vocab.txt")).read().splitlines()
+  lines[:5] = lines[:5][::-1]
+  open(os.path.join(out, "vocab.txt"), "w").write("".join(t + "\n" for t in lines))
+  json.dump(tok_cfg, open(tok_cfg_path, "w"))
+  permuted = hf.load_dir(out)
+  assert permuted.special_ids == {"pad": 4, "unk": 3, "cls": 2, "sep": 1, "mask": 0}
+  p_ids, p_mask = permuted.encode(TEXTS)
+  assert (p_ids[:, 0] == 2).all() and (p_ids[p_mask == 0] == 4).all()
   # Without truncation the long text is longer: the limit is what cut it.
   full, _ = hf.encode(with_json.tokenizer, TEXTS[1:2], 64)
   assert full.shape[1] > 12 and np.array_equal(full[0, :11], ids_a[1, :11])
@@ -394,6 +416,9 @@ def test_matches_transformers(hf_dir, tmp_path):
   transformers = pytest.importorskip("transformers")
   encoder, model = hf.encoder_from_dir(hf_dir)
   assert model.mlm_head is not None and not model.encoder_config["pooler"]  # BertForMaskedLM has no pooler
+  # A plain transformers directory: sentence-transformers' defaults (mean pooling, no normalisation,
+  # the tokenizer's unlimited model_max_length capped at the position table).
+  assert (model.pooling, model.normalize, model.max_seq_length) == ("mean", False, 64)
   model.max_seq_length = 24
   ids, mask = model.encode(TEXTS)
   batch = _hf_batch(transformers, hf_dir, TEXTS, 24)
@@ -427,6 +452,15 @@ def test_matches_transformers(hf_dir, tmp_path):
   assert diff < TOL
   np.testing.assert_array_equal(again_logits, ref_logits)  # same weights, same torch maths
 
+  # The same checkpoint as a torch pickle (pytorch_model.bin, tied decoder included) reads the same.
+  pickled = tmp_path / "pickled"
+  shutil.copytree(hf_dir, pickled)
+  os.remove(pickled / "model.safetensors")
+  torch.save(mlm.state_dict(), pickled / "pytorch_model.bin")
+  from_bin = hf.load_dir(pickled)
+  assert_trees_equal(from_bin.params, model.params)
+  assert_trees_equal(from_bin.mlm_head, model.mlm_head)
+
 
 def test_pooler_matches_transformers(tmp_path, tokenizer):
   torch = pytest.importorskip("torch")
@@ -452,7 +486,10 @@ def test_pooler_matches_transformers(tmp_path, tokenizer):
 def test_matches_sentence_transformers(hf_dir, tmp_path, pooling, normalize):
   pytest.importorskip("torch")
   st = pytest.importorskip("sentence_transformers")
-  from sentence_transformers import models  # pylint: disable=import-outside-toplevel
+  try:  # sentence-transformers >= 6; `sentence_transformers.models` before (deprecated since)
+    from sentence_transformers.sentence_transformer import modules as models  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    from sentence_transformers import models  # pylint: disable=import-outside-toplevel
   st_mode = {"mean_sqrt_len": "mean_sqrt_len_tokens"}.get(pooling, pooling)
   modules = [models.Transformer(str(hf_dir), max_seq_length=8), models.Pooling(32, pooling_mode=st_mode)]
   if normalize:
