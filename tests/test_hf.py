@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -312,6 +313,23 @@ def test_export_refuses_what_bert_cannot_hold(tmp_path, tokenizer):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "notes"]  # no temp dirs left
 
 
+def test_import_and_export_need_no_torch(tmp_path, tokenizer):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  cfg, params, head = tiny_encoder(tokenizer)
+  out = export(tmp_path / "m", tokenizer, cfg, params, head)
+  # A fresh interpreter in which `import torch` / `import transformers` fail, installed or not.
+  code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
+          "from jembed import hf; m = hf.load_dir(sys.argv[1]); hf.save_model(sys.argv[2], m); "
+          "hf.encoder_from_dir(sys.argv[2]); print('ok')")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(hf.__file__))] +
+                                        [p for p in [os.environ.get("PYTHONPATH")] if p]))
+  result = subprocess.run([sys.executable, "-c", code, out, str(tmp_path / "again")], env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+  assert_trees_equal(hf.load_dir(tmp_path / "again").params, params)
+
+
 def _numpy_pool(h, mask, method):
   m = mask[..., None].astype(np.float64)
   if method == "cls":
@@ -336,19 +354,30 @@ def test_pool_matches_numpy(method):
                              rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,fn", [
-    ("gelu", lambda x: 0.5 * x * (1 + np.vectorize(__import__("math").erf)(x / np.sqrt(2)))),
-    ("gelu_new", lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))),
-    ("relu", lambda x: np.maximum(x, 0)),
-])
-def test_hidden_act_is_used(name, fn):
+_ACTS = {
+    "gelu": lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / np.sqrt(2))),
+    "gelu_new": lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))),
+    "relu": lambda x: np.maximum(x, 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ACTS))
+def test_hidden_act_is_used(name):
   cfg = TransformerConfig(num_layers=1, hidden_size=8, num_heads=2, mlp_dim=16, vocab_size=10,
                           hidden_act=name)
-  mlp = Mlp(cfg, rngs=nnx.Rngs(0))
-  x = np.random.default_rng(1).normal(size=(2, 3, 8)).astype(np.float32) * 20
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Mlp(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(1)
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda v: jnp.asarray(rng.normal(0, 0.3, v.shape), jnp.float32),
+                                               nnx.to_pure_dict(state)))
+  mlp = nnx.merge(graphdef, state)
+  x = rng.normal(size=(2, 3, 8)) * 3
   wi, wo = np.asarray(mlp.wi.kernel[...], np.float64), np.asarray(mlp.wo.kernel[...], np.float64)
-  want = fn(x @ wi + np.asarray(mlp.wi.bias[...])) @ wo + np.asarray(mlp.wo.bias[...])
-  np.testing.assert_allclose(np.asarray(mlp(jnp.asarray(x))), want, rtol=1e-4, atol=1e-4)
+  bi, bo = np.asarray(mlp.wi.bias[...], np.float64), np.asarray(mlp.wo.bias[...], np.float64)
+  want = {act: fn(x @ wi + bi) @ wo + bo for act, fn in _ACTS.items()}
+  got = np.asarray(mlp(jnp.asarray(x, jnp.float32)))
+  np.testing.assert_allclose(got, want[name], rtol=1e-5, atol=2e-5)
+  for other in set(_ACTS) - {name}:  # the inputs tell the activations apart
+    assert np.abs(got - want[other]).max() > 2e-4
 
 
 def test_model_config_reads_hidden_act_and_pooler():
@@ -529,3 +558,8 @@ def test_all_minilm_l6_v2_matches_sentence_transformers(tmp_path):
   diff = np.abs(got - want).max()
   print(f"\nall-MiniLM-L6-v2: max|jembed - sentence-transformers| = {diff:.3g}")
   assert diff < TOL
+  # The real checkpoint (with its pooler and a stale position_ids buffer) round-trips exactly.
+  again = hf.load_dir(hf.save_model(tmp_path / "minilm", model))
+  assert_trees_equal(again.params, model.params)
+  assert (again.encoder_config, again.pooling, again.normalize, again.max_seq_length) == \
+      (model.encoder_config, model.pooling, model.normalize, model.max_seq_length)
