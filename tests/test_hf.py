@@ -280,6 +280,13 @@ def test_incomplete_or_foreign_checkpoints_raise(tmp_path, tokenizer):
     hf.load_dir(out)
   assert "distance_embedding" in one_line_user_error(e)
   save_file(tensors, path)
+  config_path = os.path.join(out, "config.json")
+  config = json.load(open(config_path))
+  json.dump(dict(config, intermediate_size=48), open(config_path, "w"))
+  with pytest.raises(UserError) as e:
+    hf.load_dir(out)
+  assert "mlp/wi" in one_line_user_error(e) and "(48,)" in str(e.value)
+  json.dump(config, open(config_path, "w"))
   pooling = os.path.join(out, "1_Pooling", "config.json")
   json.dump({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True,
              "pooling_mode_max_tokens": True}, open(pooling, "w"))

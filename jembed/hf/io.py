@@ -91,7 +91,7 @@ def load_dir(path: str) -> HFModel:
   tensors = _read_weights(model_dir)
   encoder_config = hf_config.from_hf_config(cfg, pooler=names.has_pooler(tensors), source=config_path)
   params, mlm_head = names.from_hf(tensors, encoder_config["num_layers"], source=model_dir)
-  _check_shapes(params, encoder_config, source=model_dir)
+  _check_shapes(params, encoder_config, source=model_dir, mlm_head=mlm_head)
 
   tokenizer, ids = hf_tokenizer.load_tokenizer(model_dir)
   max_len = info["max_seq_length"]
@@ -114,20 +114,35 @@ def load_dir(path: str) -> HFModel:
                  max_seq_length=max_len, lowercase=info["lowercase"])
 
 
-def _check_shapes(params: dict, cfg: dict, *, source: str) -> None:
-  d, v = cfg["hidden_size"], cfg["vocab_size"]
-  want = {("embeddings", "token", "embedding"): (v, d),
-          ("embeddings", "position", "embedding"): (cfg["max_position"], d),
-          ("embeddings", "segment", "embedding"): (cfg["type_vocab_size"], d),
-          ("layers", 0, "mlp", "wi", "kernel"): (d, cfg["mlp_dim"]),
-          ("layers", 0, "attention", "query", "kernel"): (d, d)}
-  for path, shape in want.items():
-    node = params
-    for key in path:
-      node = node[key]
-    if tuple(node.shape) != shape:
-      raise UserError(f"{source}: tensor {'/'.join(map(str, path))} has shape {tuple(node.shape)} but "
-                      f"config.json implies {shape}; the weights and config.json do not belong together")
+def _check_shapes(params: dict, cfg: dict, *, source: str, mlm_head: dict | None = None) -> None:
+  """Every tensor has the shape a TransformerEncoder (and MlmHead) of `cfg` gives it."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from jembed.models.heads import MlmHead  # pylint: disable=import-outside-toplevel
+  from jembed.models.transformer import TransformerConfig, TransformerEncoder  # pylint: disable=import-outside-toplevel
+  tcfg = TransformerConfig(**cfg)
+  # Abstract builds: shapes only, no weights allocated.
+  want = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: TransformerEncoder(tcfg, rngs=nnx.Rngs(0))),
+                                    nnx.Param))
+  pairs = [(want, params)]
+  if mlm_head is not None:
+    head = nnx.eval_shape(lambda: MlmHead(tcfg.hidden_size, tcfg.vocab_size, rngs=nnx.Rngs(0)))
+    pairs.append((nnx.to_pure_dict(nnx.state(head, nnx.Param)), mlm_head))
+  for expected, got in pairs:
+    for path, leaf in _flat(expected):
+      node = got
+      for key in path:
+        node = node[key]
+      if tuple(node.shape) != tuple(leaf.shape):
+        raise UserError(f"{source}: tensor {'/'.join(map(str, path))} has shape {tuple(node.shape)} but "
+                        f"config.json implies {tuple(leaf.shape)}; the weights and config do not belong together")
+
+
+def _flat(tree: dict, prefix=()):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flat(value, prefix + (key,))
+    else:
+      yield prefix + (key,), value
 
 
 def _dtype_name(params: dict) -> str:
@@ -167,7 +182,7 @@ def save_dir(path: str, *, encoder_config, params: dict, tokenizer: tokenizers.T
     raise UserError(f"max_seq_length={max_seq_length} does not fit the position table "
                     f"(max_position {cfg['max_position']}); choose 2..{cfg['max_position']}")
   tensors = names.to_hf(params, cfg["num_layers"], cfg["pooler"], mlm_head)
-  _check_shapes(params, cfg, source="the parameters")
+  _check_shapes(params, cfg, source="the parameters", mlm_head=mlm_head)
   architecture = "BertForMaskedLM" if mlm_head is not None else "BertModel"
   config_json = hf_config.to_hf_config(cfg, pad_token_id=special_ids["pad"], architecture=architecture,
                                        dtype=_dtype_name(params))
