@@ -27,8 +27,9 @@ POOLINGS = ("cls", "mean", "max", "mean_sqrt_len")
 def pool(hidden: jax.Array, mask: jax.Array, method: str, *, normalize: bool = False) -> jax.Array:
   """(B, T, D) -> (B, D) over the non-padding tokens, as sentence-transformers' Pooling does it.
 
-  cls: the first ([CLS]) token; mean: sum / count; max: per-feature max with padding set to -1e9;
-  mean_sqrt_len: sum / sqrt(count). `normalize` then divides by the L2 norm (floored at 1e-12, as
+  cls: the first ([CLS]) token; mean: sum / count; max: per-feature max with padding set to -1e9
+  (sentence-transformers 6 uses -inf: the same for every row that has a token); mean_sqrt_len:
+  sum / sqrt(count). `normalize` then divides by the L2 norm (floored at 1e-12, as
   torch's F.normalize, which sentence-transformers' Normalize module calls).
   """
   m = mask[..., None]
