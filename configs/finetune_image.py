@@ -18,6 +18,7 @@ With init.checkpoint, the backbone architecture comes from that run: leave the m
 import ml_collections
 
 from jembed.config import base_config
+from configs.common import vision_data_config
 from jembed.tuning import peft_config
 
 
@@ -48,17 +49,5 @@ def get_config() -> ml_collections.ConfigDict:
           dropout=0.0, attention_dropout=0.0, dtype="float32", remat=False)),
   ))
 
-  c.data = ml_collections.ConfigDict(dict(
-      modality="image",
-      source="",                # "" = inferred: folder if data.train, tfds if data.tfds_name, else digits
-      train="",
-      eval="",
-      eval_fraction=0.2,
-      tfds_name="",
-      tfds_split="train",
-      tfds_eval_split="test",
-      data_dir="",
-      image_size=0,             # 0 = as in pretraining (or native)
-      channels=0,
-  ))
+  c.data = vision_data_config(modality="image")
   return c

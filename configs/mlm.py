@@ -28,20 +28,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 200
 
   c.model = ml_collections.ConfigDict(dict(
-      size="tiny",              # tiny | mini | small | medium | base | large (BERT's dimensions)
+      # With config.init, the architecture comes from the source: leave these at ""/0, or any you set
+      # must agree with it. From scratch, "" / 0 mean the preset's value.
+      size="",                  # tiny (the default) | mini | small | medium | base | large (BERT's dimensions)
       num_layers=0,             # 0 = from the size preset
       hidden_size=0,
       num_heads=0,
       mlp_dim=0,
       vocab_size=0,             # 0 = the tokenizer's vocabulary
-      max_position=512,
-      type_vocab_size=2,
+      max_position=0,           # 0 = 512
+      type_vocab_size=0,        # 0 = 2
       dropout=0.1,
       attention_dropout=0.1,
       pre_ln=False,
       dtype="float32",          # compute dtype; bfloat16 on TPU/GPU
-      adapter_dim=0,
       remat=False,
+      pooling="mean",           # how `jembed.embed` pools this encoder: cls | mean | max | mean_sqrt_len
   ))
 
   c.data = ml_collections.ConfigDict(dict(

@@ -18,7 +18,7 @@ Bigger runs override fields, e.g. a ViT-S on a TFDS dataset prepared under data_
 import ml_collections
 
 from jembed.config import base_config
-from jembed.tasks.vision import data_config, frozen_eval_config, model_config
+from configs.common import frozen_eval_config, vision_data_config, vision_model_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   # an empty dict turns them off. Without them the angle of a digit is read off trivially and the
   # features specialise to the pretext task.
   c.augment = ml_collections.ConfigDict(dict(crop_scale=(0.3, 1.0), flip=False, color_jitter=0.0))
-  c.model = model_config()
-  c.data = data_config()
+  c.model = vision_model_config()
+  c.data = vision_data_config()
   c.frozen_eval = frozen_eval_config()
   return c

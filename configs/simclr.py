@@ -17,7 +17,7 @@ Evaluate a checkpoint on its own: python -m jembed.evaluate --workdir /tmp/simcl
 import ml_collections
 
 from jembed.config import base_config
-from jembed.tasks.vision import data_config, frozen_eval_config, model_config
+from configs.common import frozen_eval_config, vision_data_config, vision_model_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batches = 0
   c.checkpoint_every = 300
   c.temperature = 0.2           # NT-Xent temperature
-  c.model = model_config()
+  c.model = vision_model_config()
   c.model.projection = ml_collections.ConfigDict(dict(
       layers=2,                 # 2 or 3 Dense layers (ReLU between)
       hidden=0,                 # 0 = the backbone's feature width
@@ -43,6 +43,6 @@ def get_config() -> ml_collections.ConfigDict:
   # leaves a pixel or two and horizontal flips turn digits into other glyphs, so milder crops and no
   # flips; colour jitter (brightness/contrast for one channel) as in the paper.
   c.augment = ml_collections.ConfigDict(dict(crop_scale=(0.4, 1.0), flip=False, color_jitter=0.4))
-  c.data = data_config()
+  c.data = vision_data_config()
   c.frozen_eval = frozen_eval_config()
   return c

@@ -1,9 +1,14 @@
-"""jembed: learn embeddings with JAX/Flax."""
-from flax import nnx as _nnx
+"""jembed: learn embeddings with JAX/Flax.
 
-# Model code is mesh-agnostic: variables are created unsharded and placed by a jitted
-# initialiser with explicit out_shardings (see jembed/sharding.py), so Flax's eager
-# sharding (which needs a mesh context at construction time) is switched off.
-_nnx.use_eager_sharding(False)
-
+    import jembed
+    model = jembed.load("path/to/model")        # a jembed workdir or export, or a Hugging Face dir
+    vectors = model.embed(["first text", "second text"])
+"""
 __version__ = "0.1.0"
+
+
+def load(path: str, **kwargs):
+  """A model ready to embed (see jembed.embed.load); imported lazily so `import jembed` is cheap and
+  changes no process-wide setting."""
+  from jembed.embed import load as _load
+  return _load(path, **kwargs)

@@ -147,18 +147,6 @@ def feature_metrics(train_x, train_y, test_x, test_y, *, probe_steps: int = 300,
   return out
 
 
-def frozen_eval(features: tuple[np.ndarray, np.ndarray], labels: tuple[np.ndarray, np.ndarray],
-                random_features: tuple[np.ndarray, np.ndarray] | None = None, **kwargs) -> dict[str, float]:
-  """Probe/kNN metrics of (train, test) `features`, and `random_`-prefixed ones of `random_features`
-  (the same architecture, randomly initialised) when given. kwargs go to `feature_metrics`."""
-  (train_y, test_y) = labels
-  out = feature_metrics(features[0], train_y, features[1], test_y, **kwargs)
-  if random_features is not None:
-    rnd = feature_metrics(random_features[0], train_y, random_features[1], test_y, **kwargs)
-    out.update({f"random_{k}": v for k, v in rnd.items()})
-  return out
-
-
 def eval_kwargs(config) -> dict:
   """feature_metrics keyword arguments from `config.frozen_eval`."""
   f = config.get("frozen_eval", None) or {}
@@ -186,11 +174,11 @@ def format_table(metrics: dict[str, float]) -> str:
 # Standalone: evaluate a pretraining workdir's latest checkpoint
 # ---------------------------------------------------------------------------------------------------
 def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, float]:
-  """Rebuilds the model of the run in `workdir`, restores its checkpoint and returns frozen_eval's dict."""
+  """Probe/kNN metrics of the frozen backbone of the vision run in `workdir` (its checkpoint, on the
+  labelled images its config names), next to a random-init backbone of the same architecture."""
   import ml_collections
-  from flax import nnx
 
-  from jembed import checkpoint as ckpt
+  from jembed import modelspec
   from jembed.errors import UserError
   from jembed.tasks import get_task
 
@@ -203,14 +191,9 @@ def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, float]:
   if not hasattr(task, "frozen_eval_metrics"):
     raise UserError(f"task '{config.task}' has no frozen-embedding evaluation; use a vision "
                     "pretraining workdir (rotation or simclr)")
-  task.load_data()
-  state, step = ckpt.restore_params_only(workdir, step)
-  model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
-  graphdef, _, _ = nnx.split(model, nnx.Param, ...)
-  params = task.tuning().combine(state["params"], state.get("frozen") or {}, train=False)
-  model = nnx.merge(graphdef, params, state.get("model_state") or {})
-  metrics = task.frozen_eval_metrics(model)
-  return dict(metrics, step=step)
+  _, model, step = modelspec.load_model(workdir, step)
+  task.load_data()  # the labelled images the probes train and test on
+  return dict(task.frozen_eval_metrics(model), step=step)
 
 
 def main(argv=None) -> int:

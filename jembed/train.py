@@ -1,10 +1,14 @@
 """The one train loop, top to bottom: config, mesh, data, model, state, step, loop.
 
-It knows objectives only through the `Task` interface (jembed/tasks/base.py) and which parameters
-train only through a tuning (jembed/tuning.py), so pretraining and fine-tuning share it.
+It knows objectives only through the `Task` interface (jembed/tasks/base.py), which parameters
+train only through a tuning built from `config.peft` (jembed/peft/), and warm starts only through
+`config.init` (jembed/init.py), so pretraining and fine-tuning of every task share it. The train
+step is a module-level pure function (`train_step`) that tests and benchmarks reuse.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -20,16 +24,14 @@ from flax import nnx
 
 from jembed import checkpoint as ckpt
 from jembed import config as config_lib
+from jembed import init as init_lib
+from jembed import peft
 from jembed import metrics as metrics_lib
+from jembed import modelspec
 from jembed import sharding
 from jembed.data import pipeline
 from jembed.errors import UserError
 from jembed.tasks import get_task
-
-# Random numbers that do not depend on how an array is sharded: a sharded run draws the same
-# masks, dropout and augmentations as a single-device one.
-jax.config.update("jax_threefry_partitionable", True)
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -71,47 +73,134 @@ def make_optimizer(config) -> optax.GradientTransformation:
 # ---------------------------------------------------------------------------------------------------
 # Model and state
 # ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+  """A task model split for functional use: graph definitions in train and eval mode, and a template
+  for the dropout stream's state (reseeded every step, so its value never matters)."""
+  train_graph: Any
+  eval_graph: Any
+  rng_template: Any
+
+  @classmethod
+  def from_abstract(cls, model: nnx.Module, *, frozen_backbone: str | None = None) -> "ModelDef":
+    model.train()
+    if frozen_backbone:
+      # A frozen backbone runs in inference mode: no dropout, BatchNorm keeps its statistics.
+      getattr(model, frozen_backbone).eval()
+    train_graph, _, rng, _ = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    model.eval()
+    eval_graph = nnx.split(model, nnx.Param, nnx.RngState, ...)[0]
+    template = jax.tree.map(lambda s: jax.random.key(0) if _is_key(s) else jnp.zeros(s.shape, s.dtype),
+                            rng)
+    return cls(train_graph, eval_graph, template)
+
+  def merge(self, params, model_state, *, train: bool, dropout_key=None) -> nnx.Module:
+    rng = self.rng_template
+    if train and dropout_key is not None:
+      # The dropout stream (the only stream models keep) starts from this step's key.
+      rng = jax.tree.map(lambda t: dropout_key if _is_key(t) else t, rng)
+    return nnx.merge(self.train_graph if train else self.eval_graph, params, rng, model_state)
+
+  @staticmethod
+  def model_state(model: nnx.Module):
+    """The non-parameter, non-RNG variables (BatchNorm statistics) as a pure dict."""
+    return nnx.to_pure_dict(nnx.split(model, nnx.Param, nnx.RngState, ...)[3])
+
+
+def _is_key(x) -> bool:
+  return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+  """What the train and eval steps close over: nothing here changes from step to step."""
+  model: ModelDef
+  task: Any
+  tuning: Any
+  tx: optax.GradientTransformation
+  base_key: jax.Array
+
+
+def train_step(ctx: StepContext, state: TrainState, batch):
+  """One optimizer step: (state, global batch) -> (state, metrics). Pure; jit it with shardings."""
+  rng = jax.random.fold_in(ctx.base_key, state.step)
+  tuning_rng, dropout_rng, task_rng = jax.random.split(rng, 3)
+
+  def make_model(trained, dropout_key=dropout_rng):
+    params = ctx.tuning.combine(trained, state.frozen, rng=tuning_rng, train=True)
+    return ctx.model.merge(params, state.model_state, train=True, dropout_key=dropout_key)
+
+  (loss, (metrics, model_state)), grads = ctx.task.value_and_grad(make_model, state.params, batch,
+                                                                   task_rng)
+  updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            model_state=model_state)
+  return new_state, metrics
+
+
+def eval_step(ctx: StepContext, state: TrainState, batch, index):
+  # A fixed key per eval batch: every evaluation masks / augments the held-out set the same way.
+  rng = jax.random.fold_in(jax.random.fold_in(ctx.base_key, 2**31 - 1), index)
+  _, metrics = ctx.task.loss(eval_model(ctx, state), batch, rng, False)
+  return metrics
+
+
+def eval_model(ctx: StepContext, state: TrainState) -> nnx.Module:
+  params = ctx.tuning.combine(state.params, state.frozen)
+  return ctx.model.merge(params, state.model_state, train=False)
+
+
 class Setup:
-  """Everything the loop needs that does not change from step to step."""
+  """Everything the loop needs that does not change from step to step, built in one go: the task
+  and its data, the model description, mesh, shardings, tuning and optimizer."""
 
   def __init__(self, config, workdir: str, devices=None, task=None):
-    # ---- config ----
     config_lib.validate(config)
     self.config = config
     self.workdir = workdir
     self.task = task or get_task(config, workdir)
+    self.tuning = peft.tuning_from_config(config.get("peft", None))
 
-    # ---- mesh ----
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules_from_config(config)
     self.batch_shards = sharding.batch_axis_size(self.mesh, self.rules)
-    self.local_batch = pipeline.per_process_batch(config.batch_size, self.batch_shards)
+    pipeline.per_process_batch(config.batch_size, self.batch_shards)  # refuses a batch that does not divide
 
-    # ---- data (host side; fails before anything is written) ----
+    # Data first (host side; fails before anything is written); the model description may depend
+    # on it (a tokenizer's vocabulary, an image shape), the model itself only on the description.
     self.data = self.task.load_data()
+    self.spec = self.tuning.model_overrides(self.task.model_spec())
+    build = modelspec.build
 
-    # ---- model: abstract first, so shapes and shardings are known before any compute ----
     with nn.logical_axis_rules(self.rules):
-      abstract_model = nnx.eval_shape(lambda: self.task.build_model(nnx.Rngs(0)))
-    self.graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+      abstract = nnx.eval_shape(lambda: build(self.spec, nnx.Rngs(params=0, dropout=0)))
+    frozen_backbone = self.task.backbone if self.tuning.backbone_mode == "inference" else None
+    model_def = ModelDef.from_abstract(abstract, frozen_backbone=frozen_backbone)
+    _, abs_params, _, abs_rest = nnx.split(abstract, nnx.Param, nnx.RngState, ...)
     param_specs = sharding.logical_specs(abs_params)
-    rest_specs = sharding.logical_specs(abs_rest)
     self.abs_params = nnx.to_pure_dict(abs_params)
+    self.abs_rest = nnx.to_pure_dict(abs_rest)
     self.param_shardings = sharding.logical_to_sharding(param_specs, self.mesh, self.rules)
-    self.rest_shardings = sharding.logical_to_sharding(rest_specs, self.mesh, self.rules)
+    self.rest_shardings = sharding.logical_to_sharding(sharding.logical_specs(abs_rest), self.mesh,
+                                                       self.rules)
     sharding.check_divisible(self.abs_params, self.param_shardings, "parameter")
 
-    self.tuning = self.task.tuning()
     trained_specs, frozen_specs = self.tuning.split_specs(param_specs, self.abs_params)
     self.trained_shardings = sharding.logical_to_sharding(trained_specs, self.mesh, self.rules)
     self.frozen_shardings = sharding.logical_to_sharding(frozen_specs, self.mesh, self.rules)
     self.tx = make_optimizer(config)
-    self.base_key = jax.random.key(config.seed)
+    self.ctx = StepContext(model=model_def, task=self.task, tuning=self.tuning, tx=self.tx,
+                           base_key=jax.random.key(config.seed))
+    self._build = build
+    self.shardings = self._state_shardings()
+    self._eval_fn = None
 
   # -- initial state --
   def _init_model(self, key):
-    model = self.task.build_model(nnx.Rngs(params=key))
-    _, params, rest = nnx.split(model, nnx.Param, ...)
+    model = self._build(self.spec, nnx.Rngs(params=key, dropout=0))
+    _, params, _, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
     return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
   def _make_state(self, params, model_state, key):
@@ -119,69 +208,50 @@ class Setup:
     return TrainState(step=jnp.zeros((), jnp.int32), params=trained, frozen=frozen,
                       opt_state=self.tx.init(trained), model_state=model_state)
 
-  def state_shardings(self) -> TrainState:
+  def _state_shardings(self) -> TrainState:
     rep = sharding.replicated(self.mesh)
-    abs_state = jax.eval_shape(self._make_state, self.abs_params, self._abs_rest(),
-                               jax.random.key(0))
+    abs_state = jax.eval_shape(self._make_state, self.abs_params, self.abs_rest, jax.random.key(0))
     opt = optax.tree_map_params(self.tx, lambda _, s: s, abs_state.opt_state, self.trained_shardings,
                                 transform_non_params=lambda _: rep)
     return TrainState(step=rep, params=self.trained_shardings, frozen=self.frozen_shardings,
                       opt_state=opt, model_state=self.rest_shardings)
 
-  def _abs_rest(self):
-    return jax.eval_shape(lambda: self._init_model(jax.random.key(0))[1])
-
   def init_state(self) -> TrainState:
-    init_key, split_key = jax.random.split(jax.random.fold_in(self.base_key, 1))
+    """A fresh state on the mesh, warm-started from `config.init` when it names a source."""
+    init_key, split_key = jax.random.split(jax.random.fold_in(self.ctx.base_key, 1))
     with jax.set_mesh(self.mesh):
       params, model_state = jax.jit(
           self._init_model, out_shardings=(self.param_shardings, self.rest_shardings))(init_key)
-      params, model_state = self.task.load_pretrained(params, model_state, self.mesh, self.rules)
-      self.shardings = self.state_shardings()
+      if self.task.init is not None:
+        params, model_state = init_lib.warm_start(
+            self.task.init, params, model_state, backbone=self.task.backbone,
+            same_task=self.task.init.task == self.spec["task"], allow_missing=self.tuning.new_params)
       return jax.jit(self._make_state, out_shardings=self.shardings)(params, model_state, split_key)
 
   # -- steps --
-  def model_from(self, state: TrainState, *, rng=None, train: bool = False):
-    params = self.tuning.combine(state.params, state.frozen, rng=rng, train=train)
-    return nnx.merge(self.graphdef, params, state.model_state)
+  def model_from(self, state: TrainState) -> nnx.Module:
+    """The model in eval mode with the state's parameters (LoRA merged)."""
+    return eval_model(self.ctx, state)
 
-  def train_step(self, state: TrainState, batch):
-    rng = jax.random.fold_in(self.base_key, state.step)
-    tuning_rng, task_rng = jax.random.split(rng)
+  def batch_shardings(self, batch) -> dict:
+    return {k: sharding.batch_sharding(self.mesh, self.rules, v.ndim) for k, v in batch.items()}
 
-    def loss_fn(trained):
-      params = self.tuning.combine(trained, state.frozen, rng=tuning_rng, train=True)
-      model = nnx.merge(self.graphdef, params, state.model_state)
-      loss, metrics = self.task.loss(model, batch, task_rng, True)
-      _, _, rest = nnx.split(model, nnx.Param, ...)
-      return loss, (metrics, nnx.to_pure_dict(rest))
-
-    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              model_state=model_state)
-    return new_state, metrics
-
-  def eval_step(self, state: TrainState, batch, index):
-    # A fixed key per eval batch: every evaluation masks / augments the held-out set the same way.
-    rng = jax.random.fold_in(jax.random.fold_in(self.base_key, 2**31 - 1), index)
-    model = self.model_from(state)
-    _, metrics = self.task.loss(model, batch, rng, False)
-    return metrics
+  def jit_train_step(self, batch):
+    """The train step jitted with explicit shardings and the state donated (not yet compiled)."""
+    return jax.jit(functools.partial(train_step, self.ctx),
+                   in_shardings=(self.shardings, self.batch_shardings(batch)),
+                   out_shardings=(self.shardings, sharding.replicated(self.mesh)), donate_argnums=(0,))
 
   def compile(self, state: TrainState, batch):
-    """AOT-compiles the train step (explicit shardings, donated state); the eval step compiles on
-    first use."""
-    batch_sh = {k: sharding.batch_sharding(self.mesh, self.rules, v.ndim) for k, v in batch.items()}
-    rep = sharding.replicated(self.mesh)
+    """AOT-compiles the train step; the eval step compiles on first use."""
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      train = jax.jit(self.train_step, in_shardings=(self.shardings, batch_sh),
-                      out_shardings=(self.shardings, rep), donate_argnums=(0,))
-      self.compiled_train = train.lower(state, batch).compile()
+      self.compiled_train = self.jit_train_step(batch).lower(state, batch).compile()
     self.step_flops = metrics_lib.compiled_flops(self.compiled_train)
-    self._eval_fn = jax.jit(self.eval_step, in_shardings=(self.shardings, batch_sh, rep), out_shardings=rep)
+    rep = sharding.replicated(self.mesh)
+    self._eval_fn = jax.jit(functools.partial(eval_step, self.ctx),
+                            in_shardings=(self.shardings, self.batch_shardings(batch), rep),
+                            out_shardings=rep)
+    return self.compiled_train
 
   def run_eval_step(self, state: TrainState, batch, index: int):
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
@@ -228,14 +298,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     state = ckpt.restore(workdir, resume_step, abstract, data_iter)
   start = int(jax.device_get(state.step))
 
-  # ---- compile: one jit each for the train and eval steps ----
+  # ---- compile the train step (the eval step compiles on first use) ----
   setup.compile(state, setup.to_global(_peek(data_iter)))
 
   # Every check has passed: from here on the run writes into the workdir.
   os.makedirs(workdir, exist_ok=True)
-  task.save_artifacts()
   if jax.process_index() == 0:
+    task.save_artifacts()
     _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    modelspec.save(workdir, setup.spec)
   logger = metrics_lib.Logger(workdir, config.total_steps, start)
   checkpointer = ckpt.Checkpointer(workdir, keep=config.keep_checkpoints,
                                    async_save=config.async_checkpointing)
@@ -245,6 +316,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
               f"data: {', '.join(f'{k}={v}' for k, v in setup.data.info.items())}")
   if start:
     logger.info(f"resumed from {ckpt.checkpoint_dir(workdir)}/{start}")
+  elif task.init is not None:
+    logger.info(f"warm start from {task.init.description}")
 
   # ---- loop ----
   items_per_batch = config.batch_size * task.items_per_example()
@@ -285,7 +358,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       if not eval_metrics:
         eval_metrics = evaluate(setup, state)
       task.final_summary(setup.model_from(state), eval_metrics, logger)
-      task.export(state, setup.tuning)
+      if jax.process_index() == 0:
+        setup.tuning.export(workdir, state)
   finally:
     checkpointer.close()
     logger.close()

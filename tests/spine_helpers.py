@@ -58,3 +58,23 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collect
       target = target[p]
     target[leaf] = value
   return c
+
+
+def write_workdir(config, workdir: str, devices=None):
+  """A workdir as a run leaves it (config.json, model.json, tokenizer, a step-0 checkpoint of the
+  freshly initialised state) without compiling a train step. Returns the Setup and the state."""
+  import json
+  import jax
+  from jembed import modelspec, train
+  from jembed.checkpoint import Checkpointer
+  setup = train.Setup(config, workdir, devices=devices or jax.devices()[:1])
+  state = setup.init_state()
+  os.makedirs(workdir, exist_ok=True)
+  setup.task.save_artifacts()
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(json.loads(config.to_json_best_effort()), f)
+  modelspec.save(workdir, setup.spec)
+  saver = Checkpointer(workdir, async_save=False)
+  saver.save(0, state, None)
+  saver.close()
+  return setup, state

@@ -90,7 +90,9 @@ def test_frozen_eval_reports_random_beside_pretrained():
   te_x, te_y = _blobs(10, seed=0)
   rng = np.random.default_rng(0)
   noise = (rng.normal(size=tr_x.shape).astype(np.float32), rng.normal(size=te_x.shape).astype(np.float32))
-  out = evaluate.frozen_eval((tr_x, te_x), (tr_y, te_y), noise, probe_steps=100, n_per_class=5)
+  out = evaluate.feature_metrics(tr_x, tr_y, te_x, te_y, probe_steps=100, n_per_class=5)
+  rnd = evaluate.feature_metrics(noise[0], tr_y, noise[1], te_y, probe_steps=100, n_per_class=5)
+  out.update({f"random_{k}": v for k, v in rnd.items()})
   assert set(out) == {"probe_acc", "knn_acc", "probe_acc_5shot", "knn_acc_5shot", "random_probe_acc",
                       "random_knn_acc", "random_probe_acc_5shot", "random_knn_acc_5shot"}
   assert out["probe_acc"] == 1.0 and out["knn_acc_5shot"] == 1.0

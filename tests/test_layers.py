@@ -1,31 +1,42 @@
-"""Building blocks: byte-wise dropout keeps its rate and the expectation; LayerNorm matches NumPy."""
+"""Building blocks: byte-wise dropout keeps its rate and the expectation, follows train/eval mode and
+cannot be built without a random stream; LayerNorm matches NumPy."""
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from jembed.models.layers import LayerNorm, dropout
+from jembed.models.layers import Dropout, LayerNorm
 
 
 def test_dropout_rate_and_expectation():
-  x = jnp.ones((64, 1000))
-  y = np.asarray(dropout(x, 0.1, nnx.Rngs(dropout=0), True))
+  y = np.asarray(Dropout(0.1, rngs=nnx.Rngs(dropout=0))(jnp.ones((64, 1000))))
   dropped = (y == 0).mean()
   assert abs(dropped - 26 / 256) < 0.004          # rate quantised to 1/256
   assert abs(y.mean() - 1.0) < 0.01                # inverted scaling keeps the mean
   np.testing.assert_allclose(y[y != 0], 1 / (1 - 26 / 256), rtol=1e-6)
   # Odd widths (not a multiple of 4 bytes) work and every column can be dropped.
-  z = np.asarray(dropout(jnp.ones((4096, 7)), 0.5, nnx.Rngs(dropout=1), True))
+  z = np.asarray(Dropout(0.5, rngs=nnx.Rngs(dropout=1))(jnp.ones((4096, 7))))
   assert ((z == 0).mean(0) > 0.4).all()
 
 
-def test_dropout_deterministic_and_off_in_eval():
+def test_dropout_reproducible_fresh_per_call_and_off_in_eval():
   x = jnp.arange(4000.0).reshape(40, 100)
-  a = dropout(x, 0.2, nnx.Rngs(dropout=3), True)
-  b = dropout(x, 0.2, nnx.Rngs(dropout=3), True)
-  c = dropout(x, 0.2, nnx.Rngs(dropout=4), True)
-  np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(a, c)
-  np.testing.assert_array_equal(dropout(x, 0.2, nnx.Rngs(dropout=3), False), x)
+  a, b = Dropout(0.2, rngs=nnx.Rngs(dropout=3)), Dropout(0.2, rngs=nnx.Rngs(dropout=3))
+  first = a(x)
+  np.testing.assert_array_equal(first, b(x))           # same stream, same mask
+  assert not np.array_equal(first, a(x))               # the stream advances: a new mask per call
+  c = Dropout(0.2, rngs=nnx.Rngs(dropout=4))
+  assert not np.array_equal(first, c(x))
+  c.eval()
+  np.testing.assert_array_equal(c(x), x)
+  c.train()
+  assert not np.array_equal(c(x), x)
+
+
+def test_dropout_needs_a_stream():
+  with pytest.raises(AttributeError):
+    Dropout(0.1, rngs=nnx.Rngs(params=0))
+  Dropout(0.0, rngs=nnx.Rngs(params=0))  # a rate of zero never draws
 
 
 def test_layernorm_matches_numpy():

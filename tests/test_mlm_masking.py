@@ -23,7 +23,7 @@ def make_tokens(rng, batch=512, seq=128):
 
 
 def run(tokens, key=0, k=20):
-  fn = jax.jit(lambda key, t: mask_tokens(key, t, special_max_id=SPECIAL_MAX, mask_id=MASK,
+  fn = jax.jit(lambda key, t: mask_tokens(key, t, special_ids=range(SPECIAL_MAX + 1), mask_id=MASK,
                                           vocab_size=VOCAB, num_predictions=k))
   return [np.asarray(x) for x in fn(jax.random.key(key), tokens)]
 

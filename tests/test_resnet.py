@@ -43,7 +43,8 @@ def test_out_features_and_num_stages():
 @functools.partial(jax.jit, static_argnames=("train",))
 def _forward(graphdef, params, rest, x, train):
   model = nnx.merge(graphdef, params, rest)
-  y = model(x, train=train)
+  model.train() if train else model.eval()
+  y = model(x)
   _, _, new_rest = nnx.split(model, nnx.Param, ...)
   return y, nnx.to_pure_dict(new_rest)
 

@@ -93,11 +93,10 @@ def _one_step(config, devices, tmp_path):
   setup = train.Setup(config, str(tmp_path), devices=devices)
   state = setup.init_state()
   it = pipeline.train_iterator(setup.data.train, config.batch_size, config.seed)
-  # Only the train step is compiled (Setup.compile would add the eval step): shardings come
-  # from the state made by init_state and the global batch.
+  batch = setup.to_global(next(it))
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-    step = jax.jit(setup.train_step)
-    state, metrics = step(state, setup.to_global(next(it)))
+    step = setup.jit_train_step(batch)
+    state, metrics = step(state, batch)
   return jax.device_get(metrics), jax.device_get(state.model_state), (setup, step), state, it
 
 
@@ -147,6 +146,25 @@ def test_extra_eval_reports_pretrained_and_random(rotation_run):
     assert 0.1 < v <= 1.0  # well above chance is not guaranteed for a 30-step model; sane range
   # The random-init numbers are computed once and reused.
   assert setup.task.extra_eval(setup.model_from(state), 30)["random_knn_acc"] == metrics["random_knn_acc"]
+
+
+def test_vit_dropout_runs_in_training_and_not_in_eval(tmp_path):
+  """model.vit.dropout reaches the ViT: a train step's loss changes with it; eval is deterministic."""
+  def step_loss_and_eval(rate):
+    config = _tiny(rotation_config.get_config())
+    config.augment = {}
+    config.model.backbone = "vit"
+    config.model.vit.update(dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, patch_size=4,
+                                 dropout=rate, attention_dropout=rate))
+    metrics, _, (setup, _), state, it = _one_step(config, jax.devices()[:1], tmp_path / str(rate))
+    batch = setup.to_global(next(it))
+    setup.compile(state, batch)
+    evals = [float(setup.run_eval_step(state, batch, 0)["loss"]) for _ in range(2)]
+    return float(metrics["loss"]), evals
+  loss0, eval0 = step_loss_and_eval(0.0)
+  loss5, eval5 = step_loss_and_eval(0.5)
+  assert abs(loss0 - loss5) > 1e-4, "dropout 0.5 left the training loss unchanged: dropout is off"
+  assert eval0[0] == eval0[1] and eval5[0] == eval5[1]
 
 
 def test_model_layout_for_fine_tuning(rotation_run):

@@ -73,21 +73,39 @@ class Embed(nnx.Module):
     return jnp.dot(x, self.embedding[...].astype(x.dtype).T)
 
 
-def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None, train: bool) -> jax.Array:
-  """Inverted dropout with one random byte per element.
+class Dropout(nnx.Module):
+  """Inverted dropout that owns its random stream and follows the model's train/eval mode.
 
-  Random bits are a large share of a CPU step's time (threefry costs tens of integer ops per
-  32-bit word), so each word is split into four bytes: 4x fewer words for the same mask. The drop
-  probability is quantised to k/256 (0.1 -> 26/256 = 0.1016) and the scaling uses that exact value,
-  so the expectation is preserved.
+  There is no keyword to forget: the module draws its key from the `dropout` stream it was built
+  with (an `nnx.Rngs` without one is an error at construction), and `model.train()` /
+  `model.eval()` switch every Dropout (and BatchNorm) in the tree at once. The train step reseeds
+  the stream from the step's key, so masks are reproducible and independent of sharding.
+
+  One random byte per element: random bits are a large share of a CPU step's time (threefry costs
+  tens of integer ops per 32-bit word), so each word is split into four bytes, 4x fewer words for
+  the same mask. The drop probability is quantised to k/256 (0.1 -> 26/256 = 0.1016) and the
+  scaling uses that exact value, so the expectation is preserved.
   """
-  if not train or rate == 0.0 or rngs is None:
-    return x
-  threshold = int(round(rate * 256))
-  if threshold == 0:
-    return x
+
+  def __init__(self, rate: float, *, rngs: nnx.Rngs):
+    if not 0.0 <= rate < 1.0:
+      raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+    self.rate = float(rate)
+    self.threshold = int(round(self.rate * 256))
+    self.deterministic = False
+    # Only a module that can drop needs the stream; the others keep their graph free of RNG state.
+    self.rng = rngs.dropout if self.threshold else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.deterministic or not self.threshold:
+      return x
+    return byte_dropout(x, self.threshold, self.rng())
+
+
+def byte_dropout(x: jax.Array, threshold: int, key: jax.Array) -> jax.Array:
+  """Drops each element with probability threshold/256 and rescales the rest."""
   n = x.shape[-1]
-  words = jax.random.bits(rngs.dropout(), x.shape[:-1] + ((n + 3) // 4,), jnp.uint32)
+  words = jax.random.bits(key, x.shape[:-1] + ((n + 3) // 4,), jnp.uint32)
   bytes_ = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(x.shape[:-1] + (-1,))[..., :n]
   keep_prob = 1.0 - threshold / 256
   return jnp.where(bytes_ >= threshold, x / keep_prob, 0).astype(x.dtype)

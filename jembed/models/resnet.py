@@ -59,12 +59,6 @@ def _norm(kind: str, channels: int, dtype, rngs: nnx.Rngs, zero_scale: bool = Fa
                        bias_metadata=meta, rngs=rngs)
 
 
-def _apply_norm(norm, x, train: bool):
-  if isinstance(norm, nnx.BatchNorm):
-    return norm(x, use_running_average=not train)
-  return norm(x)
-
-
 class _Downsample(nnx.Module):
   """1x1 strided projection on the shortcut when shape changes."""
 
@@ -72,8 +66,8 @@ class _Downsample(nnx.Module):
     self.conv = _conv(cin, cout, 1, stride, dtype, rngs)
     self.norm = _norm(norm, cout, dtype, rngs)
 
-  def __call__(self, x, train):
-    return _apply_norm(self.norm, self.conv(x), train)
+  def __call__(self, x):
+    return self.norm(self.conv(x))
 
 
 class BasicBlock(nnx.Module):
@@ -90,10 +84,10 @@ class BasicBlock(nnx.Module):
                        if stride != 1 or cin != cout else None)
     self.out_channels = cout
 
-  def __call__(self, x, train: bool):
-    y = jax.nn.relu(_apply_norm(self.norm1, self.conv1(x), train))
-    y = _apply_norm(self.norm2, self.conv2(y), train)
-    shortcut = x if self.downsample is None else self.downsample(x, train)
+  def __call__(self, x):
+    y = jax.nn.relu(self.norm1(self.conv1(x)))
+    y = self.norm2(self.conv2(y))
+    shortcut = x if self.downsample is None else self.downsample(x)
     return jax.nn.relu(y + shortcut)
 
 
@@ -113,16 +107,19 @@ class Bottleneck(nnx.Module):
                        if stride != 1 or cin != cout else None)
     self.out_channels = cout
 
-  def __call__(self, x, train: bool):
-    y = jax.nn.relu(_apply_norm(self.norm1, self.conv1(x), train))
-    y = jax.nn.relu(_apply_norm(self.norm2, self.conv2(y), train))
-    y = _apply_norm(self.norm3, self.conv3(y), train)
-    shortcut = x if self.downsample is None else self.downsample(x, train)
+  def __call__(self, x):
+    y = jax.nn.relu(self.norm1(self.conv1(x)))
+    y = jax.nn.relu(self.norm2(self.conv2(y)))
+    y = self.norm3(self.conv3(y))
+    shortcut = x if self.downsample is None else self.downsample(x)
     return jax.nn.relu(y + shortcut)
 
 
 class ResNet(nnx.Module):
   """ResNet v1.5 feature extractor: (B, H, W, C) images -> (B, out_features).
+
+  BatchNorm follows the module's mode: batch statistics after `model.train()`, the running ones
+  after `model.eval()`.
 
   Attributes:
     out_features: channels of the pooled feature vector.
@@ -164,15 +161,13 @@ class ResNet(nnx.Module):
     self.blocks = nnx.List(blocks)
     self.out_features = cin
 
-  def __call__(self, x: jax.Array, *, train: bool,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
-    del rngs  # No dropout; kept for the shared module call signature.
-    x = _apply_norm(self.stem_norm, self.stem_conv(x), train)
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.stem_norm(self.stem_conv(x))
     x = jax.nn.relu(x)
     if self.stem_kind == "imagenet":
       x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for block in self.blocks:
-      x = block(x, train)
+      x = block(x)
     # Pool in float32 so low-precision compute dtypes do not lose the mean.
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 

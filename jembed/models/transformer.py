@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jembed.errors import UserError
-from jembed.models.layers import Dense, Embed, LayerNorm, dropout
+from jembed.models.layers import Dense, Dropout, Embed, LayerNorm
 
 # BERT's published sizes (Turc et al. 2019 for the small ones): (layers, hidden); heads = hidden/64,
 # mlp = 4 * hidden.
@@ -55,8 +55,8 @@ class TransformerConfig:
 
   @classmethod
   def from_config(cls, model_config, vocab_size: int | None = None) -> "TransformerConfig":
-    """Size preset from `model.size`, then any explicitly set dimension overrides it."""
-    size = model_config.get("size", "tiny")
+    """Size preset from `model.size` ("" = tiny), then any explicitly set dimension overrides it."""
+    size = model_config.get("size", "") or "tiny"
     if size not in SIZES:
       raise UserError(f"model.size '{size}' is unknown; choose one of {', '.join(SIZES)}")
     layers, hidden = SIZES[size]
@@ -73,8 +73,8 @@ class TransformerConfig:
     return cls(
         num_layers=pick("num_layers", layers), hidden_size=hidden, num_heads=heads,
         mlp_dim=pick("mlp_dim", 4 * hidden), vocab_size=vocab,
-        max_position=model_config.get("max_position", 512),
-        type_vocab_size=model_config.get("type_vocab_size", 2),
+        max_position=model_config.get("max_position", 0) or 512,
+        type_vocab_size=model_config.get("type_vocab_size", 0) or 2,
         dropout=model_config.get("dropout", 0.1),
         attention_dropout=model_config.get("attention_dropout", 0.1),
         pre_ln=model_config.get("pre_ln", False),
@@ -84,6 +84,55 @@ class TransformerConfig:
         hidden_act=model_config.get("hidden_act", "gelu"),
         pooler=model_config.get("pooler", False),
     )
+
+  def to_json(self) -> dict:
+    """The fields as JSON-able values (the dtype by name), as model.json stores them."""
+    d = dataclasses.asdict(self)
+    d["dtype"] = jnp.dtype(self.dtype).name
+    return d
+
+  @classmethod
+  def from_json(cls, d: dict) -> "TransformerConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    d = {k: v for k, v in d.items() if k in known}
+    return cls(**dict(d, dtype=jnp.dtype(d.get("dtype", "float32"))))
+
+  @classmethod
+  def resolve(cls, model_config, *, vocab_size: int | None = None,
+              source: dict | None = None) -> "TransformerConfig":
+    """From scratch: `from_config`. From a warm-start source's encoder description: its
+    architecture, with this config's dropout, dtype, remat and adapter settings; an architecture
+    field set here (non-zero) must agree with the source."""
+    if not source:
+      return cls.from_config(model_config, vocab_size)
+    base = cls.from_json(source)
+    size = model_config.get("size", "")
+    if size:
+      if size not in SIZES:
+        raise UserError(f"model.size '{size}' is unknown; choose one of {', '.join(SIZES)}")
+      if SIZES[size] != (base.num_layers, base.hidden_size):
+        raise UserError(f"model.size={size} {SIZES[size]} disagrees with the warm-start source "
+                        f"({base.num_layers} layers, hidden {base.hidden_size}); leave model.size "
+                        "empty to take the source's")
+    for key in ARCH_FIELDS:
+      value = model_config.get(key, 0)
+      if value and value != getattr(base, key):
+        raise UserError(f"model.{key}={value} disagrees with the warm-start source "
+                        f"({key}={getattr(base, key)}); leave it at 0/'' to take the source's")
+    if vocab_size and vocab_size > base.vocab_size:
+      raise UserError(f"the tokenizer has {vocab_size} tokens but the source's embedding table "
+                      f"{base.vocab_size}; use the source's tokenizer")
+    runtime = {k: model_config[k] for k in RUNTIME_FIELDS if k in model_config}
+    if "dtype" in runtime:
+      runtime["dtype"] = jnp.dtype(runtime["dtype"])
+    return dataclasses.replace(base, **runtime)
+
+
+# Fields that define the weights (must agree with a warm-start source) and fields that only change
+# how the same weights run (always this config's).
+ARCH_FIELDS = ("num_layers", "hidden_size", "num_heads", "mlp_dim", "vocab_size", "max_position",
+               "type_vocab_size", "pre_ln")
+RUNTIME_FIELDS = ("dropout", "attention_dropout", "dtype", "remat", "adapter_dim")
 
 
 # Hugging Face `hidden_act` names: "gelu" is the exact erf form; the tanh approximation goes by
@@ -116,9 +165,9 @@ class Attention(nnx.Module):
     self.value = Dense(d, d, ("embed", "heads"), dtype=cfg.dtype, rngs=rngs)
     self.out = Dense(d, d, ("heads", "embed"), dtype=cfg.dtype, rngs=rngs)
     self.num_heads = cfg.num_heads
-    self.dropout_rate = cfg.attention_dropout
+    self.dropout = Dropout(cfg.attention_dropout, rngs=rngs)
 
-  def __call__(self, x, mask, *, train: bool, rngs: nnx.Rngs | None):
+  def __call__(self, x, mask):
     b, t, d = x.shape
     split = lambda y: constrain(y.reshape(b, t, self.num_heads, d // self.num_heads),
                                 ("batch", "length", "heads", "kv"))
@@ -126,7 +175,7 @@ class Attention(nnx.Module):
     scores = jnp.einsum("bqnh,bknh->bnqk", q, k) / jnp.sqrt(d // self.num_heads).astype(q.dtype)
     scores = jnp.where(mask[:, None, None, :], scores.astype(jnp.float32), -1e9)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    probs = dropout(probs, self.dropout_rate, rngs, train)
+    probs = self.dropout(probs)
     ctx = jnp.einsum("bnqk,bknh->bqnh", probs, v).reshape(b, t, d)
     return self.out(ctx)
 
@@ -160,24 +209,23 @@ class Layer(nnx.Module):
       self.attention_adapter = None
       self.mlp_adapter = None
     self.pre_ln = cfg.pre_ln
-    self.rate = cfg.dropout
+    self.dropout = Dropout(cfg.dropout, rngs=rngs)
 
-  def _block(self, x, fn, norm, adapter, train, rngs):
+  def _block(self, x, fn, norm, adapter):
     if self.pre_ln:
-      h = dropout(fn(norm(x)), self.rate, rngs, train)
+      h = self.dropout(fn(norm(x)))
       if adapter is not None:
         h = adapter(h)
       return x + h
-    h = dropout(fn(x), self.rate, rngs, train)
+    h = self.dropout(fn(x))
     if adapter is not None:
       # Houlsby: the adapter sits on the sub-layer output, before the residual add and LayerNorm.
       h = adapter(h)
     return norm(x + h)
 
-  def __call__(self, x, mask, *, train: bool, rngs: nnx.Rngs | None):
-    x = self._block(x, lambda y: self.attention(y, mask, train=train, rngs=rngs), self.attention_norm,
-                    self.attention_adapter, train, rngs)
-    x = self._block(x, self.mlp, self.mlp_norm, self.mlp_adapter, train, rngs)
+  def __call__(self, x, mask):
+    x = self._block(x, lambda y: self.attention(y, mask), self.attention_norm, self.attention_adapter)
+    x = self._block(x, self.mlp, self.mlp_norm, self.mlp_adapter)
     return constrain(x, ACTIVATION)
 
 
@@ -190,19 +238,21 @@ class Embeddings(nnx.Module):
     self.segment = Embed(cfg.type_vocab_size, cfg.hidden_size, (None, "embed"), rngs=rngs)
     self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
     self.pre_ln = cfg.pre_ln
-    self.rate = cfg.dropout
+    self.dropout = Dropout(cfg.dropout, rngs=rngs)
     self.dtype = cfg.dtype
 
-  def __call__(self, tokens, segments, *, train: bool, rngs):
+  def __call__(self, tokens, segments):
     positions = jnp.arange(tokens.shape[1])[None, :]
     x = self.token(tokens) + self.position(positions) + self.segment(segments)
     if not self.pre_ln:
       x = self.norm(x)
-    return dropout(constrain(x.astype(self.dtype), ACTIVATION), self.rate, rngs, train)
+    return self.dropout(constrain(x.astype(self.dtype), ACTIVATION))
 
 
 class TransformerEncoder(nnx.Module):
-  """tokens (B, T) int -> hidden states (B, T, D). Padding is where `mask` is False."""
+  """tokens (B, T) int -> hidden states (B, T, D). Padding is where `mask` is False.
+
+  Dropout follows the module's mode: `model.train()` / `model.eval()` (see layers.Dropout)."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.config = cfg
@@ -212,22 +262,21 @@ class TransformerEncoder(nnx.Module):
     self.pooler = (Dense(cfg.hidden_size, cfg.hidden_size, ("embed", "mlp"), dtype=cfg.dtype, rngs=rngs)
                    if cfg.pooler else None)
 
-  def __call__(self, tokens, mask=None, segments=None, *, train: bool = False,
-               rngs: nnx.Rngs | None = None):
+  def __call__(self, tokens, mask=None, segments=None):
     if mask is None:
       mask = jnp.ones(tokens.shape, bool)
     if segments is None:
       segments = jnp.zeros_like(tokens)
-    x = self.embeddings(tokens, segments, train=train, rngs=rngs)
-    return self.encode_embedded(x, mask, train=train, rngs=rngs)
+    x = self.embeddings(tokens, segments)
+    return self.encode_embedded(x, mask)
 
-  def encode_embedded(self, x, mask, *, train: bool = False, rngs: nnx.Rngs | None = None):
+  def encode_embedded(self, x, mask):
     """Runs the layers on already-embedded inputs (B, T, D): ViT feeds patch embeddings here."""
     for layer in self.layers:
       if self.config.remat:
-        x = nnx.remat(lambda lyr, y: lyr(y, mask, train=train, rngs=rngs))(layer, x)
+        x = nnx.remat(lambda lyr, y: lyr(y, mask))(layer, x)
       else:
-        x = layer(x, mask, train=train, rngs=rngs)
+        x = layer(x, mask)
     if self.final_norm is not None:
       x = self.final_norm(x)
     return x

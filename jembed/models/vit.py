@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jembed.errors import UserError
-from jembed.models.layers import Dense, dropout, param, zeros_init
+from jembed.models.layers import Dense, Dropout, param, zeros_init
 from jembed.models.transformer import TransformerConfig, TransformerEncoder, constrain
 
 # (hidden, layers, heads); mlp = 4 * hidden (the ViT paper and DeiT's Ti/S).
@@ -68,7 +68,7 @@ class ViT(nnx.Module):
     # Patches replace the token tables: drop them so no unused (and weight-decayed) parameters remain.
     self.encoder.embeddings = None
     self.out_features = d
-    self.rate = cfg.dropout
+    self.dropout = Dropout(cfg.dropout, rngs=rngs)
     self.dtype = cfg.dtype
 
   def patchify(self, images: jax.Array) -> jax.Array:
@@ -78,14 +78,14 @@ class ViT(nnx.Module):
     x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
-  def __call__(self, images: jax.Array, *, train: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(self, images: jax.Array) -> jax.Array:
     x = self.patch_embed(self.patchify(images))
     b = x.shape[0]
     cls = jnp.broadcast_to(self.cls[...].astype(x.dtype), (b, 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1) + self.position[...].astype(x.dtype)
-    x = dropout(constrain(x, ("batch", "length", "embed")), self.rate, rngs, train)
+    x = self.dropout(constrain(x, ("batch", "length", "embed")))
     mask = jnp.ones(x.shape[:2], bool)
-    hidden = self.encoder.encode_embedded(x, mask, train=train, rngs=rngs)
+    hidden = self.encoder.encode_embedded(x, mask)
     return hidden[:, 0].astype(jnp.float32)
 
 

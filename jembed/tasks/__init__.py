@@ -11,12 +11,16 @@ REGISTRY = {
     "rotation": "jembed.tasks.rotation:RotationTask",
     "simclr": "jembed.tasks.simclr:SimclrTask",
     "classification": "jembed.tasks.classification:ClassificationTask",
+    "contrastive_text": "jembed.tasks.contrastive_text:ContrastiveTextTask",
 }
 
 
-def get_task(config, workdir: str):
-  name = config.task
+def task_class(name: str):
   if name not in REGISTRY:
-    raise UserError(f"config.task='{name}' is unknown; choose one of {', '.join(sorted(REGISTRY))}")
+    raise UserError(f"task '{name}' is unknown; choose one of {', '.join(sorted(REGISTRY))}")
   module, cls = REGISTRY[name].split(":")
-  return getattr(importlib.import_module(module), cls)(config, workdir)
+  return getattr(importlib.import_module(module), cls)
+
+
+def get_task(config, workdir: str):
+  return task_class(config.task).create(config, workdir)

@@ -1,17 +1,21 @@
 """The interface between an objective and the train loop.
 
-A task says how to build its model (backbone and heads), what its data looks like, and its loss
-and metrics for a batch. The loop in `jembed/train.py` knows nothing else about it.
+A task says what its data looks like, how its model is described (`model_spec`) and built from that
+description alone (`build_model`), and its loss and metrics for a batch. The loop in
+`jembed/train.py` knows nothing else about it: which parameters train comes from `config.peft`
+(jembed/peft/), warm starts from `config.init` (jembed/init.py).
 """
 from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from flax import nnx
+
+from jembed import init as init_lib
 
 
 @dataclasses.dataclass
@@ -23,14 +27,30 @@ class Data:
 
 
 class Task(abc.ABC):
-  """Base class: subclasses implement `load_data`, `build_model` and `loss`."""
+  """Base class: subclasses implement `load_data`, `model_spec`, `build_model` and `loss`."""
 
   # What one example counts as for throughput: `items_per_example` items of `unit`.
   unit = "examples"
+  # The attribute of the task model that holds the backbone: what a warm start restores from another
+  # task's checkpoint, what a frozen-backbone tuning runs in inference mode, what `embed` runs.
+  backbone = "encoder"
 
   def __init__(self, config, workdir: str):
     self.config = config
     self.workdir = workdir
+    # The warm-start source named by config.init (None: from scratch). Resolved (and its path checked)
+    # before any data is read, so tasks can take their architecture and tokenizer from it.
+    self.init = init_lib.source_from_config(config)
+
+  @classmethod
+  def backbone_of(cls, spec: dict[str, Any]) -> str:
+    """The backbone attribute of the model `spec` describes."""
+    return cls.backbone
+
+  @classmethod
+  def create(cls, config, workdir: str) -> "Task":
+    """The task object for `config` (a task may pick a subclass, e.g. by data modality)."""
+    return cls(config, workdir)
 
   # -- data (host side; runs before anything is written, so bad input fails early) --
   @abc.abstractmethod
@@ -41,28 +61,39 @@ class Task(abc.ABC):
     return 1
 
   def save_artifacts(self) -> None:
-    """Writes what the run needs to be reproduced (e.g. a trained tokenizer); called only once every
-    check has passed, so bad input leaves nothing behind."""
+    """Writes what the model description refers to (e.g. a trained tokenizer); called only once
+    every check has passed, so bad input leaves nothing behind."""
 
   # -- model --
   @abc.abstractmethod
-  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-    """The backbone and heads, unsharded; the loop places them on the mesh."""
+  def model_spec(self) -> dict[str, Any]:
+    """The resolved model description (JSON-able; saved as WORKDIR/model.json); may use what
+    `load_data` learned (vocabulary size, image shape, class names)."""
 
-  def tuning(self):
-    """How parameters split into trained and frozen; full training unless a task says otherwise."""
-    from jembed.tuning import FullTuning
-    return FullTuning()
-
-  def load_pretrained(self, params: dict, model_state: dict, mesh, rules) -> tuple[dict, dict]:
-    """Hook for fine-tuning tasks to overwrite freshly initialised (sharded) parameters."""
-    return params, model_state
+  @classmethod
+  @abc.abstractmethod
+  def build_model(cls, spec: dict[str, Any], rngs: nnx.Rngs) -> nnx.Module:
+    """The backbone and heads from `spec` alone, unsharded; `rngs` has `params` and `dropout`."""
 
   # -- objective (inside jit) --
   @abc.abstractmethod
   def loss(self, model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array, train: bool
            ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Scalar loss and a dict of scalar metrics (means over the global batch); `accuracy` expected."""
+    """Scalar loss and a dict of scalar metrics (means over the global batch); `accuracy` expected.
+    The model is already in train or eval mode."""
+
+  def value_and_grad(self, make_model: Callable[..., nnx.Module], trained: Any, batch, rng):
+    """((loss, (metrics, model_state)), grads w.r.t. `trained`); `make_model(trained)` merges the
+    trained parameters into a train-mode model. Tasks that compute gradients another way (e.g. a
+    gradient-cached contrastive loss) override it."""
+    from jembed.train import ModelDef
+
+    def loss_fn(t):
+      model = make_model(t)
+      loss, metrics = self.loss(model, batch, rng, True)
+      return loss, (metrics, ModelDef.model_state(model))
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(trained)
 
   # -- reporting (host side) --
   def extra_eval(self, model: nnx.Module, step: int) -> dict[str, float]:
@@ -71,7 +102,3 @@ class Task(abc.ABC):
 
   def final_summary(self, model: nnx.Module, eval_metrics: dict[str, float], logger) -> None:
     """Printed and saved at the end of training."""
-
-  def export(self, state, tuning) -> None:
-    """Called once after `final_summary` with the final TrainState and the tuning, for exports that
-    need the trained/frozen split (e.g. LoRA adapters apart from their base)."""

@@ -9,7 +9,6 @@ inside the step, reproducibly from the seed and the step.
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -21,19 +20,21 @@ from jembed.data import text
 from jembed.errors import UserError
 from jembed.models.heads import MlmHead
 from jembed.models.transformer import TransformerConfig, TransformerEncoder
-from jembed.tasks.base import Data, Task
+from jembed.tasks.base import Data
+from jembed.tasks.text_base import TextTask
 
 
-def mask_tokens(rng, tokens, *, special_max_id: int, mask_id: int, vocab_size: int,
-                num_predictions: int, mask_prob: float = 0.15):
+def mask_tokens(rng, tokens, *, special_ids, mask_id: int, vocab_size: int, num_predictions: int,
+                mask_prob: float = 0.15):
   """The BERT masking of a batch of token ids (B, T).
 
-  Candidates are tokens with id > special_max_id (so [PAD], [UNK], [CLS], [SEP], [MASK] are never
-  chosen). Returns (inputs, positions (B, K), targets (B, K), weights (B, K)); weight 0 marks the
-  unused slots of a sequence with fewer than K chosen tokens.
+  Candidates are the tokens that are not special (`special_ids`: [PAD], [UNK], [CLS], [SEP], [MASK],
+  wherever the tokenizer puts them). Returns (inputs, positions (B, K), targets (B, K), weights
+  (B, K)); weight 0 marks the unused slots of a sequence with fewer than K chosen tokens. Random
+  replacements are drawn from the whole vocabulary, as BERT's data generator does.
   """
   k_choose, k_kind, k_rand = jax.random.split(rng, 3)
-  candidate = tokens > special_max_id
+  candidate = ~jnp.isin(tokens, jnp.asarray(sorted(special_ids), tokens.dtype))
   n_cand = candidate.sum(-1)
   # round(), as BERT does; at least one per non-empty sequence, at most K.
   n_mask = jnp.minimum(jnp.maximum(jnp.round(n_cand * mask_prob), jnp.minimum(n_cand, 1)),
@@ -43,7 +44,7 @@ def mask_tokens(rng, tokens, *, special_max_id: int, mask_id: int, vocab_size: i
   weights = (jnp.arange(num_predictions)[None, :] < n_mask[:, None])
   targets = jnp.take_along_axis(tokens, positions, axis=1)
   kind = jax.random.uniform(k_kind, positions.shape)
-  random_tokens = jax.random.randint(k_rand, positions.shape, special_max_id + 1, vocab_size)
+  random_tokens = jax.random.randint(k_rand, positions.shape, 0, vocab_size)
   replaced = jnp.where(kind < 0.8, mask_id, jnp.where(kind < 0.9, random_tokens, targets))
   replaced = jnp.where(weights, replaced, targets)
   rows = jnp.arange(tokens.shape[0])[:, None]
@@ -57,13 +58,13 @@ class MlmModel(nnx.Module):
     self.encoder = TransformerEncoder(cfg, rngs=rngs)
     self.mlm_head = MlmHead(cfg.hidden_size, cfg.vocab_size, eps=cfg.layer_norm_eps, rngs=rngs)
 
-  def __call__(self, tokens, mask, positions, *, train: bool, rngs=None):
-    hidden = self.encoder(tokens, mask, train=train, rngs=rngs)
+  def __call__(self, tokens, mask, positions):
+    hidden = self.encoder(tokens, mask)
     picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # (B, K, D)
     return self.mlm_head(picked, self.encoder.embeddings.token)
 
 
-class MlmTask(Task):
+class MlmTask(TextTask):
   unit = "tokens"
 
   def __init__(self, config, workdir):
@@ -71,64 +72,38 @@ class MlmTask(Task):
     d = config.data
     self.seq_len = d.seq_len
     self.num_predictions = d.get("max_predictions", 0) or math.ceil(d.mask_prob * d.seq_len)
-    self.tokenizer = None
 
   def items_per_example(self) -> int:
     return self.seq_len
 
-  def _tokenizer_path(self) -> str | None:
-    d = self.config.data
-    if d.tokenizer:
-      return d.tokenizer
-    saved = os.path.join(self.workdir, "tokenizer.json")
-    return saved if os.path.exists(saved) else None  # a resumed run keeps its vocabulary
-
   def load_data(self) -> Data:
     d = self.config.data
     train_docs, eval_docs = text.load_documents(d)
-    self.tokenizer = text.build_tokenizer(train_docs, d.vocab_size, path=self._tokenizer_path())
-    ids = text.special_ids(self.tokenizer)
-    if max(ids.values()) >= len(ids):
-      raise UserError(f"tokenizer special tokens must have the ids 0..{len(ids) - 1}, got {ids}; "
-                      "use a tokenizer trained by jembed or reorder its special tokens")
-    self.ids = ids
-    self.vocab = self.tokenizer.get_vocab_size()
-    if self.seq_len > self.config.model.get("max_position", 512):
-      raise UserError(f"data.seq_len={self.seq_len} is longer than the position table "
-                      f"(model.max_position={self.config.model.get('max_position', 512)}); "
-                      "lower data.seq_len or raise model.max_position")
-    train = text.pack_documents(train_docs, self.tokenizer, self.seq_len)
-    held = text.pack_documents(eval_docs, self.tokenizer, self.seq_len) if eval_docs else None
+    tok = self.resolve_tokenizer(train_docs)
+    train = text.pack_documents(train_docs, tok, self.seq_len)
+    held = text.pack_documents(eval_docs, tok, self.seq_len) if eval_docs else None
     if held is None or len(held) == 0:
       raise UserError("the held-out split is empty; give data.eval or raise data.eval_fraction")
-    freq = text.token_frequencies(train, self.vocab)
+    freq = text.token_frequencies(train, self.vocab, special=self.ids.values())
     self.most_frequent = int(np.argmax(freq))
     return Data(train={"tokens": train}, eval={"tokens": held},
                 info={"train_sequences": len(train), "eval_sequences": len(held), "vocab_size": self.vocab})
 
-  def save_artifacts(self) -> None:
-    path = os.path.join(self.workdir, "tokenizer.json")
-    if not os.path.exists(path):
-      tmp = path + ".tmp"
-      self.tokenizer.save(tmp)
-      os.replace(tmp, path)
+  def model_spec(self):
+    return self.text_spec(pooling=self.config.model.get("pooling", "mean"), normalize=False,
+                          most_frequent=self.most_frequent)
 
-  def model_config(self) -> TransformerConfig:
-    return TransformerConfig.from_config(self.config.model, self.vocab)
-
-  def build_model(self, rngs):
-    return MlmModel(self.model_config(), rngs=rngs)
+  @classmethod
+  def build_model(cls, spec, rngs):
+    return MlmModel(TransformerConfig.from_json(spec["encoder"]), rngs=rngs)
 
   def loss(self, model, batch, rng, train):
     tokens = batch["tokens"]
-    mask_rng, drop_rng = jax.random.split(rng)
     inputs, positions, targets, weights = mask_tokens(
-        mask_rng, tokens, special_max_id=len(self.ids) - 1, mask_id=self.ids["mask"],
+        rng, tokens, special_ids=self.ids.values(), mask_id=self.ids["mask"],
         vocab_size=self.vocab, num_predictions=self.num_predictions,
         mask_prob=self.config.data.mask_prob)
-    logits = model(inputs, tokens != self.ids["pad"], positions, train=train,
-                   rngs=nnx.Rngs(dropout=drop_rng))
-    logits = logits.astype(jnp.float32)
+    logits = model(inputs, tokens != self.ids["pad"], positions).astype(jnp.float32)
     xent = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     n = jnp.maximum(weights.sum(), 1.0)
     loss = (xent * weights).sum() / n

@@ -21,19 +21,20 @@ NUM_ROTATIONS = 4
 class RotationModel(nnx.Module):
   """backbone -> pooled features -> `head` (4 logits)."""
 
-  def __init__(self, model_config, image_shape, *, rngs: nnx.Rngs):
-    self.backbone, dim = build_backbone(model_config, image_shape, rngs)
+  def __init__(self, backbone: dict, image_shape, *, rngs: nnx.Rngs):
+    self.backbone, dim = build_backbone(backbone, image_shape, rngs)
     self.head = Classifier(dim, NUM_ROTATIONS, rngs=rngs)
 
-  def __call__(self, images, *, train: bool, rngs: nnx.Rngs | None = None):
-    return self.head(backbone_features(self.backbone, images, train))
+  def __call__(self, images):
+    return self.head(backbone_features(self.backbone, images))
 
 
 class RotationTask(VisionTask):
   pretext_name = "rotation accuracy (4-way)"
 
-  def build_model(self, rngs):
-    return RotationModel(self.config.model, self.image_shape, rngs=rngs)
+  @classmethod
+  def build_model(cls, spec, rngs):
+    return RotationModel(spec["backbone"], tuple(spec["image_shape"]), rngs=rngs)
 
   def items_per_example(self) -> int:
     return 1  # throughput counts source images; each is seen 4 times
@@ -45,7 +46,7 @@ class RotationTask(VisionTask):
       # Crops make the angle harder to read off low-level cues, so the backbone learns more shape.
       images = augment.simclr_augment(rng, images, **dict(aug))
     images, labels = augment.rotate_batch(images)
-    logits = model(images, train=train).astype(jnp.float32)
+    logits = model(images).astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     accuracy = (logits.argmax(-1) == labels).mean()
     return loss, {"loss": loss, "accuracy": accuracy}

@@ -41,27 +41,30 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> tuple[jax.Array
 class SimclrModel(nnx.Module):
   """backbone -> pooled features -> `projection` (the MLP whose output NT-Xent compares)."""
 
-  def __init__(self, model_config, image_shape, *, rngs: nnx.Rngs):
-    self.backbone, dim = build_backbone(model_config, image_shape, rngs)
-    p = model_config.get("projection", {})
-    self.projection = ProjectionHead(dim, int(p.get("hidden", 0) or dim), int(p.get("dim", 128)),
-                                     int(p.get("layers", 2)), rngs=rngs)
+  def __init__(self, backbone: dict, image_shape, projection: dict, *, rngs: nnx.Rngs):
+    self.backbone, dim = build_backbone(backbone, image_shape, rngs)
+    self.projection = ProjectionHead(dim, int(projection["hidden"] or dim), int(projection["dim"]),
+                                     int(projection["layers"]), rngs=rngs)
 
-  def __call__(self, images, *, train: bool, rngs: nnx.Rngs | None = None):
-    return self.projection(backbone_features(self.backbone, images, train))
+  def __call__(self, images):
+    return self.projection(backbone_features(self.backbone, images))
 
 
 class SimclrTask(VisionTask):
   pretext_name = "contrastive accuracy (partner is top-1 of 2B-1)"
 
-  def build_model(self, rngs):
-    return SimclrModel(self.config.model, self.image_shape, rngs=rngs)
+  def head_spec(self):
+    return {"projection": self.config.model.projection.to_dict()}
+
+  @classmethod
+  def build_model(cls, spec, rngs):
+    return SimclrModel(spec["backbone"], tuple(spec["image_shape"]), spec["projection"], rngs=rngs)
 
   def loss(self, model, batch, rng, train):
     v1, v2 = augment.two_views(rng, to_float(batch["image"]), **self.augment_kwargs())
     b = v1.shape[0]
     # One backbone call for both views: BatchNorm statistics come from all 2B views together.
-    z = model(jnp.concatenate([v1, v2], axis=0), train=train)
+    z = model(jnp.concatenate([v1, v2], axis=0))
     loss, accuracy = nt_xent(z[:b], z[b:], float(self.config.temperature))
     return loss, {"loss": loss, "accuracy": accuracy}
 

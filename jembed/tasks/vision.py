@@ -2,7 +2,8 @@
 
 Models built here expose the backbone as the attribute `backbone` (heads as `head` /
 `projection`), so a classifier can restore `backbone/...` parameters from a pretraining
-checkpoint. Images travel as uint8 (N, H, W, C) and become float [0, 1] on device.
+checkpoint. Images travel as uint8 (N, H, W, C) and become float [0, 1] on device. The model
+description (model.json) holds the backbone's description and the image shape.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jembed import evaluate as evaluate_lib
+from jembed import modelspec
 from jembed.data import images as images_lib
 from jembed.errors import UserError
 from jembed.tasks.base import Data, Task
@@ -22,64 +24,49 @@ from jembed.tasks.base import Data, Task
 BACKBONES = ("resnet", "vit")
 
 
-# ---- config sections shared by configs/rotation.py and configs/simclr.py ----
-def model_config() -> ml_collections.ConfigDict:
-  """`config.model` of the image configs (backbone choice and both backbones' fields); the
-  defaults are sized for 8x8 digits on a CPU."""
-  return ml_collections.ConfigDict(dict(
-      backbone="resnet",        # resnet | vit
-      resnet=ml_collections.ConfigDict(dict(
-          depth=18,             # 18 | 34 | 50 | 101
-          width=16,             # channels of the first stage (64 in the paper)
-          stem="cifar",         # cifar (3x3, stride 1: small images) | imagenet (7x7/2 + max-pool)
-          norm="batch",         # batch | group
-          num_stages=3,         # 8x8 inputs: three stages end at 2x2
-          zero_init_residual=False,
-      )),
-      vit=ml_collections.ConfigDict(dict(
-          size="Ti",            # Ti | S | B; the fields below override the preset when non-zero
-          patch_size=2,
-          hidden_size=0,
-          num_layers=0,
-          num_heads=0,
-          mlp_dim=0,
-          dropout=0.0,
-          attention_dropout=0.0,
-          dtype="float32",
-          remat=False,
-      )),
-  ))
+# The image backbone's description with its defaults, sized for 8x8 digits on a CPU. The image
+# configs' `model` section is built from it (configs/common.py), and a fine-tuning run from scratch
+# fills the fields it leaves at 0/"" from it: the defaults live here only.
+DEFAULT_BACKBONE = dict(
+    backbone="resnet",        # resnet | vit
+    resnet=dict(
+        depth=18,             # 18 | 34 | 50 | 101
+        width=16,             # channels of the first stage (64 in the paper)
+        stem="cifar",         # cifar (3x3, stride 1: small images) | imagenet (7x7/2 + max-pool)
+        norm="batch",         # batch | group
+        num_stages=3,         # 8x8 inputs: three stages end at 2x2
+        zero_init_residual=False,
+    ),
+    vit=dict(
+        size="Ti",            # Ti | S | B; the fields below override the preset when non-zero
+        patch_size=2,
+        hidden_size=0,
+        num_layers=0,
+        num_heads=0,
+        mlp_dim=0,
+        dropout=0.0,
+        attention_dropout=0.0,
+        dtype="float32",
+        remat=False,
+    ),
+)
+# Fields that change how the same weights run, never taken from a pretraining run.
+_RUNTIME = ("dropout", "attention_dropout", "dtype", "remat", "adapter_dim", "zero_init_residual")
 
 
-def data_config() -> ml_collections.ConfigDict:
-  """`config.data`: the labelled image source (jembed/data/images.py)."""
-  return ml_collections.ConfigDict(dict(
-      source="",                # "" = inferred: folder if data.train, tfds if data.tfds_name, else embedded digits
-      train="",                 # folder with one sub-folder of images per class
-      eval="",                  # the same for held-out images; empty = a stratified eval_fraction of train
-      eval_fraction=0.2,
-      tfds_name="",
-      tfds_split="train",
-      tfds_eval_split="test",
-      data_dir="",
-      image_size=0,             # 0 = native size; N resizes to NxN
-      channels=0,               # 0 = native; 1 or 3 converts
-  ))
-
-
-def frozen_eval_config() -> ml_collections.ConfigDict:
-  """The linear probe / kNN evaluation of frozen backbone features (every eval_every steps)."""
-  return ml_collections.ConfigDict(dict(
-      enabled=True,
-      probe_steps=300,          # full-batch Adam steps of the logistic regression
-      probe_lr=0.05,
-      probe_l2=1e-4,
-      knn_k=20,
-      knn_temperature=0.07,
-      n_per_class=10,           # the low-label variant; 0 turns it off
-      max_train=10000,          # labelled training images used (0 = all)
-      batch=256,                # feature-extraction batch
-  ))
+def resolve_backbone(model_config: dict, source: dict | None = None) -> dict:
+  """The backbone description: the pretraining run's (`source`) or the defaults, overlaid with this
+  config's non-empty fields (runtime fields such as dropout always come from this config)."""
+  def overlay(base: dict, ours: dict) -> dict:
+    out = dict(base)
+    for k, v in ours.items():
+      if isinstance(v, dict):
+        out[k] = overlay(base.get(k) if isinstance(base.get(k), dict) else {}, v)
+      elif v or k in _RUNTIME:
+        out[k] = v
+    return out
+  return overlay(source or DEFAULT_BACKBONE, {k: v for k, v in model_config.items()
+                                              if k in DEFAULT_BACKBONE})
 
 
 def to_float(images: jax.Array) -> jax.Array:
@@ -89,24 +76,25 @@ def to_float(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32)
 
 
-def build_backbone(model_config: Any, image_shape: tuple[int, int, int], rngs: nnx.Rngs
+def build_backbone(backbone: dict, image_shape: tuple[int, int, int], rngs: nnx.Rngs
                    ) -> tuple[nnx.Module, int]:
-  """The backbone named by `model_config.backbone` for (H, W, C) images, and its feature width."""
-  kind = model_config.get("backbone", "resnet")
+  """The backbone a description (`resolve_backbone`) names for (H, W, C) images, and its feature
+  width."""
+  kind = backbone["backbone"]
   if kind == "resnet":
     from jembed.models.resnet import resnet_from_config
-    module = resnet_from_config(model_config.get("resnet", {}), in_channels=image_shape[-1], rngs=rngs)
+    module = resnet_from_config(backbone["resnet"], in_channels=image_shape[-1], rngs=rngs)
   elif kind == "vit":
     from jembed.models.vit import vit_from_config
-    module = vit_from_config(model_config.get("vit", {}), image_shape=tuple(image_shape), rngs=rngs)
+    module = vit_from_config(backbone["vit"], image_shape=tuple(image_shape), rngs=rngs)
   else:
     raise UserError(f"model.backbone='{kind}' is unknown; choose one of {', '.join(BACKBONES)}")
   return module, int(module.out_features)
 
 
-def backbone_features(backbone: nnx.Module, images_float: jax.Array, train: bool) -> jax.Array:
+def backbone_features(backbone: nnx.Module, images_float: jax.Array) -> jax.Array:
   """(B, H, W, C) float images -> (B, D) pooled float32 features."""
-  return backbone(images_float, train=train).astype(jnp.float32)
+  return backbone(images_float).astype(jnp.float32)
 
 
 class VisionTask(Task):
@@ -114,6 +102,7 @@ class VisionTask(Task):
   from config. Subclasses implement `build_model` (with a `backbone` attribute) and `loss`."""
 
   unit = "images"
+  backbone = "backbone"
 
   def __init__(self, config, workdir):
     super().__init__(config, workdir)
@@ -132,19 +121,26 @@ class VisionTask(Task):
             "image_shape": "x".join(map(str, self.image_shape)), "classes": train.num_classes}
     return Data(train={"image": train.images, "label": train.labels}, eval=eval_cols, info=info)
 
-  def build_backbone(self, rngs: nnx.Rngs) -> tuple[nnx.Module, int]:
-    return build_backbone(self.config.model, self.image_shape, rngs)
+  def model_spec(self):
+    source = self.init.spec.get("backbone") if self.init is not None else None
+    return dict(task=self.config.task, backbone=resolve_backbone(self.config.model.to_dict(), source),
+                image_shape=list(self.image_shape), **self.head_spec())
+
+  def head_spec(self) -> dict:
+    """What the task's heads add to the model description."""
+    return {}
 
   # -- frozen-feature evaluation (host side) --
   def _eval_cfg(self):
     return self.config.get("frozen_eval", None) or {}
 
   def _features(self, backbone: nnx.Module, images: np.ndarray) -> np.ndarray:
+    backbone.eval()
     graphdef, state = nnx.split(backbone)
     if self._features_fn is None:
       # One compiled function for pretrained and random-init backbones (same graph, new weights).
       self._features_fn = jax.jit(
-          lambda g, s, x: backbone_features(nnx.merge(g, s), to_float(x), False), static_argnums=0)
+          lambda g, s, x: backbone_features(nnx.merge(g, s), to_float(x)), static_argnums=0)
     batch = int(self._eval_cfg().get("batch", 256))
     return evaluate_lib.extract_features(lambda x: self._features_fn(graphdef, state, x), images, batch)
 
@@ -170,7 +166,8 @@ class VisionTask(Task):
     out = evaluate_lib.feature_metrics(feats[0], tr_y, feats[1], te_y, **kwargs)
     if with_random:
       if self._random_metrics is None:
-        rand = self.build_model(nnx.Rngs(params=int(self.config.get("seed", 0)) + 7919)).backbone
+        seed = int(self.config.seed) + 7919
+        rand = modelspec.build(self.model_spec(), nnx.Rngs(params=seed, dropout=seed)).backbone
         rfeats = (self._features(rand, tr_x), self._features(rand, te_x))
         rnd = evaluate_lib.feature_metrics(rfeats[0], tr_y, rfeats[1], te_y, **kwargs)
         self._random_metrics = {f"random_{k}": v for k, v in rnd.items()}

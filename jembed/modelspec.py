@@ -1,0 +1,85 @@
+"""The model described in the workdir: `model.json`, and building a task model from it.
+
+A model description (a "spec") is a JSON-able dict that says everything needed to rebuild a task's
+model without loading any data: the task name, the backbone's architecture, the input it expects
+(tokenizer file and special ids, or image shape), the pooling, and the heads' sizes. A task makes
+it once from its config and data (`Task.model_spec`); the loop saves it as WORKDIR/model.json and
+builds the model with `build`, a pure function of it. `jembed.load` stands on the same two calls.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from flax import nnx
+
+from jembed.errors import UserError
+
+MODEL_FILE = "model.json"
+
+
+def build(spec: dict[str, Any], rngs: nnx.Rngs) -> nnx.Module:
+  """The task model `spec` describes, unsharded (the loop places it on the mesh; eager sharding,
+  which would need a mesh and logical rules at construction, is off while it is built)."""
+  from jembed.tasks import task_class
+  with nnx.use_eager_sharding(False):
+    return task_class(spec["task"]).build_model(spec, rngs)
+
+
+def save(workdir: str, spec: dict[str, Any]) -> None:
+  path = os.path.join(workdir, MODEL_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(spec, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def read(directory: str) -> dict[str, Any] | None:
+  """The spec saved in `directory`, or None when it has none."""
+  path = os.path.join(directory, MODEL_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path} cannot be read ({type(e).__name__}); the workdir is damaged: "
+                    "restore model.json from a backup or train into a new --workdir") from e
+
+
+def load_model(workdir: str, step: int | None = None) -> tuple[dict[str, Any], nnx.Module, int]:
+  """(spec, task model in eval mode with the checkpoint's parameters, step) of a jembed workdir,
+  without loading any data. LoRA runs come back with their adapters merged."""
+  import jax
+  from jembed import checkpoint as ckpt_lib
+  from jembed import init as init_lib
+  spec = read(workdir)
+  if spec is None:
+    raise UserError(f"{workdir} has no {MODEL_FILE}; point at the --workdir of a jembed run (one "
+                    "written by jembed 0.2 or later)")
+  state, step = ckpt_lib.restore_params_only(workdir, step)
+  params = init_lib.dense_params(workdir, state)
+  abstract = nnx.eval_shape(lambda: build(spec, nnx.Rngs(params=0, dropout=0)))
+  graphdef, abs_params, rng, rest = nnx.split(abstract, nnx.Param, nnx.RngState, ...)
+  concrete = jax.tree.map(lambda s: jax.random.key(0) if jax.dtypes.issubdtype(
+      s.dtype, jax.dtypes.prng_key) else jax.numpy.zeros(s.shape, s.dtype), rng)
+  model = nnx.merge(graphdef, _like(abs_params, params), concrete,
+                    _like(rest, state.get("model_state") or {}))
+  model.eval()
+  return spec, model, step
+
+
+def _like(abstract_state, values: dict):
+  """`values` (a restored pure dict, int keys possibly as strings) in the structure of an abstract
+  nnx.State, so merge gets exactly the tree it expects."""
+  from jembed import tree
+  flat = tree.flatten(values)
+  pure = nnx.to_pure_dict(abstract_state)
+  missing = [p for p in tree.flatten(pure) if p not in flat]
+  if missing:
+    raise UserError(f"the checkpoint lacks '{missing[0]}' of the model its {MODEL_FILE} describes; "
+                    "the workdir is damaged or mixed from two runs")
+  import numpy as np
+  filled = tree.replace(pure, {p: np.asarray(flat[p]) for p in tree.flatten(pure)})
+  nnx.replace_by_pure_dict(abstract_state, filled)
+  return abstract_state

@@ -1,0 +1,61 @@
+"""Text classification: a Transformer encoder pooled by [CLS] or the mean over tokens
+(`model.pooling`), then a fresh linear head. Data: jembed/data/labeled_text.py."""
+from __future__ import annotations
+
+from flax import nnx
+
+from jembed.data import encode, labeled_text
+from jembed.errors import UserError
+from jembed.models.heads import Classifier, pool
+from jembed.models.transformer import TransformerConfig, TransformerEncoder
+from jembed.tasks.base import Data
+from jembed.tasks.classification import ClassificationTask
+from jembed.tasks.text_base import TextTask
+
+POOLINGS = ("cls", "mean")
+
+
+class TextClassifier(nnx.Module):
+
+  def __init__(self, cfg: TransformerConfig, num_classes: int, pooling: str, *, rngs: nnx.Rngs):
+    self.encoder = TransformerEncoder(cfg, rngs=rngs)
+    self.head = Classifier(cfg.hidden_size, num_classes, rngs=rngs)
+    self.pooling = pooling
+
+  def __call__(self, tokens, mask):
+    return self.head(pool(self.encoder(tokens, mask), mask, self.pooling))
+
+
+class TextClassificationTask(TextTask, ClassificationTask):
+
+  def load_data(self) -> Data:
+    d = self.config.data
+    data = labeled_text.load_labeled_text(d)
+    tok = self.resolve_tokenizer(data.train_texts)
+    self.class_names = data.class_names
+    self.encoder_config()  # checks seq_len against the position table before encoding anything
+    seq_len = int(d.seq_len)
+    train = {"tokens": encode.encode_texts(tok, data.train_texts, seq_len, self.ids),
+             "label": data.train_labels}
+    held = {"tokens": encode.encode_texts(tok, data.eval_texts, seq_len, self.ids),
+            "label": data.eval_labels}
+    self.eval_columns = held
+    return Data(train=train, eval=held, info={
+        "train_texts": len(data.train_texts), "eval_texts": len(data.eval_texts),
+        "classes": len(self.class_names), "vocab_size": self.vocab})
+
+  def model_spec(self):
+    pooling = self.config.model.get("pooling", "cls")
+    if pooling not in POOLINGS:
+      raise UserError(f"model.pooling='{pooling}' is unknown; use one of {', '.join(POOLINGS)}")
+    return self.text_spec(modality="text", pooling=pooling, normalize=False,
+                          class_names=list(self.class_names))
+
+  @classmethod
+  def build_model(cls, spec, rngs):
+    return TextClassifier(TransformerConfig.from_json(spec["encoder"]), len(spec["class_names"]),
+                          spec["pooling"], rngs=rngs)
+
+  def logits(self, model, batch):
+    tokens = batch["tokens"]
+    return model(tokens, tokens != self.ids["pad"])

@@ -1,0 +1,203 @@
+"""Contrastive text embeddings with in-batch negatives (the recipe behind OpenAI's and
+sentence-transformers' text embeddings).
+
+Each example is an (anchor, positive) pair and optionally K hard negatives. Anchors, positives and
+negatives go through one shared encoder and pooling; symmetric InfoNCE (jembed.losses.info_nce)
+asks each anchor to pick its positive out of every positive and negative of the *global* batch
+(the loss is plain jnp over the global sharded arrays, so negatives span the whole mesh), at a fixed
+scale (20 = temperature 0.05, sentence-transformers' default) or a learnable one clamped as CLIP
+does. With `loss.chunk_size` the gradient is computed chunk by chunk (GradCache), so a global batch
+larger than memory fits, with the same gradient. A `.txt` training file gives unsupervised pairs
+(each line with itself: two dropout views, SimCSE).
+
+Held-out retrieval (recall@1/10, MRR@10, nDCG@10 with the BEIR definitions) is an eval row every
+`eval_every` steps, and the final summary prints it next to the model the run started from.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jembed import losses, retrieval
+from jembed.data import encode, pairs as pairs_lib
+from jembed.errors import UserError
+from jembed.models.heads import pool
+from jembed.models.transformer import TransformerConfig, TransformerEncoder
+from jembed.tasks.base import Data
+from jembed.tasks.text_base import TextTask
+
+POOLINGS = ("cls", "mean", "max", "mean_sqrt_len")
+METRICS = ("recall@1", "recall@10", "mrr@10", "ndcg@10")
+
+
+class ContrastiveTextModel(nnx.Module):
+  """encoder -> pooling (-> L2 normalisation in the loss); an optional learnable logit scale."""
+
+  def __init__(self, cfg: TransformerConfig, pooling: str, learn_temperature: bool,
+               init_temperature: float, *, rngs: nnx.Rngs):
+    self.encoder = TransformerEncoder(cfg, rngs=rngs)
+    self.pooling = pooling
+    self.log_scale = (nnx.Param(losses.clip_logit_scale_init(init_temperature), out_sharding=())
+                      if learn_temperature else None)
+
+  def __call__(self, tokens, mask):
+    return pool(self.encoder(tokens, mask), mask, self.pooling).astype(jnp.float32)
+
+
+class ContrastiveTextTask(TextTask):
+
+  def __init__(self, config, workdir):
+    super().__init__(config, workdir)
+    loss = config.loss
+    if loss.chunk_size and loss.learn_temperature:
+      raise UserError("loss.chunk_size with loss.learn_temperature is not supported: the cached "
+                      "loss gives the learnable scale no gradient; use a fixed loss.scale or no chunks")
+    if loss.chunk_size and (loss.chunk_size < 0 or config.batch_size % loss.chunk_size):
+      raise UserError(f"loss.chunk_size={loss.chunk_size} must divide batch_size={config.batch_size}")
+    self._embedder = None
+
+  # -- data --
+  def load_data(self) -> Data:
+    d = self.config.data
+    train, held, self.skipped = pairs_lib.load_pair_splits(d)
+    texts = [t for p in train for t in (p.anchor, p.positive, *p.negatives)]
+    tok = self.resolve_tokenizer(texts)
+    self.encoder_config()  # checks seq_len against the position table before encoding anything
+    self.num_negatives = pairs_lib.count_negatives(train, int(d.num_negatives))
+    self.held_out = held
+    columns = self._columns(train)
+    info = {"train_pairs": len(train), "eval_pairs": len(held), "hard_negatives": self.num_negatives,
+            "vocab_size": self.vocab}
+    if self.skipped:
+      info["skipped_records"] = self.skipped
+    eval_columns = self._columns(held) if len(held) >= int(self.config.batch_size) else None
+    return Data(train=columns, eval=eval_columns, info=info)
+
+  def _columns(self, rows) -> dict[str, np.ndarray]:
+    seq_len = int(self.config.data.seq_len)
+    enc = lambda texts: encode.encode_texts(self.tokenizer, texts, seq_len, self.ids)
+    cols = {"anchor": enc([p.anchor for p in rows]), "positive": enc([p.positive for p in rows])}
+    k = self.num_negatives
+    if k:
+      flat = enc([n for p in rows for n in p.negatives[:k]])
+      cols["negative"] = flat.reshape(len(rows), k, seq_len)
+    return cols
+
+  def items_per_example(self) -> int:
+    return 1
+
+  # -- model --
+  def model_spec(self):
+    m = self.config.model
+    pooling = m.get("pooling", "") or (self.init.spec.get("pooling") if self.init else "") or "mean"
+    if pooling not in POOLINGS:
+      raise UserError(f"model.pooling='{pooling}' is unknown; use one of {', '.join(POOLINGS)}")
+    loss = self.config.loss
+    return self.text_spec(pooling=pooling, normalize=True,
+                          learn_temperature=bool(loss.learn_temperature),
+                          init_temperature=float(loss.init_temperature))
+
+  @classmethod
+  def build_model(cls, spec, rngs):
+    return ContrastiveTextModel(TransformerConfig.from_json(spec["encoder"]), spec["pooling"],
+                                spec["learn_temperature"], spec["init_temperature"], rngs=rngs)
+
+  # -- objective --
+  def _scale(self, model):
+    if model.log_scale is not None:
+      return losses.clip_logit_scale(model.log_scale[...], float(self.config.loss.max_scale))
+    return float(self.config.loss.scale)
+
+  def _embed_columns(self, model, batch) -> dict[str, jax.Array]:
+    pad = self.ids["pad"]
+    out = {}
+    for name in ("anchor", "positive", "negative"):
+      if name not in batch:
+        continue
+      tokens = batch[name]
+      flat = tokens.reshape(-1, tokens.shape[-1])
+      out[name] = model(flat, flat != pad).reshape(tokens.shape[:-1] + (-1,))
+    return out
+
+  def _loss_from(self, emb, scale):
+    return losses.info_nce(emb["anchor"], emb["positive"], scale=scale,
+                           negatives=emb.get("negative"), symmetric=bool(self.config.loss.symmetric))
+
+  def loss(self, model, batch, rng, train):
+    return self._loss_from(self._embed_columns(model, batch), self._scale(model))
+
+  def value_and_grad(self, make_model, trained, batch, rng):
+    chunk = int(self.config.loss.chunk_size)
+    if not chunk:
+      return super().value_and_grad(make_model, trained, batch, rng)
+    from jembed.train import ModelDef
+    model_state = ModelDef.model_state(make_model(trained))  # unchanged: text encoders keep none
+
+    def encode_chunk(t, columns, key):
+      # The whole tree (log-scale included) goes through encode so the gradient has its structure;
+      # the scale itself is read in the loss below from the same trained tree.
+      return self._embed_columns(make_model(t, key), columns)
+
+    def loss_from(emb):
+      return self._loss_from(emb, self._scale(make_model(trained)))
+
+    (loss, metrics), grads = losses.grad_cache(encode_chunk, loss_from, trained, batch,
+                                               chunk_size=chunk, rng=rng)
+    return (loss, (metrics, model_state)), grads
+
+  # -- retrieval evaluation (host side) --
+  def _embed_texts(self, model, texts: list[str]) -> np.ndarray:
+    from jembed.embed import TextEmbedder
+    params = nnx.to_pure_dict(nnx.state(model.encoder, nnx.Param))
+    if self._embedder is None:
+      spec = self.model_spec()
+      self._embedder = TextEmbedder(TransformerConfig.from_json(spec["encoder"]), params,
+                                    self.tokenizer, self.ids, pooling=spec["pooling"], normalize=True,
+                                    max_seq_length=int(self.config.data.seq_len))
+    else:
+      self._embedder.set_params(params)
+    return self._embedder.embed(texts, batch_size=int(self.config.retrieval_batch))
+
+  def retrieval_metrics(self, model) -> dict[str, float]:
+    queries, corpus, qrels = pairs_lib.retrieval_set(self.held_out)
+    if not queries:
+      return {}
+    q, c = self._embed_texts(model, queries), self._embed_texts(model, corpus)
+    return retrieval.retrieval_metrics(q, c, qrels)
+
+  def extra_eval(self, model, step):
+    return self.retrieval_metrics(model)
+
+  def _start_model(self):
+    """The model the run started from: the warm-start source, else the same random init."""
+    from jembed import init as init_lib
+    from jembed import modelspec
+    spec = self.model_spec()
+    seed = int(self.config.seed)
+    model = modelspec.build(spec, nnx.Rngs(params=seed, dropout=seed))
+    if self.init is not None:
+      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      params, _ = init_lib.warm_start(self.init, jax.tree.map(jnp.asarray, params), {},
+                                      backbone="encoder", same_task=self.init.task == spec["task"])
+      nnx.update(model, params)
+    model.eval()
+    return model
+
+  def final_summary(self, model, eval_metrics, logger) -> None:
+    after = {k: eval_metrics[k] for k in METRICS if k in eval_metrics}
+    if not after:
+      after = self.retrieval_metrics(model)
+    if not after:
+      return
+    before = self.retrieval_metrics(self._start_model())
+    start = self.init.description if self.init is not None else "random init"
+    lines = [f"held-out retrieval ({len(self.held_out)} queries): trained vs start ({start})",
+             f"{'metric':<12}{'trained':>10}{'start':>10}{'gain':>9}"]
+    for k in after:
+      lines.append(f"{k:<12}{after[k]:>10.4f}{before.get(k, float('nan')):>10.4f}"
+                   f"{after[k] - before.get(k, float('nan')):>+9.4f}")
+    logger.info("\n".join(lines))

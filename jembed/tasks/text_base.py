@@ -1,0 +1,63 @@
+"""What every text task shares: its tokenizer and its encoder's architecture, from scratch or from
+the warm-start source (config.init), and the text part of the model description.
+
+Tokenizer, first that applies: `data.tokenizer` (a tokenizer.json), the warm-start source's, the one
+a resumed run saved in its workdir, else a WordPiece vocabulary trained on the task's texts.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from jembed.data import encode
+from jembed.data import text as text_lib
+from jembed.errors import UserError
+from jembed.models.transformer import TransformerConfig
+from jembed.tasks.base import Task
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class TextTask(Task):
+  """A task on a Transformer encoder (attribute `encoder`) over WordPiece ids."""
+
+  backbone = "encoder"
+
+  def resolve_tokenizer(self, train_texts: Sequence[str] = ()):
+    d = self.config.data
+    path = d.get("tokenizer", "")
+    if not path and self.init is None:
+      saved = os.path.join(self.workdir, TOKENIZER_FILE)
+      path = saved if os.path.exists(saved) else ""  # a resumed run keeps its vocabulary
+    if path or self.init is None or self.init.tokenizer is None:
+      tok = text_lib.build_tokenizer(train_texts, int(d.get("vocab_size", 8192)), path=path or None)
+    else:
+      tok = encode.plain(self.init.tokenizer)
+    self.tokenizer = tok
+    self.ids = text_lib.special_ids(tok)
+    self.vocab = tok.get_vocab_size()
+    return tok
+
+  def encoder_config(self) -> TransformerConfig:
+    source = self.init.spec.get("encoder") if self.init is not None else None
+    if self.init is not None and not source:
+      raise UserError(f"init source {self.init.description} has no text encoder; warm-start a text "
+                      "task from a text model")
+    cfg = TransformerConfig.resolve(self.config.model, vocab_size=self.vocab, source=source)
+    seq_len = int(self.config.data.seq_len)
+    if seq_len > cfg.max_position:
+      raise UserError(f"data.seq_len={seq_len} is longer than the position table "
+                      f"(max_position={cfg.max_position}); lower data.seq_len or raise "
+                      "model.max_position")
+    return cfg
+
+  def text_spec(self, **extra: Any) -> dict[str, Any]:
+    """The text part of the model description: encoder, tokenizer file, special ids, length."""
+    return dict(task=self.config.task, encoder=self.encoder_config().to_json(),
+                tokenizer=TOKENIZER_FILE, special_ids=dict(self.ids),
+                seq_len=int(self.config.data.seq_len), **extra)
+
+  def save_artifacts(self) -> None:
+    path = os.path.join(self.workdir, TOKENIZER_FILE)
+    if not os.path.exists(path):
+      encode.save_tokenizer(self.tokenizer, path)
