@@ -23,6 +23,7 @@ from safetensors.numpy import load_file, save_file
 from jembed import hf
 from jembed.data import text
 from jembed.errors import UserError
+from jembed.hf.io import abstract_module
 from jembed.models.heads import MlmHead, pool
 from jembed.models.transformer import Mlp, TransformerConfig, TransformerEncoder
 
@@ -64,11 +65,11 @@ def tiny_encoder(tokenizer, *, pooler=True, mlm=True, seed=0, hidden_act="gelu")
   # The tree's structure and shapes from an abstract build; no JAX random init to compile.
   fill = lambda tree: jax.tree.map(lambda x: rng.normal(0, 0.2, x.shape).astype(np.float32), tree)
   params = fill(nnx.to_pure_dict(nnx.state(
-      nnx.eval_shape(lambda: TransformerEncoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)))
+      abstract_module(lambda rngs: TransformerEncoder(cfg, rngs=rngs)), nnx.Param)))
   head = None
   if mlm:
     head = fill(nnx.to_pure_dict(nnx.state(
-        nnx.eval_shape(lambda: MlmHead(32, cfg.vocab_size, rngs=nnx.Rngs(0))), nnx.Param)))
+        abstract_module(lambda rngs: MlmHead(32, cfg.vocab_size, rngs=rngs)), nnx.Param)))
   return cfg, params, head
 
 
@@ -227,13 +228,8 @@ def test_encoder_from_dir_holds_the_weights(tmp_path, tokenizer):
   assert_trees_equal(nnx.to_pure_dict(nnx.state(encoder, nnx.Param)), params)
   emb = hf.embed(encoder, model, TEXTS)
   assert emb.shape == (len(TEXTS), 32) and np.isfinite(emb).all()
+  np.testing.assert_array_equal(hf.embed(encoder, model, TEXTS), emb)  # eval mode: no dropout
   np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-6)  # normalize=True was read
-
-
-def _filled(module, params):
-  state = nnx.state(module, nnx.Param)
-  nnx.replace_by_pure_dict(state, hf.io.jax_tree(params))
-  return state
 
 
 def test_bad_directories_raise_one_line_errors(tmp_path, tokenizer, monkeypatch):
@@ -372,7 +368,7 @@ _ACTS = {
 def test_hidden_act_is_used(name):
   cfg = TransformerConfig(num_layers=1, hidden_size=8, num_heads=2, mlp_dim=16, vocab_size=10,
                           hidden_act=name)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Mlp(cfg, rngs=nnx.Rngs(0))))
+  graphdef, state = nnx.split(abstract_module(lambda rngs: Mlp(cfg, rngs=rngs)))
   rng = np.random.default_rng(1)
   nnx.replace_by_pure_dict(state, jax.tree.map(lambda v: jnp.asarray(rng.normal(0, 0.3, v.shape), jnp.float32),
                                                nnx.to_pure_dict(state)))
@@ -394,7 +390,7 @@ def test_model_config_reads_hidden_act_and_pooler():
   assert cfg.hidden_act == "relu" and cfg.pooler
   assert TransformerConfig.from_config(ml_collections.ConfigDict(small), 100).hidden_act == "gelu"
   # Abstract builds (nnx.eval_shape): the structure is what matters here, not random weights.
-  build = lambda c: nnx.eval_shape(lambda: TransformerEncoder(c, rngs=nnx.Rngs(0)))
+  build = lambda c: abstract_module(lambda rngs: TransformerEncoder(c, rngs=rngs))
   assert "pooler" in nnx.to_pure_dict(nnx.state(build(cfg), nnx.Param))
   plain = build(dataclasses.replace(cfg, pooler=False))
   assert "pooler" not in nnx.to_pure_dict(nnx.state(plain, nnx.Param))
@@ -469,8 +465,10 @@ def test_matches_transformers(hf_dir, tmp_path):
   diff = np.abs(ours - ref_hidden)[valid].max()
   print(f"\ntiny BERT last_hidden_state max|jembed - transformers| = {diff:.3g}")
   assert diff < TOL
-  head = MlmHead(32, model.encoder_config["vocab_size"], rngs=nnx.Rngs(0))
-  nnx.update(head, _filled(head, model.mlm_head))
+  graphdef, state = nnx.split(abstract_module(
+      lambda rngs: MlmHead(32, model.encoder_config["vocab_size"], rngs=rngs)))
+  nnx.replace_by_pure_dict(state, hf.io.jax_tree(model.mlm_head))
+  head = nnx.merge(graphdef, state)
   logits = np.asarray(head(jnp.asarray(ours), encoder.embeddings.token))
   diff = np.abs(logits - ref_logits)[valid].max()
   print(f"tiny BERT MLM logits max|jembed - transformers| = {diff:.3g}")

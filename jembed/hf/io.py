@@ -114,18 +114,25 @@ def load_dir(path: str) -> HFModel:
                  max_seq_length=max_len, lowercase=info["lowercase"])
 
 
+def abstract_module(build):
+  """nnx.eval_shape of `build(rngs)`: shapes only, no weights allocated. Eager sharding is off while
+  it is built (it would need a mesh and logical rules); the caller places the result."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  with nnx.use_eager_sharding(False):
+    return nnx.eval_shape(lambda: build(nnx.Rngs(params=0, dropout=0)))
+
+
 def _check_shapes(params: dict, cfg: dict, *, source: str, mlm_head: dict | None = None) -> None:
   """Every tensor has the shape a TransformerEncoder (and MlmHead) of `cfg` gives it."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from jembed.models.heads import MlmHead  # pylint: disable=import-outside-toplevel
   from jembed.models.transformer import TransformerConfig, TransformerEncoder  # pylint: disable=import-outside-toplevel
   tcfg = TransformerConfig(**cfg)
-  # Abstract builds: shapes only, no weights allocated.
-  want = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: TransformerEncoder(tcfg, rngs=nnx.Rngs(0))),
+  want = nnx.to_pure_dict(nnx.state(abstract_module(lambda rngs: TransformerEncoder(tcfg, rngs=rngs)),
                                     nnx.Param))
   pairs = [(want, params)]
   if mlm_head is not None:
-    head = nnx.eval_shape(lambda: MlmHead(tcfg.hidden_size, tcfg.vocab_size, rngs=nnx.Rngs(0)))
+    head = abstract_module(lambda rngs: MlmHead(tcfg.hidden_size, tcfg.vocab_size, rngs=rngs))
     pairs.append((nnx.to_pure_dict(nnx.state(head, nnx.Param)), mlm_head))
   for expected, got in pairs:
     for path, leaf in _flat(expected):
@@ -230,7 +237,10 @@ def save_model(path: str, model: HFModel) -> str:
 
 
 def encoder_from_dir(path: str, *, dtype=None):
-  """(a TransformerEncoder holding the directory's weights, the HFModel)."""
+  """(a TransformerEncoder holding the directory's weights, in eval mode, unsharded; the HFModel).
+
+  Call `.train()` on the encoder to fine-tune it (its dropout rates are the config.json's)."""
+  import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from jembed.models.transformer import TransformerConfig, TransformerEncoder  # pylint: disable=import-outside-toplevel
@@ -240,10 +250,15 @@ def encoder_from_dir(path: str, *, dtype=None):
     fields["dtype"] = jnp.dtype(dtype)
   cfg = TransformerConfig(**fields)
   # Built abstractly (no random init of weights about to be replaced), then filled in.
-  abstract = nnx.eval_shape(lambda: TransformerEncoder(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  nnx.replace_by_pure_dict(state, jax_tree(model.params))
-  return nnx.merge(graphdef, state), model
+  abstract = abstract_module(lambda rngs: TransformerEncoder(cfg, rngs=rngs))
+  graphdef, params, rng, rest = nnx.split(abstract, nnx.Param, nnx.RngState, ...)
+  nnx.replace_by_pure_dict(params, jax_tree(model.params))
+  # The dropout streams get concrete keys (seed 0); a training loop reseeds them.
+  rng = jax.tree.map(lambda s: jax.random.key(0) if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key)
+                     else jnp.zeros(s.shape, s.dtype), rng)
+  encoder = nnx.merge(graphdef, params, rng, rest)
+  encoder.eval()
+  return encoder, model
 
 
 def jax_tree(tree: dict) -> dict:
