@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jembed import evaluate, train
 from jembed.data import augment, pipeline
 from jembed.errors import UserError
-from jembed.tasks.simclr import nt_xent
+from jembed.losses import nt_xent
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -53,9 +53,6 @@ class ContrastiveTextTask(TextTask):
   def __init__(self, config, workdir):
     super().__init__(config, workdir)
     loss = config.loss
-    if loss.chunk_size and loss.learn_temperature:
-      raise UserError("loss.chunk_size with loss.learn_temperature is not supported: the cached "
-                      "loss gives the learnable scale no gradient; use a fixed loss.scale or no chunks")
     if loss.chunk_size and (loss.chunk_size < 0 or config.batch_size % loss.chunk_size):
       raise UserError(f"loss.chunk_size={loss.chunk_size} must divide batch_size={config.batch_size}")
     self._embedder = None
@@ -67,15 +64,18 @@ class ContrastiveTextTask(TextTask):
     texts = [t for p in train for t in (p.anchor, p.positive, *p.negatives)]
     tok = self.resolve_tokenizer(texts)
     self.encoder_config()  # checks seq_len against the position table before encoding anything
-    self.num_negatives = pairs_lib.count_negatives(train, int(d.num_negatives))
+    self.num_negatives = _num_negatives(train, int(d.num_negatives))
     self.held_out = held
     columns = self._columns(train)
     info = {"train_pairs": len(train), "eval_pairs": len(held), "hard_negatives": self.num_negatives,
             "vocab_size": self.vocab}
     if self.skipped:
       info["skipped_records"] = self.skipped
-    eval_columns = self._columns(held) if len(held) >= int(self.config.batch_size) else None
-    return Data(train=columns, eval=eval_columns, info=info)
+    # The held-out loss needs full batches shaped like training's (same number of negatives);
+    # retrieval metrics are computed on every held-out pair regardless.
+    fits = (len(held) >= int(self.config.batch_size)
+            and all(len(p.negatives) >= self.num_negatives for p in held))
+    return Data(train=columns, eval=self._columns(held) if fits else None, info=info)
 
   def _columns(self, rows) -> dict[str, np.ndarray]:
     seq_len = int(self.config.data.seq_len)
@@ -138,12 +138,11 @@ class ContrastiveTextTask(TextTask):
     model_state = ModelDef.model_state(make_model(trained))  # unchanged: text encoders keep none
 
     def encode_chunk(t, columns, key):
-      # The whole tree (log-scale included) goes through encode so the gradient has its structure;
-      # the scale itself is read in the loss below from the same trained tree.
       return self._embed_columns(make_model(t, key), columns)
 
-    def loss_from(emb):
-      return self._loss_from(emb, self._scale(make_model(trained)))
+    def loss_from(emb, t):
+      # The scale comes from the same trained tree, so a learnable one gets its gradient here.
+      return self._loss_from(emb, self._scale(make_model(t)))
 
     (loss, metrics), grads = losses.grad_cache(encode_chunk, loss_from, trained, batch,
                                                chunk_size=chunk, rng=rng)
@@ -201,3 +200,20 @@ class ContrastiveTextTask(TextTask):
       lines.append(f"{k:<12}{after[k]:>10.4f}{before.get(k, float('nan')):>10.4f}"
                    f"{after[k] - before.get(k, float('nan')):>+9.4f}")
     logger.info("\n".join(lines))
+
+
+def _num_negatives(rows, setting: int) -> int:
+  """Hard negatives per pair in the batch columns: `setting` (> 0), none (0), or -1: as many as
+  every pair has."""
+  counts = [len(p.negatives) for p in rows]
+  if setting == 0 or (setting < 0 and max(counts) == 0):
+    return 0
+  if setting < 0:
+    if min(counts) == 0:
+      raise UserError(f"{sum(c > 0 for c in counts)} of {len(counts)} training pairs have hard "
+                      "negatives and the others none; give every pair one, or set "
+                      "data.num_negatives=0 to train without them")
+    return min(counts)
+  if min(counts) < setting:
+    raise UserError(f"data.num_negatives={setting} but some pairs have only {min(counts)}; lower it")
+  return setting

@@ -8,34 +8,13 @@ written with plain jnp spans every device: negatives come from the whole mesh, n
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jembed.data import augment
+from jembed.losses import nt_xent
 from jembed.models.heads import ProjectionHead
 from jembed.tasks.vision import VisionTask, backbone_features, build_backbone, to_float
-
-
-def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
-  """NT-Xent loss and contrastive top-1 accuracy of paired embeddings z1[i] <-> z2[i], (B, d) each.
-
-  Rows are L2-normalised here. Each of the 2B views is a softmax over the other 2B-1 (itself
-  excluded) with its partner as the target; the loss is the mean over all 2B views. Accuracy:
-  how often the partner is the most similar of the 2B-1 candidates.
-  """
-  z = jnp.concatenate([z1, z2], axis=0).astype(jnp.float32)
-  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
-  n = z.shape[0]
-  b = n // 2
-  logits = (z @ z.T) / temperature
-  # A view is always most similar to itself: take it out of the candidates.
-  logits = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, logits)
-  partner = (jnp.arange(n) + b) % n
-  positive = jnp.take_along_axis(logits, partner[:, None], axis=1)[:, 0]
-  loss = (jax.nn.logsumexp(logits, axis=-1) - positive).mean()
-  accuracy = (logits.argmax(-1) == partner).mean()
-  return loss, accuracy
 
 
 class SimclrModel(nnx.Module):
