@@ -21,14 +21,32 @@ class MlmHead(nnx.Module):
     return token_table.attend(h) + self.bias[...].astype(h.dtype)
 
 
-def pool(hidden: jax.Array, mask: jax.Array, method: str) -> jax.Array:
-  """(B, T, D) -> (B, D): the first ([CLS]) token, or the mean over non-padding tokens."""
+POOLINGS = ("cls", "mean", "max", "mean_sqrt_len")
+
+
+def pool(hidden: jax.Array, mask: jax.Array, method: str, *, normalize: bool = False) -> jax.Array:
+  """(B, T, D) -> (B, D) over the non-padding tokens, as sentence-transformers' Pooling does it.
+
+  cls: the first ([CLS]) token; mean: sum / count; max: per-feature max with padding set to -1e9
+  (sentence-transformers 6 uses -inf: the same for every row that has a token); mean_sqrt_len:
+  sum / sqrt(count). `normalize` then divides by the L2 norm (floored at 1e-12, as
+  torch's F.normalize, which sentence-transformers' Normalize module calls).
+  """
+  m = mask[..., None]
   if method == "cls":
-    return hidden[:, 0]
-  if method == "mean":
-    m = mask[..., None].astype(hidden.dtype)
-    return (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-  raise ValueError(f"unknown pooling '{method}'")
+    out = hidden[:, 0]
+  elif method == "max":
+    out = jnp.where(m.astype(bool), hidden, jnp.asarray(-1e9, hidden.dtype)).max(1)
+  elif method in ("mean", "mean_sqrt_len"):
+    m = m.astype(hidden.dtype)
+    count = jnp.maximum(m.sum(1), 1.0)  # an all-padding row pools to zeros, not NaN
+    out = (hidden * m).sum(1) / (count if method == "mean" else jnp.sqrt(count))
+  else:
+    raise ValueError(f"unknown pooling '{method}'; use one of {', '.join(POOLINGS)}")
+  if normalize:
+    norm = jnp.linalg.norm(out.astype(jnp.float32), axis=-1, keepdims=True)
+    out = (out / jnp.maximum(norm, 1e-12)).astype(hidden.dtype)
+  return out
 
 
 class Classifier(nnx.Module):

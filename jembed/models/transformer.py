@@ -48,6 +48,10 @@ class TransformerConfig:
   dtype: Any = jnp.float32
   adapter_dim: int = 0
   remat: bool = False
+  # The MLP's activation, named as in Hugging Face configs (see `activation`).
+  hidden_act: str = "gelu"
+  # BERT's pooler, tanh(dense(h[:, 0])): kept so imported checkpoints round-trip.
+  pooler: bool = False
 
   @classmethod
   def from_config(cls, model_config, vocab_size: int | None = None) -> "TransformerConfig":
@@ -77,6 +81,8 @@ class TransformerConfig:
         dtype=jnp.dtype(model_config.get("dtype", "float32")),
         adapter_dim=model_config.get("adapter_dim", 0),
         remat=model_config.get("remat", False),
+        hidden_act=model_config.get("hidden_act", "gelu"),
+        pooler=model_config.get("pooler", False),
     )
 
   def to_json(self) -> dict:
@@ -129,6 +135,22 @@ ARCH_FIELDS = ("num_layers", "hidden_size", "num_heads", "mlp_dim", "vocab_size"
 RUNTIME_FIELDS = ("dropout", "attention_dropout", "dtype", "remat", "adapter_dim")
 
 
+# Hugging Face `hidden_act` names: "gelu" is the exact erf form; the tanh approximation goes by
+# two names there.
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str):
+  if name not in ACTIVATIONS:
+    raise UserError(f"model.hidden_act '{name}' is not supported; use one of {', '.join(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
 def constrain(x: jax.Array, names) -> jax.Array:
   # A no-op outside a mesh + logical-rules context (e.g. in plain unit tests).
   return nn.with_logical_constraint(x, names)
@@ -163,11 +185,13 @@ class Mlp(nnx.Module):
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.wi = Dense(cfg.hidden_size, cfg.mlp_dim, ("embed", "mlp"), dtype=cfg.dtype, rngs=rngs)
     self.wo = Dense(cfg.mlp_dim, cfg.hidden_size, ("mlp", "embed"), dtype=cfg.dtype, rngs=rngs)
+    activation(cfg.hidden_act)  # an unknown name fails when the model is built, not mid-step
+    self.hidden_act = cfg.hidden_act
 
   def __call__(self, x):
     h = constrain(self.wi(x), ("batch", "length", "mlp"))
-    # BERT uses the exact (erf) GELU.
-    return self.wo(jax.nn.gelu(h, approximate=False))
+    # BERT uses the exact (erf) GELU (the default "gelu").
+    return self.wo(activation(self.hidden_act)(h))
 
 
 class Layer(nnx.Module):
@@ -235,6 +259,8 @@ class TransformerEncoder(nnx.Module):
     self.embeddings = Embeddings(cfg, rngs=rngs)
     self.layers = nnx.List([Layer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_ln else None
+    self.pooler = (Dense(cfg.hidden_size, cfg.hidden_size, ("embed", "mlp"), dtype=cfg.dtype, rngs=rngs)
+                   if cfg.pooler else None)
 
   def __call__(self, tokens, mask=None, segments=None):
     if mask is None:
@@ -254,3 +280,10 @@ class TransformerEncoder(nnx.Module):
     if self.final_norm is not None:
       x = self.final_norm(x)
     return x
+
+  def pooled(self, hidden):
+    """BERT's pooler output tanh(dense(hidden[:, 0])) (B, D); needs `pooler=True`."""
+    if self.pooler is None:
+      raise UserError("this encoder has no pooler; build it with model.pooler=True "
+                      "(or use heads.pool for cls/mean pooling)")
+    return jnp.tanh(self.pooler(hidden[:, 0]))

@@ -1,0 +1,266 @@
+"""Read and write Hugging Face / sentence-transformers model directories without torch.
+
+`load_dir` reads what `transformers` (`save_pretrained`) and `sentence-transformers` (`save`) write
+for a BERT-family model; `save_dir` writes a directory both load, atomically (a temp directory
+beside the target, renamed at the end).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import tokenizers
+
+from jembed.errors import UserError
+from jembed.hf import config as hf_config
+from jembed.hf import names
+from jembed.hf import st
+from jembed.hf import tokenizer as hf_tokenizer
+
+WEIGHTS = "model.safetensors"
+TORCH_WEIGHTS = "pytorch_model.bin"
+
+
+@dataclasses.dataclass
+class HFModel:
+  """A BERT-family model read from a Hugging Face directory, in jembed's terms."""
+  encoder_config: dict  # TransformerConfig field values
+  params: dict  # the TransformerEncoder's nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
+  mlm_head: dict | None  # MlmHead's pure dict when the checkpoint has BertForMaskedLM's head
+  tokenizer: tokenizers.Tokenizer  # no padding; truncation at max_seq_length
+  special_ids: dict  # pad, unk, cls, sep, mask -> id, as the tokenizer has them
+  pooling: str  # cls | mean | max | mean_sqrt_len
+  normalize: bool
+  max_seq_length: int
+  lowercase: bool = False  # sentence_bert_config's do_lower_case: texts are lower-cased first
+
+  def encode(self, texts) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> (ids, mask) int32 [B, T], exactly as sentence-transformers tokenizes them."""
+    return hf_tokenizer.encode(self.tokenizer, texts, self.max_seq_length,
+                               pad_id=self.special_ids["pad"], lowercase=self.lowercase)
+
+
+def _read_weights(model_dir: str) -> dict:
+  path = os.path.join(model_dir, WEIGHTS)
+  if os.path.isfile(path):
+    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    try:
+      return load_file(path)
+    except Exception as e:  # pylint: disable=broad-except
+      first = str(e).splitlines()[0] if str(e) else type(e).__name__
+      raise UserError(f"cannot read {path} ({first}); the file is damaged or not safetensors") from None
+  bin_path = os.path.join(model_dir, TORCH_WEIGHTS)
+  if os.path.isfile(bin_path):
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise UserError(f"{bin_path} is a torch pickle and torch is not installed; convert it to "
+                      "model.safetensors (or pip install torch)") from None
+    import ml_dtypes  # pylint: disable=import-outside-toplevel
+    state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    # numpy has no bfloat16 of its own: reinterpret the bits as ml_dtypes' (what safetensors gives).
+    return {k: v.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if v.dtype == torch.bfloat16
+            else v.numpy() for k, v in state.items()}
+  if any(f.startswith("model-") and f.endswith(".safetensors") for f in os.listdir(model_dir)):
+    raise UserError(f"{model_dir} holds sharded weights (model-*.safetensors); jembed reads a single "
+                    "model.safetensors: re-save with a larger max_shard_size")
+  raise UserError(f"{model_dir} has no {WEIGHTS}; copy the model's weights into it")
+
+
+def load_dir(path: str) -> HFModel:
+  """Reads a BERT-family transformers or sentence-transformers directory."""
+  directory = os.path.expanduser(str(path))
+  if not os.path.isdir(directory):
+    raise UserError(f"model directory {directory!r} does not exist; give the path of a Hugging Face "
+                    "or sentence-transformers model directory")
+  info = st.read_st(directory)
+  model_dir = info["model_dir"]
+  config_path = os.path.join(model_dir, "config.json")
+  if not os.path.isfile(config_path):
+    raise UserError(f"{model_dir} has no config.json, so it is not a Hugging Face model directory; "
+                    "point at the directory that save_pretrained / SentenceTransformer.save wrote")
+  cfg = hf_tokenizer.read_json(config_path, "model config")
+  if not isinstance(cfg, dict):
+    raise UserError(f"{config_path} is not a JSON object; re-save the model")
+  # Check the model type before touching the (possibly large) weights.
+  hf_config.from_hf_config(cfg, pooler=False, source=config_path)
+  tensors = _read_weights(model_dir)
+  encoder_config = hf_config.from_hf_config(cfg, pooler=names.has_pooler(tensors), source=config_path)
+  params, mlm_head = names.from_hf(tensors, encoder_config["num_layers"], source=model_dir)
+  _check_shapes(params, encoder_config, source=model_dir, mlm_head=mlm_head)
+
+  tokenizer, ids = hf_tokenizer.load_tokenizer(model_dir)
+  max_len = info["max_seq_length"]
+  if max_len is None:
+    # sentence-transformers: the tokenizer's model_max_length capped at the position table.
+    tok_cfg_path = os.path.join(model_dir, "tokenizer_config.json")
+    tok_cfg = hf_tokenizer.read_json(tok_cfg_path, "tokenizer config") if os.path.isfile(tok_cfg_path) else {}
+    max_len = min(int(tok_cfg.get("model_max_length") or 10**30), encoder_config["max_position"])
+  max_len = int(max_len)
+  if not 2 <= max_len <= encoder_config["max_position"]:
+    raise UserError(f"{directory}: max_seq_length {max_len} does not fit the position table "
+                    f"(max_position_embeddings {encoder_config['max_position']}); fix "
+                    "sentence_bert_config.json")
+  if tokenizer.get_vocab_size() > encoder_config["vocab_size"]:
+    raise UserError(f"{directory}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
+                    f"only {encoder_config['vocab_size']} embeddings; the tokenizer files belong to another model")
+  tokenizer.enable_truncation(max_len)
+  return HFModel(encoder_config=encoder_config, params=params, mlm_head=mlm_head, tokenizer=tokenizer,
+                 special_ids=ids, pooling=info["pooling"], normalize=info["normalize"],
+                 max_seq_length=max_len, lowercase=info["lowercase"])
+
+
+def abstract_module(build):
+  """nnx.eval_shape of `build(rngs)`: shapes only, no weights allocated. Eager sharding is off while
+  it is built (it would need a mesh and logical rules); the caller places the result."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  with nnx.use_eager_sharding(False):
+    return nnx.eval_shape(lambda: build(nnx.Rngs(params=0, dropout=0)))
+
+
+def _check_shapes(params: dict, cfg: dict, *, source: str, mlm_head: dict | None = None) -> None:
+  """Every tensor has the shape a TransformerEncoder (and MlmHead) of `cfg` gives it."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from jembed.models.heads import MlmHead  # pylint: disable=import-outside-toplevel
+  from jembed.models.transformer import TransformerConfig, TransformerEncoder  # pylint: disable=import-outside-toplevel
+  tcfg = TransformerConfig(**cfg)
+  want = nnx.to_pure_dict(nnx.state(abstract_module(lambda rngs: TransformerEncoder(tcfg, rngs=rngs)),
+                                    nnx.Param))
+  pairs = [(want, params)]
+  if mlm_head is not None:
+    head = abstract_module(lambda rngs: MlmHead(tcfg.hidden_size, tcfg.vocab_size, rngs=rngs))
+    pairs.append((nnx.to_pure_dict(nnx.state(head, nnx.Param)), mlm_head))
+  for expected, got in pairs:
+    for path, leaf in _flat(expected):
+      node = got
+      for key in path:
+        node = node[key]
+      if tuple(node.shape) != tuple(leaf.shape):
+        raise UserError(f"{source}: tensor {'/'.join(map(str, path))} has shape {tuple(node.shape)} but "
+                        f"config.json implies {tuple(leaf.shape)}; the weights and config do not belong together")
+
+
+def _flat(tree: dict, prefix=()):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flat(value, prefix + (key,))
+    else:
+      yield prefix + (key,), value
+
+
+def _dtype_name(params: dict) -> str:
+  dtypes = {str(np.asarray(leaf).dtype) for leaf in _leaves(params)}
+  return dtypes.pop() if len(dtypes) == 1 else "float32"
+
+
+def _leaves(tree: dict):
+  for value in tree.values():
+    if isinstance(value, dict):
+      yield from _leaves(value)
+    else:
+      yield value
+
+
+def save_dir(path: str, *, encoder_config, params: dict, tokenizer: tokenizers.Tokenizer, pooling: str,
+             normalize: bool, max_seq_length: int, mlm_head: dict | None = None,
+             special_ids: dict | None = None, lowercase: bool = False) -> str:
+  """Writes a directory that transformers.AutoModel and sentence_transformers.SentenceTransformer load.
+
+  `encoder_config` is a TransformerConfig or its fields, `params` the encoder's pure dict,
+  `mlm_head` MlmHead's pure dict (then the weights are laid out as BertForMaskedLM). Returns the path.
+  No pooler weights are written when the encoder has none: transformers' BertModel then initialises
+  its pooler at random and logs a warning, but loads; the hidden states and every sentence-transformers
+  embedding are unaffected, and jembed round-trips the directory exactly.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  target = os.path.abspath(os.path.expanduser(str(path)))
+  cfg = hf_config.normalize_encoder_config(encoder_config)
+  if bool(cfg["pooler"]) != ("pooler" in params):
+    raise UserError(f"encoder_config says pooler={cfg['pooler']} but the parameters "
+                    f"{'have' if 'pooler' in params else 'lack'} pooler weights; pass matching ones")
+  if special_ids is None:
+    special_ids = hf_tokenizer.special_ids(tokenizer, dict(hf_tokenizer.BERT_SPECIALS),
+                                           source="the tokenizer")
+  if not 2 <= int(max_seq_length) <= cfg["max_position"]:
+    raise UserError(f"max_seq_length={max_seq_length} does not fit the position table "
+                    f"(max_position {cfg['max_position']}); choose 2..{cfg['max_position']}")
+  tensors = names.to_hf(params, cfg["num_layers"], cfg["pooler"], mlm_head)
+  _check_shapes(params, cfg, source="the parameters", mlm_head=mlm_head)
+  architecture = "BertForMaskedLM" if mlm_head is not None else "BertModel"
+  config_json = hf_config.to_hf_config(cfg, pad_token_id=special_ids["pad"], architecture=architecture,
+                                       dtype=_dtype_name(params))
+  # model_max_length = max_seq_length, as sentence-transformers 6 saves it (it reads the limit from
+  # there; older versions from sentence_bert_config.json, also written).
+  files = hf_tokenizer.tokenizer_files(tokenizer, special_ids, int(max_seq_length))
+  files.update(st.st_files(pooling=pooling, normalize=normalize, max_seq_length=int(max_seq_length),
+                           lowercase=lowercase, hidden_size=cfg["hidden_size"]))
+  files["config.json"] = json.dumps(config_json, indent=2) + "\n"
+
+  parent = os.path.dirname(target)
+  os.makedirs(parent, exist_ok=True)
+  if os.path.exists(target) and not os.path.isdir(target):
+    raise UserError(f"{target} exists and is a file; choose a directory path for the model")
+  if os.path.isdir(target) and os.listdir(target) and not os.path.isfile(os.path.join(target, "config.json")):
+    raise UserError(f"{target} exists and is not a model directory; choose an empty or new path")
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=parent)
+  try:
+    for rel, text in files.items():
+      os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+      with open(os.path.join(tmp, rel), "w", encoding="utf-8") as f:
+        f.write(text)
+    save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+    if os.path.isdir(target):
+      # Swap: the old export stays whole until the new one is complete.
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".old", dir=parent)
+      os.rename(target, os.path.join(old, "model"))
+      os.rename(tmp, target)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, target)
+  finally:
+    if os.path.isdir(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+  return target
+
+
+def save_model(path: str, model: HFModel) -> str:
+  """save_dir of an HFModel (what load_dir returned, possibly with trained params)."""
+  return save_dir(path, encoder_config=model.encoder_config, params=model.params,
+                  tokenizer=model.tokenizer, pooling=model.pooling, normalize=model.normalize,
+                  max_seq_length=model.max_seq_length, mlm_head=model.mlm_head,
+                  special_ids=model.special_ids, lowercase=model.lowercase)
+
+
+def encoder_from_dir(path: str, *, dtype=None):
+  """(a TransformerEncoder holding the directory's weights, in eval mode, unsharded; the HFModel).
+
+  Call `.train()` on the encoder to fine-tune it (its dropout rates are the config.json's)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from jembed.models.transformer import TransformerConfig, TransformerEncoder  # pylint: disable=import-outside-toplevel
+  model = load_dir(path)
+  fields = dict(model.encoder_config)
+  if dtype is not None:
+    fields["dtype"] = jnp.dtype(dtype)
+  cfg = TransformerConfig(**fields)
+  # Built abstractly (no random init of weights about to be replaced), then filled in.
+  abstract = abstract_module(lambda rngs: TransformerEncoder(cfg, rngs=rngs))
+  graphdef, params, rng, rest = nnx.split(abstract, nnx.Param, nnx.RngState, ...)
+  nnx.replace_by_pure_dict(params, jax_tree(model.params))
+  # The dropout streams get concrete keys (seed 0); a training loop reseeds them.
+  rng = jax.tree.map(lambda s: jax.random.key(0) if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key)
+                     else jnp.zeros(s.shape, s.dtype), rng)
+  encoder = nnx.merge(graphdef, params, rng, rest)
+  encoder.eval()
+  return encoder, model
+
+
+def jax_tree(tree: dict) -> dict:
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  return {k: jax_tree(v) if isinstance(v, dict) else jnp.asarray(v) for k, v in tree.items()}
