@@ -40,13 +40,15 @@ class TextEmbedder:
   modality = "text"
 
   def __init__(self, encoder_config, params: dict, tokenizer, special_ids: dict[str, int], *,
-               pooling: str, normalize: bool, max_seq_length: int, source: str = ""):
+               pooling: str, normalize: bool, max_seq_length: int, lowercase: bool = False,
+               source: str = ""):
     from jembed.models.transformer import TransformerEncoder
     self.config = encoder_config
     self.tokenizer = tokenizer
     self.ids = dict(special_ids)
     self.pooling = pooling
     self.normalize = bool(normalize)
+    self.lowercase = bool(lowercase)
     self.max_seq_length = min(int(max_seq_length), encoder_config.max_position)
     self.source = source
     self.dim = encoder_config.hidden_size
@@ -100,7 +102,10 @@ class TextEmbedder:
     return self._fns[dtype]
 
   def tokenize(self, texts: Sequence[str]) -> list[np.ndarray]:
+    """[CLS] ... [SEP] ids of each text, stripped (and lower-cased when the model says so) first, as
+    sentence-transformers does."""
     from jembed.data import encode
+    texts = [t.strip().lower() if self.lowercase else t.strip() for t in texts]
     return encode.token_ids(self.tokenizer, texts, self.max_seq_length, self.ids)
 
   def embed(self, texts: Sequence[str] | str, *, batch_size: int = 32, dtype: str = "float32",
@@ -235,12 +240,12 @@ def load(path: str, *, max_seq_length: int | None = None, step: int | None = Non
     return _load_workdir(path, max_seq_length, step)
   if os.path.exists(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints")):
     from jembed import hf
-    m = hf.load_dir(path)
-    from jembed.data.text import special_ids
     from jembed.models.transformer import TransformerConfig
+    m = hf.load_dir(path)
     return TextEmbedder(TransformerConfig.from_json(m.encoder_config), m.params, m.tokenizer,
-                        special_ids(m.tokenizer), pooling=m.pooling, normalize=m.normalize,
-                        max_seq_length=max_seq_length or m.max_seq_length, source=path)
+                        m.special_ids, pooling=m.pooling, normalize=m.normalize,
+                        max_seq_length=max_seq_length or m.max_seq_length, lowercase=m.lowercase,
+                        source=path)
   raise UserError(f"'{path}' is not a model directory: it has neither a jembed model.json nor a "
                   "Hugging Face config.json")
 
