@@ -29,6 +29,17 @@ def peft_config(**overrides) -> ml_collections.ConfigDict:
   return c
 
 
+def init_config(**overrides) -> ml_collections.ConfigDict:
+  """`config.init`: where a run's weights start (jembed/init.py); empty = random init."""
+  c = ml_collections.ConfigDict(dict(
+      checkpoint="",            # a jembed --workdir (its latest checkpoint, or `step`)
+      step=0,                   # 0 = the latest
+      hf="",                    # or a Hugging Face / sentence-transformers directory (text models)
+  ))
+  c.update(overrides)
+  return c
+
+
 def vision_model_config() -> ml_collections.ConfigDict:
   """`config.model` of the image configs: the backbone choice and both backbones' fields, with the
   library's defaults (jembed.tasks.vision.DEFAULT_BACKBONE, sized for 8x8 digits on a CPU)."""

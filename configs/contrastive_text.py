@@ -17,7 +17,7 @@ dropout views). A global batch larger than memory: --config.loss.chunk_size=32 (
 """
 import ml_collections
 
-from configs.common import peft_config
+from configs.common import init_config, peft_config
 from jembed.config import base_config
 
 
@@ -34,11 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 300
   c.retrieval_batch = 128       # texts per forward pass of the held-out retrieval evaluation
 
-  c.init = ml_collections.ConfigDict(dict(
-      checkpoint="",            # a jembed --workdir to start from (e.g. an MLM run)
-      step=0,                   # its checkpoint step; 0 = the latest
-      hf="",                    # or a Hugging Face / sentence-transformers directory
-  ))
+  c.init = init_config()
   c.peft = peft_config(targets="all_dense", trainable="")
 
   c.loss = ml_collections.ConfigDict(dict(

@@ -18,7 +18,7 @@ With init.checkpoint, the backbone architecture comes from that run: leave the m
 import ml_collections
 
 from jembed.config import base_config
-from configs.common import peft_config, vision_data_config
+from configs.common import init_config, peft_config, vision_data_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batches = 0
   c.checkpoint_every = 400
 
-  c.init = ml_collections.ConfigDict(dict(checkpoint="", step=0))
+  c.init = init_config()
   c.peft = peft_config(targets="all_dense_and_conv",
                        trainable=r"^head/|norm[^/]*/(scale|bias)$")
 

@@ -20,7 +20,7 @@ fields at 0/"" to take them from it; a field you set must match the checkpoint.
 import ml_collections
 
 from jembed.config import base_config
-from configs.common import peft_config
+from configs.common import init_config, peft_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -35,10 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batches = 0            # the whole held-out split
   c.checkpoint_every = 600
 
-  c.init = ml_collections.ConfigDict(dict(
-      checkpoint="",            # a pretraining --workdir (its latest checkpoint); "" = from scratch
-      step=0,                   # 0 = the latest step
-  ))
+  c.init = init_config()
   # LoRA on every dense kernel: on the embedded data, query/value-only LoRA at rank 8 learned far
   # more slowly (see README's measured figures); LoRA also wants a higher learning rate (3e-3).
   c.peft = peft_config(targets="all_dense")

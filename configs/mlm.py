@@ -13,6 +13,7 @@ minutes and ends well above the most-frequent-token baseline. Bigger runs overri
 """
 import ml_collections
 
+from configs.common import init_config, peft_config
 from jembed.config import base_config
 
 
@@ -62,4 +63,6 @@ def get_config() -> ml_collections.ConfigDict:
       mask_prob=0.15,
       max_predictions=0,        # 0 = ceil(mask_prob * seq_len)
   ))
+  c.init = init_config()       # warm start (a jembed workdir or a Hugging Face dir)
+  c.peft = peft_config()       # which parameters train: full | linear_probe | lora | adapter
   return c

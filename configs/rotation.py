@@ -18,7 +18,8 @@ Bigger runs override fields, e.g. a ViT-S on a TFDS dataset prepared under data_
 import ml_collections
 
 from jembed.config import base_config
-from configs.common import frozen_eval_config, vision_data_config, vision_model_config
+from configs.common import (frozen_eval_config, init_config, peft_config, vision_data_config,
+                            vision_model_config)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -40,4 +41,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = vision_model_config()
   c.data = vision_data_config()
   c.frozen_eval = frozen_eval_config()
+  c.init = init_config()       # warm start (a jembed workdir or a Hugging Face dir)
+  c.peft = peft_config()       # which parameters train: full | linear_probe | lora | adapter
   return c

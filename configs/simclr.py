@@ -17,7 +17,8 @@ Evaluate a checkpoint on its own: python -m jembed.evaluate --workdir /tmp/simcl
 import ml_collections
 
 from jembed.config import base_config
-from configs.common import frozen_eval_config, vision_data_config, vision_model_config
+from configs.common import (frozen_eval_config, init_config, peft_config, vision_data_config,
+                            vision_model_config)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -45,4 +46,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.augment = ml_collections.ConfigDict(dict(crop_scale=(0.4, 1.0), flip=False, color_jitter=0.4))
   c.data = vision_data_config()
   c.frozen_eval = frozen_eval_config()
+  c.init = init_config()       # warm start (a jembed workdir or a Hugging Face dir)
+  c.peft = peft_config()       # which parameters train: full | linear_probe | lora | adapter
   return c

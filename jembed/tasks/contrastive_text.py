@@ -167,7 +167,8 @@ class ContrastiveTextTask(TextTask):
     if not queries:
       return {}
     q, c = self._embed_texts(model, queries), self._embed_texts(model, corpus)
-    return retrieval.retrieval_metrics(q, c, qrels)
+    scores = retrieval.retrieval_metrics(q, c, qrels)
+    return {k: scores[k] for k in METRICS}
 
   def extra_eval(self, model, step):
     return self.retrieval_metrics(model)
