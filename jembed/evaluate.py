@@ -12,6 +12,16 @@ beside it, so a run shows what pretraining bought.
 Standalone, from a pretraining workdir (config.json + latest checkpoint):
 
   python -m jembed.evaluate --workdir /tmp/rot
+
+Retrieval and similarity of any text model (a jembed workdir or export, a Hugging Face directory):
+
+  python -m jembed.evaluate --model runs/ct --retrieval held_out_pairs.jsonl
+  python -m jembed.evaluate --model all-MiniLM-L6-v2 --retrieval sts.jsonl   # text1, text2, score
+
+A pairs file (anchor, positive, optional negative) gives recall@1, recall@10, MRR@10 and nDCG@10
+(BEIR definitions: each anchor's relevant document is its positive; the corpus is every positive and
+negative in the file); a scored-pairs file gives the Spearman correlation of cosine similarity with
+the scores. The figures are printed and written to retrieval.json beside the model (or --output).
 """
 from __future__ import annotations
 
@@ -196,16 +206,85 @@ def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, float]:
   return dict(task.frozen_eval_metrics(model), step=step)
 
 
+def evaluate_retrieval(model_path: str, pairs_file: str, *, batch_size: int = 64,
+                       anchor_key: str = "anchor", positive_key: str = "positive",
+                       negative_key: str = "negative") -> dict:
+  """Retrieval metrics (pairs file) or Spearman correlation (scored pairs) of a text model."""
+  from jembed import retrieval
+  from jembed.data import pairs as pairs_lib
+  from jembed.embed import load
+  from jembed.errors import UserError
+  model = load(model_path)
+  if model.modality != "text":
+    raise UserError(f"{model_path} is an image model; retrieval evaluation is for text models")
+  first = _first_record(pairs_file)
+  if {"text1", "text2", "score"} <= set(first):
+    scored, skipped = pairs_lib.load_scored_pairs(pairs_file)
+    a = model.embed([p.text1 for p in scored], batch_size=batch_size)
+    b = model.embed([p.text2 for p in scored], batch_size=batch_size)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return {"spearman": retrieval.spearman(cos, [p.score for p in scored]), "pairs": len(scored),
+            "skipped_records": skipped}
+  pairs, skipped = pairs_lib.load_pairs(pairs_file, anchor_key=anchor_key, positive_key=positive_key,
+                                        negative_key=negative_key)
+  queries, corpus, qrels = pairs_lib.retrieval_set(pairs)
+  scores = retrieval.retrieval_metrics(model.embed(queries, batch_size=batch_size),
+                                       model.embed(corpus, batch_size=batch_size), qrels)
+  out = {k: scores[k] for k in ("recall@1", "recall@10", "mrr@10", "ndcg@10")}
+  return dict(out, queries=len(queries), corpus=len(corpus), skipped_records=skipped)
+
+
+def _first_record(path: str) -> dict:
+  """The field names of a pairs file's first record (JSON object or CSV header)."""
+  import csv
+  from jembed.errors import UserError
+  if not os.path.isfile(path):
+    raise UserError(f"pairs file '{path}' does not exist; fix --retrieval")
+  with open(path, encoding="utf-8") as f:
+    if path.endswith(".csv"):
+      return {k: None for k in (csv.DictReader(f).fieldnames or [])}
+    for line in f:
+      if line.strip():
+        try:
+          record = json.loads(line)
+        except ValueError:
+          return {}
+        return record if isinstance(record, dict) else {}
+  raise UserError(f"pairs file '{path}' is empty; give held-out pairs")
+
+
 def main(argv=None) -> int:
   import argparse
 
   from jembed.errors import UserError
   parser = argparse.ArgumentParser(prog="python -m jembed.evaluate",
-                                   description="Frozen-embedding evaluation of a pretraining workdir.")
-  parser.add_argument("--workdir", required=True, help="the --workdir of a rotation/simclr run")
+                                   description="Evaluate embeddings: frozen-feature probes of a vision "
+                                   "workdir, or retrieval / similarity of a text model.")
+  parser.add_argument("--workdir", help="frozen-embedding probes of a rotation/simclr run")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  args = parser.parse_args(argv)
+  parser.add_argument("--model", help="a text model: jembed workdir or export, or Hugging Face dir")
+  parser.add_argument("--retrieval", help="held-out pairs (.jsonl/.csv) or scored pairs (text1, text2, score)")
+  parser.add_argument("--output", help="where to write the metrics JSON (default: MODEL/retrieval.json)")
+  parser.add_argument("--batch-size", type=int, default=64)
   try:
+    args = parser.parse_args(argv)
+  except SystemExit as e:
+    return int(e.code or 0)
+  try:
+    if args.model or args.retrieval:
+      if not (args.model and args.retrieval):
+        raise UserError("--model and --retrieval go together: give the model and the pairs file")
+      metrics = evaluate_retrieval(args.model, args.retrieval, batch_size=args.batch_size)
+      out = args.output or os.path.join(args.model, "retrieval.json")
+      from jembed import fs
+      fs.write_json(out, dict(metrics, model=args.model, file=args.retrieval))
+      print(f"retrieval evaluation of {args.model} on {args.retrieval}")
+      for k, v in metrics.items():
+        print(f"  {k:<16}{v:.4f}" if isinstance(v, float) else f"  {k:<16}{v}")
+      print(f"saved {out}")
+      return 0
+    if not args.workdir:
+      raise UserError("give --workdir (vision probes) or --model with --retrieval")
     metrics = evaluate_workdir(args.workdir, args.step)
   except UserError as e:
     print(f"jembed: error: {e}", file=sys.stderr)

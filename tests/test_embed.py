@@ -78,3 +78,31 @@ def test_bad_input_is_one_line(workdir, tmp_path, capsys, args, message):
   err = capsys.readouterr().err.strip()
   assert message in err and len(err.splitlines()) == 1
   assert not (tmp_path / "o.npy").exists()
+
+
+def test_evaluate_retrieval_and_spearman(workdir, model, tmp_path, capsys):
+  from scipy.stats import spearmanr
+  from jembed import evaluate, retrieval
+  pairs = [("open a file", "return a stream"), ("absolute value", "of the argument"),
+           ("a fox", "jumps over the dog"), ("short", "one")]
+  path = tmp_path / "held.jsonl"
+  path.write_text("".join(json.dumps({"anchor": a, "positive": p, "negative": "unrelated text"}) + "\n"
+                          for a, p in pairs))
+  assert evaluate.main(["--model", workdir, "--retrieval", str(path), "--output",
+                        str(tmp_path / "r.json")]) == 0
+  got = json.load(open(tmp_path / "r.json"))
+  corpus = [p for _, p in pairs] + ["unrelated text"]
+  ref = retrieval.retrieval_metrics(model.embed([a for a, _ in pairs]), model.embed(corpus),
+                                    [{i} for i in range(len(pairs))])
+  for k in ("recall@1", "recall@10", "mrr@10", "ndcg@10"):
+    assert got[k] == pytest.approx(ref[k])
+  assert got["corpus"] == 5 and "recall@1" in capsys.readouterr().out
+
+  scored = tmp_path / "sts.jsonl"
+  rows = [(a, p, float(i)) for i, (a, p) in enumerate(pairs)]
+  scored.write_text("".join(json.dumps({"text1": a, "text2": b, "score": s}) + "\n" for a, b, s in rows))
+  assert evaluate.main(["--model", workdir, "--retrieval", str(scored)]) == 0
+  got = json.load(open(os.path.join(workdir, "retrieval.json")))
+  a, b = model.embed([r[0] for r in rows]), model.embed([r[1] for r in rows])
+  cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+  assert got["spearman"] == pytest.approx(spearmanr(cos, [r[2] for r in rows]).statistic)

