@@ -173,12 +173,21 @@ class ResNet(nnx.Module):
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
+# The `model.resnet` config section's defaults (configs/common.py builds the section from these),
+# sized for small images on a CPU; the ResNet class's own defaults are the standard ImageNet ResNet.
+DEFAULTS = dict(
+    depth=18,             # 18 | 34 | 50 | 101
+    width=16,             # channels of the first stage (64 in the paper)
+    stem="cifar",         # cifar (3x3, stride 1: small images) | imagenet (7x7/2 + max-pool)
+    norm="batch",         # batch | group
+    num_stages=3,         # 8x8 inputs: three stages end at 2x2
+    zero_init_residual=False,
+)
+
+
 def resnet_from_config(cfg: Any, *, in_channels: int = 3, rngs: nnx.Rngs) -> ResNet:
-  """Builds a ResNet from a ConfigDict with depth, width, stem, norm (others optional)."""
-  get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
-  return ResNet(
-      depth=int(get("depth", 18)), width=int(get("width", 64)),
-      stem=str(get("stem", "imagenet")), norm=str(get("norm", "batch")),
-      in_channels=int(get("in_channels", in_channels) or in_channels),
-      num_stages=int(get("num_stages", 4)),
-      zero_init_residual=bool(get("zero_init_residual", False)), rngs=rngs)
+  """A ResNet from a `model.resnet` section; fields it leaves out take DEFAULTS."""
+  c = {**DEFAULTS, **{k: v for k, v in dict(cfg).items() if v not in ("", None)}}
+  return ResNet(depth=int(c["depth"]), width=int(c["width"]), stem=str(c["stem"]), norm=str(c["norm"]),
+                in_channels=in_channels, num_stages=int(c["num_stages"]),
+                zero_init_residual=bool(c["zero_init_residual"]), rngs=rngs)

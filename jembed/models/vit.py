@@ -25,10 +25,28 @@ PRESETS = {
 }
 
 
+# The `model.vit` config section's defaults (configs/common.py builds the section from these); the
+# size fields at 0 take the preset's value.
+DEFAULTS = dict(
+    size="Ti",            # Ti | S | B; the fields below override the preset when non-zero
+    patch_size=2,
+    hidden_size=0,
+    num_layers=0,
+    num_heads=0,
+    mlp_dim=0,
+    dropout=0.0,
+    attention_dropout=0.0,
+    dtype="float32",
+    remat=False,
+)
+
+
 def vit_config(vit_config_dict: Any) -> TransformerConfig:
-  """The encoder's TransformerConfig from `model.vit` (size preset, then explicit overrides)."""
-  get = vit_config_dict.get
-  size = get("size", "Ti")
+  """The encoder's TransformerConfig from `model.vit` (size preset, then explicit overrides); fields
+  it leaves out take DEFAULTS."""
+  c = {**DEFAULTS, **dict(vit_config_dict)}
+  get = c.get
+  size = c["size"] or DEFAULTS["size"]
   if size not in PRESETS:
     raise UserError(f"model.vit.size '{size}' is unknown; choose one of {', '.join(PRESETS)}")
   hidden, layers, heads = PRESETS[size]
@@ -41,10 +59,10 @@ def vit_config(vit_config_dict: Any) -> TransformerConfig:
   return TransformerConfig(
       num_layers=pick("num_layers", layers), hidden_size=hidden, num_heads=heads,
       mlp_dim=pick("mlp_dim", 4 * hidden), vocab_size=1, max_position=1, type_vocab_size=1,
-      dropout=get("dropout", 0.0), attention_dropout=get("attention_dropout", 0.0),
-      pre_ln=True, layer_norm_eps=1e-6, dtype=jnp.dtype(get("dtype", "float32")),
+      dropout=c["dropout"], attention_dropout=c["attention_dropout"],
+      pre_ln=True, layer_norm_eps=1e-6, dtype=jnp.dtype(c["dtype"]),
       adapter_dim=int(get("adapter_dim", 0) or 0),  # set by peft.method=adapter (jembed/peft/adapters.py)
-      remat=get("remat", False))
+      remat=c["remat"])
 
 
 class ViT(nnx.Module):
@@ -94,4 +112,4 @@ def vit_from_config(vit_config_dict: Any, *, image_shape: tuple[int, int, int], 
   """A ViT for images of `image_shape` (H, W, C) from `model.vit` (size, patch_size, overrides)."""
   h, w, c = image_shape
   return ViT(vit_config(vit_config_dict), image_size=(h, w), channels=c,
-             patch_size=int(vit_config_dict.get("patch_size", 16)), rngs=rngs)
+             patch_size=int(vit_config_dict.get("patch_size") or DEFAULTS["patch_size"]), rngs=rngs)

@@ -7,10 +7,7 @@ description (model.json) holds the backbone's description and the image shape.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax
-import ml_collections
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -19,37 +16,16 @@ from jembed import evaluate as evaluate_lib
 from jembed import modelspec
 from jembed.data import images as images_lib
 from jembed.errors import UserError
+from jembed.models import resnet, vit
 from jembed.tasks.base import Data, Task
 
 BACKBONES = ("resnet", "vit")
 
 
-# The image backbone's description with its defaults, sized for 8x8 digits on a CPU. The image
-# configs' `model` section is built from it (configs/common.py), and a fine-tuning run from scratch
-# fills the fields it leaves at 0/"" from it: the defaults live here only.
-DEFAULT_BACKBONE = dict(
-    backbone="resnet",        # resnet | vit
-    resnet=dict(
-        depth=18,             # 18 | 34 | 50 | 101
-        width=16,             # channels of the first stage (64 in the paper)
-        stem="cifar",         # cifar (3x3, stride 1: small images) | imagenet (7x7/2 + max-pool)
-        norm="batch",         # batch | group
-        num_stages=3,         # 8x8 inputs: three stages end at 2x2
-        zero_init_residual=False,
-    ),
-    vit=dict(
-        size="Ti",            # Ti | S | B; the fields below override the preset when non-zero
-        patch_size=2,
-        hidden_size=0,
-        num_layers=0,
-        num_heads=0,
-        mlp_dim=0,
-        dropout=0.0,
-        attention_dropout=0.0,
-        dtype="float32",
-        remat=False,
-    ),
-)
+# The image backbone's description with its defaults, sized for 8x8 digits on a CPU (each
+# backbone's section from its module's DEFAULTS). The image configs' `model` section is built from it
+# (configs/common.py), and a fine-tuning run from scratch fills the fields it leaves at 0/"" from it.
+DEFAULT_BACKBONE = dict(backbone="resnet", resnet=dict(resnet.DEFAULTS), vit=dict(vit.DEFAULTS))
 # Fields that change how the same weights run, never taken from a pretraining run.
 _RUNTIME = ("dropout", "attention_dropout", "dtype", "remat", "adapter_dim", "zero_init_residual")
 
@@ -82,11 +58,9 @@ def build_backbone(backbone: dict, image_shape: tuple[int, int, int], rngs: nnx.
   width."""
   kind = backbone["backbone"]
   if kind == "resnet":
-    from jembed.models.resnet import resnet_from_config
-    module = resnet_from_config(backbone["resnet"], in_channels=image_shape[-1], rngs=rngs)
+    module = resnet.resnet_from_config(backbone["resnet"], in_channels=image_shape[-1], rngs=rngs)
   elif kind == "vit":
-    from jembed.models.vit import vit_from_config
-    module = vit_from_config(backbone["vit"], image_shape=tuple(image_shape), rngs=rngs)
+    module = vit.vit_from_config(backbone["vit"], image_shape=tuple(image_shape), rngs=rngs)
   else:
     raise UserError(f"model.backbone='{kind}' is unknown; choose one of {', '.join(BACKBONES)}")
   return module, int(module.out_features)
