@@ -229,7 +229,7 @@ def test_slurm_dry_run_without_scontrol_parses_the_nodelist(tmp_path):
   assert got == {"JAX_COORDINATOR_ADDRESS": f"gpu07:{10000 + 4321 % 50000}", "JAX_NUM_PROCESSES": "2",
                  "JAX_PROCESS_ID": "1"}
   srun = shlex.split(r.stdout.splitlines()[-1])
-  assert srun[0] == "srun"
+  assert srun[0] == "srun" and not any(w.startswith("--cpus-per-task") for w in srun)
   assert srun[srun.index("jembed.main") + 1:] == ["--config", "configs/mlm.py", "--workdir", "/shared/run",
                                                   "--config.data.train=a b.txt"]
   # several bracket groups, and DRY_RUN=1 instead of the flag
@@ -246,7 +246,8 @@ def test_slurm_uses_scontrol_and_per_gpu_mode(tmp_path):
   path = f"{bin_dir}:{os.environ['PATH']}"
   fake = {"SLURM_JOB_NODELIST": "node[01-02]", "SLURM_NTASKS": "16", "SLURM_PROCID": "13",
           "SLURM_LOCALID": "5", "SLURM_JOB_ID": "7"}
-  r = _slurm(fake, "--config", "c.py", "--workdir", "w", path=path)
+  r = _slurm(dict(fake, SLURM_CPUS_PER_TASK="12"), "--config", "c.py", "--workdir", "w", path=path)
+  assert "--cpus-per-task=12" in shlex.split(r.stdout.splitlines()[-1])  # srun does not inherit it
   assert _dry_env(r.stdout) == {"JAX_COORDINATOR_ADDRESS": "alpha:10007", "JAX_NUM_PROCESSES": "16",
                                 "JAX_PROCESS_ID": "13"}
   per_gpu = dict(fake, JEMBED_TASK_PER_GPU="1")
@@ -263,7 +264,7 @@ def test_slurm_real_mode_gives_each_task_its_process_id(tmp_path):
   """A fake srun runs the task command once per process, as SLURM would on each node."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  _script(bin_dir / "srun", "#!/bin/bash\nshift\nfor ((i = 0; i < SLURM_NTASKS; i++)); do\n"
+  _script(bin_dir / "srun", "#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nfor ((i = 0; i < SLURM_NTASKS; i++)); do\n"
           "  SLURM_PROCID=$i SLURM_LOCALID=0 \"$@\" || exit $?\ndone\n")
   record = tmp_path / "tasks.txt"
   py = _script(tmp_path / "python", "#!/bin/bash\nprintf '%s|' \"$JAX_COORDINATOR_ADDRESS\" "
