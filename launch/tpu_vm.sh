@@ -169,7 +169,7 @@ if ((LOCAL)); then
   ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
   TARBALL="${TMPDIR:-/tmp}/jembed-$NAME.tar.gz"
   if git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1; then
-    run_sh "git -C $(q "$ROOT") ls-files -z -co --exclude-standard | tar -czf $(q "$TARBALL") -C $(q "$ROOT") --null -T -"
+    run_sh "git -C $(q "$ROOT") ls-files -z -co --exclude-standard | tar -czf $(q "$TARBALL") -C $(q "$ROOT") --ignore-failed-read --null -T -"
   else
     run_sh "tar -czf $(q "$TARBALL") -C $(q "$ROOT") --exclude=.venv --exclude=.git --exclude=workdirs ."
   fi

@@ -158,6 +158,16 @@ def test_tpu_bad_flags_are_one_line(fake_gcloud, args, problem):
   assert calls() == []
 
 
+def test_tpu_help_and_equals_form(fake_gcloud):
+  env, calls, _ = fake_gcloud
+  h = subprocess.run(["bash", TPU_VM, "--help"], env=env, capture_output=True, text=True)
+  assert h.returncode == 0 and h.stdout.startswith("usage: bash launch/tpu_vm.sh --name NAME --zone ZONE")
+  r = _tpu(env, "--name=n4", "--zone=z", "--accelerator-type=v6e-8", "--create")
+  assert shlex.split(r.stdout.splitlines()[0])[4:] == [
+      "create", "n4", "--zone=z", "--accelerator-type=v6e-8", "--version=v2-alpha-tpuv6e"]
+  assert calls() == []
+
+
 @pytest.mark.parametrize("jembed, problem", [
     ([], "no jembed arguments"), (["--workdir", "w"], "no --config"), (["--config", "c.py"], "no --workdir")])
 def test_tpu_jembed_args_are_checked_before_any_gcloud(fake_gcloud, jembed, problem):
