@@ -192,6 +192,12 @@ def test_encode_options_reach_the_embedder(embedder):
   y = np.array([[6.0, 8.0], [0.0, 2.0]], np.float32)
   np.testing.assert_allclose(np.asarray(model.similarity(x, y)), [[1.0, 0.8], [0.6, 0.0]], atol=1e-6)
   np.testing.assert_allclose(np.asarray(model.similarity_pairwise(x, y)), [1.0, 0.0], atol=1e-6)
+  # The compute dtype reaches embed and labels the results (so bf16 runs do not overwrite float32's).
+  model = JembedEncoder(rec, dtype="bfloat16")
+  rec.embed = lambda texts, **kw: rec.calls.append((list(texts), kw)) or np.zeros((len(texts), rec.dim), np.float32)
+  model.encode(batches, task_metadata=meta, hf_split="test", hf_subset="default", prompt_type=None)
+  assert rec.calls[-1][1]["dtype"] == "bfloat16"
+  assert model.mteb_model_meta.experiment_kwargs == {"dtype": "bfloat16"}
 
 
 def test_bad_encoder_options_are_one_line(embedder):
