@@ -53,8 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
       type_vocab_size=0, pre_ln=False,
       dropout=0.1,
       attention_dropout=0.1,
-      dtype="float32",
-      remat=False,
+      dtype="auto",             # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU; params stay float32
+      remat="none",             # none | full | dots: recompute layer activations in the backward pass
       pooling="",               # cls | mean | max | mean_sqrt_len; "" = the source's, else mean
   ))
 

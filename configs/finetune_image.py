@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
           depth=0, width=0, stem="", norm="", num_stages=0, zero_init_residual=False)),
       vit=ml_collections.ConfigDict(dict(
           size="", patch_size=0, hidden_size=0, num_layers=0, num_heads=0, mlp_dim=0,
-          dropout=0.0, attention_dropout=0.0, dtype="float32", remat=False)),
+          dropout=0.0, attention_dropout=0.0, dtype="auto", remat="none")),
   ))
 
   c.data = vision_data_config(modality="image")

@@ -53,8 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
       pre_ln=False,
       dropout=0.1,
       attention_dropout=0.1,
-      dtype="float32",
-      remat=False,
+      dtype="auto",             # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU; params stay float32
+      remat="none",             # none | full | dots: recompute layer activations in the backward pass
       pooling="cls",            # cls ([CLS] token) | mean (over non-padding tokens)
   ))
 

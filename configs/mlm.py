@@ -42,8 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
       dropout=0.1,
       attention_dropout=0.1,
       pre_ln=False,
-      dtype="float32",          # compute dtype; bfloat16 on TPU/GPU
-      remat=False,
+      dtype="auto",             # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU; params stay float32
+      remat="none",             # none | full | dots: recompute layer activations in the backward pass
       pooling="mean",           # how `jembed.embed` pools this encoder: cls | mean | max | mean_sqrt_len
   ))
 

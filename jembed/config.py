@@ -20,6 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.b1 = 0.9
   c.b2 = 0.999
   c.grad_clip = 1.0           # global-norm clipping; 0 turns it off
+  c.grad_accum_steps = 1      # micro-batches per optimizer step: the same update in less memory
   c.log_every = 50
   c.eval_every = 500
   c.eval_batches = 8          # held-out batches per evaluation; 0 = the whole eval split
@@ -41,7 +42,8 @@ def _check(cond: bool, message: str) -> None:
 
 def validate(c) -> None:
   """Value checks that config_flags' type checks cannot express."""
-  for key in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+  for key in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+              "grad_accum_steps"):
     _check(isinstance(c[key], int) and c[key] > 0, f"config.{key}={c[key]!r} must be a positive integer")
   _check(c.warmup_steps >= 0, f"config.warmup_steps={c.warmup_steps} must be >= 0")
   _check(c.learning_rate > 0, f"config.learning_rate={c.learning_rate} must be > 0")

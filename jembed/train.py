@@ -119,6 +119,7 @@ class StepContext:
   tuning: Any
   tx: optax.GradientTransformation
   base_key: jax.Array
+  accum_steps: int = 1     # micro-batches per optimizer step (gradient accumulation)
 
 
 def train_step(ctx: StepContext, state: TrainState, batch):
@@ -126,18 +127,54 @@ def train_step(ctx: StepContext, state: TrainState, batch):
   rng = jax.random.fold_in(ctx.base_key, state.step)
   tuning_rng, dropout_rng, task_rng = jax.random.split(rng, 3)
 
-  def make_model(trained, dropout_key=dropout_rng):
+  def make_model(trained, dropout_key=dropout_rng, model_state=state.model_state):
     params = ctx.tuning.combine(trained, state.frozen, rng=tuning_rng, train=True)
-    return ctx.model.merge(params, state.model_state, train=True, dropout_key=dropout_key)
+    return ctx.model.merge(params, model_state, train=True, dropout_key=dropout_key)
 
-  (loss, (metrics, model_state)), grads = ctx.task.value_and_grad(make_model, state.params, batch,
-                                                                   task_rng)
+  if ctx.accum_steps > 1:
+    metrics, model_state, grads = _accumulate(ctx, make_model, state, batch, task_rng, dropout_rng)
+  else:
+    (_, (metrics, model_state)), grads = ctx.task.value_and_grad(make_model, state.params, batch,
+                                                                 task_rng)
   updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             model_state=model_state)
   return new_state, metrics
+
+
+def _accumulate(ctx: StepContext, make_model, state: TrainState, batch, task_rng, dropout_rng):
+  """Gradients and metrics of `ctx.accum_steps` micro-batches, averaged (= the full batch's for a
+  loss that is a mean over examples). Micro-batch i holds examples i, i+k, i+2k, ...: every device
+  keeps an equal share of each, with no data movement. BatchNorm statistics are updated micro-batch
+  by micro-batch, as running several smaller steps would; activations are kept for one micro-batch
+  at a time (a `lax.scan`)."""
+  k = ctx.accum_steps
+  micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1),
+                       batch)
+
+  def grads_of(model_state, index, mb):
+    drop = jax.random.fold_in(dropout_rng, index)
+    make = lambda t, dropout_key=drop: make_model(t, dropout_key, model_state)
+    (_, (metrics, new_state)), grads = ctx.task.value_and_grad(make, state.params, mb,
+                                                               jax.random.fold_in(task_rng, index))
+    return metrics, new_state, grads
+
+  def one(carry, inputs):
+    model_state, grad_sum, metric_sum = carry
+    metrics, new_state, grads = grads_of(model_state, *inputs)
+    add = lambda a, b: jax.tree.map(jnp.add, a, b)
+    return (new_state, add(grad_sum, grads), add(metric_sum, metrics)), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  shapes = jax.eval_shape(lambda: grads_of(state.model_state, 0, first)[0])
+  zeros = (jax.tree.map(jnp.zeros_like, state.params),
+           jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+  (model_state, grads, metrics), _ = jax.lax.scan(one, (state.model_state, *zeros),
+                                                  (jnp.arange(k), micro))
+  scale = lambda t: jax.tree.map(lambda x: x / k, t)
+  return scale(metrics), model_state, scale(grads)
 
 
 def eval_step(ctx: StepContext, state: TrainState, batch, index):
@@ -167,6 +204,10 @@ class Setup:
     self.rules = sharding.rules_from_config(config)
     self.batch_shards = sharding.batch_axis_size(self.mesh, self.rules)
     pipeline.per_process_batch(config.batch_size, self.batch_shards)  # refuses a batch that does not divide
+    if config.batch_size % (config.grad_accum_steps * self.batch_shards):
+      raise UserError(f"batch_size={config.batch_size} does not split into grad_accum_steps="
+                      f"{config.grad_accum_steps} micro-batches over {self.batch_shards} batch shards; "
+                      "make batch_size a multiple of grad_accum_steps x batch shards")
 
     # Data first (host side; fails before anything is written); the model description may depend
     # on it (a tokenizer's vocabulary, an image shape), the model itself only on the description.
@@ -194,7 +235,8 @@ class Setup:
     self.frozen_shardings = sharding.logical_to_sharding(frozen_specs, self.mesh, self.rules)
     self.tx = make_optimizer(config)
     self.ctx = StepContext(model=model_def, task=self.task, tuning=self.tuning, tx=self.tx,
-                           base_key=jax.random.key(config.seed))
+                           base_key=jax.random.key(config.seed),
+                           accum_steps=int(config.grad_accum_steps))
     self._build = build
     self.shardings = self._state_shardings()
     self._eval_fn = None

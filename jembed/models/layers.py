@@ -21,6 +21,16 @@ def logical(*names: str | None) -> dict:
   return {"out_sharding": tuple(names), "eager_sharding": False}
 
 
+def compute_dtype(name) -> jnp.dtype:
+  """The dtype matmuls and convolutions run in; parameters and optimizer state stay float32.
+  "auto": bfloat16 on TPU and GPU, float32 on a CPU (where XLA's bfloat16 was measured no faster,
+  see benchmarks/mixed_precision.py)."""
+  if name == "auto":
+    return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm")
+                     else jnp.float32)
+  return jnp.dtype(name)
+
+
 def zeros_init(_key, shape, dtype):
   return jnp.zeros(shape, dtype)
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jembed.errors import UserError
-from jembed.models.layers import logical
+from jembed.models.layers import compute_dtype, logical
 
 # (block type, blocks per stage) per depth.
 _DEPTHS = {
@@ -182,6 +182,7 @@ DEFAULTS = dict(
     norm="batch",         # batch | group
     num_stages=3,         # 8x8 inputs: three stages end at 2x2
     zero_init_residual=False,
+    dtype="auto",         # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU
 )
 
 
@@ -190,4 +191,5 @@ def resnet_from_config(cfg: Any, *, in_channels: int = 3, rngs: nnx.Rngs) -> Res
   c = {**DEFAULTS, **{k: v for k, v in dict(cfg).items() if v not in ("", None)}}
   return ResNet(depth=int(c["depth"]), width=int(c["width"]), stem=str(c["stem"]), norm=str(c["norm"]),
                 in_channels=in_channels, num_stages=int(c["num_stages"]),
-                zero_init_residual=bool(c["zero_init_residual"]), rngs=rngs)
+                zero_init_residual=bool(c["zero_init_residual"]), dtype=compute_dtype(c["dtype"]),
+                rngs=rngs)

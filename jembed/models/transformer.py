@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jembed.errors import UserError
-from jembed.models.layers import Dense, Dropout, Embed, LayerNorm
+from jembed.models.layers import Dense, Dropout, Embed, LayerNorm, compute_dtype
 
 # BERT's published sizes (Turc et al. 2019 for the small ones): (layers, hidden); heads = hidden/64,
 # mlp = 4 * hidden.
@@ -47,7 +47,7 @@ class TransformerConfig:
   layer_norm_eps: float = 1e-12
   dtype: Any = jnp.float32
   adapter_dim: int = 0
-  remat: bool = False
+  remat: str = "none"   # none | full | dots (keep matmul outputs, recompute the rest) per layer
   # The MLP's activation, named as in Hugging Face configs (see `activation`).
   hidden_act: str = "gelu"
   # BERT's pooler, tanh(dense(h[:, 0])): kept so imported checkpoints round-trip.
@@ -78,9 +78,9 @@ class TransformerConfig:
         dropout=model_config.get("dropout", 0.1),
         attention_dropout=model_config.get("attention_dropout", 0.1),
         pre_ln=model_config.get("pre_ln", False),
-        dtype=jnp.dtype(model_config.get("dtype", "float32")),
+        dtype=compute_dtype(model_config.get("dtype", "auto")),
         adapter_dim=model_config.get("adapter_dim", 0),
-        remat=model_config.get("remat", False),
+        remat=remat_policy(model_config.get("remat", "none")),
         hidden_act=model_config.get("hidden_act", "gelu"),
         pooler=model_config.get("pooler", False),
     )
@@ -95,7 +95,8 @@ class TransformerConfig:
   def from_json(cls, d: dict) -> "TransformerConfig":
     known = {f.name for f in dataclasses.fields(cls)}
     d = {k: v for k, v in d.items() if k in known}
-    return cls(**dict(d, dtype=jnp.dtype(d.get("dtype", "float32"))))
+    return cls(**dict(d, dtype=compute_dtype(d.get("dtype", "float32")),
+                      remat=remat_policy(d.get("remat", "none"))))
 
   @classmethod
   def resolve(cls, model_config, *, vocab_size: int | None = None,
@@ -124,8 +125,25 @@ class TransformerConfig:
                       f"{base.vocab_size}; use the source's tokenizer")
     runtime = {k: model_config[k] for k in RUNTIME_FIELDS if k in model_config}
     if "dtype" in runtime:
-      runtime["dtype"] = jnp.dtype(runtime["dtype"])
+      runtime["dtype"] = compute_dtype(runtime["dtype"])
+    if "remat" in runtime:
+      runtime["remat"] = remat_policy(runtime["remat"])
     return dataclasses.replace(base, **runtime)
+
+
+# Rematerialisation per layer: recompute activations in the backward pass instead of keeping them.
+# "full" keeps only each layer's input; "dots" also keeps the matmul outputs (recomputing only the
+# cheap element-wise work), a middle ground between memory and compute.
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def remat_policy(value) -> str:
+  """none | full | dots; booleans from older configs mean none / full."""
+  if isinstance(value, bool) or value in (0, 1):
+    return "full" if value else "none"
+  if value not in ("none", *REMAT_POLICIES):
+    raise UserError(f"model.remat='{value}' is unknown; use none, full or dots")
+  return value
 
 
 # Fields that define the weights (must agree with a warm-start source) and fields that only change
@@ -273,8 +291,8 @@ class TransformerEncoder(nnx.Module):
   def encode_embedded(self, x, mask):
     """Runs the layers on already-embedded inputs (B, T, D): ViT feeds patch embeddings here."""
     for layer in self.layers:
-      if self.config.remat:
-        x = nnx.remat(lambda lyr, y: lyr(y, mask))(layer, x)
+      if self.config.remat != "none":
+        x = nnx.remat(lambda lyr, y: lyr(y, mask), policy=REMAT_POLICIES[self.config.remat])(layer, x)
       else:
         x = layer(x, mask)
     if self.final_norm is not None:

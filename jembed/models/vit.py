@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jembed.errors import UserError
-from jembed.models.layers import Dense, Dropout, param, zeros_init
-from jembed.models.transformer import TransformerConfig, TransformerEncoder, constrain
+from jembed.models.layers import Dense, Dropout, compute_dtype, param, zeros_init
+from jembed.models.transformer import TransformerConfig, TransformerEncoder, constrain, remat_policy
 
 # (hidden, layers, heads); mlp = 4 * hidden (the ViT paper and DeiT's Ti/S).
 PRESETS = {
@@ -36,8 +36,8 @@ DEFAULTS = dict(
     mlp_dim=0,
     dropout=0.0,
     attention_dropout=0.0,
-    dtype="float32",
-    remat=False,
+    dtype="auto",         # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU
+    remat="none",         # none | full | dots (see models/transformer.py)
 )
 
 
@@ -60,9 +60,9 @@ def vit_config(vit_config_dict: Any) -> TransformerConfig:
       num_layers=pick("num_layers", layers), hidden_size=hidden, num_heads=heads,
       mlp_dim=pick("mlp_dim", 4 * hidden), vocab_size=1, max_position=1, type_vocab_size=1,
       dropout=c["dropout"], attention_dropout=c["attention_dropout"],
-      pre_ln=True, layer_norm_eps=1e-6, dtype=jnp.dtype(c["dtype"]),
+      pre_ln=True, layer_norm_eps=1e-6, dtype=compute_dtype(c["dtype"]),
       adapter_dim=int(get("adapter_dim", 0) or 0),  # set by peft.method=adapter (jembed/peft/adapters.py)
-      remat=c["remat"])
+      remat=remat_policy(c["remat"]))
 
 
 class ViT(nnx.Module):
