@@ -45,6 +45,12 @@ class RandomTokenMlm(mlm.MlmTask):
     self.most_frequent = 5
     return base.Data(train={"tokens": tokens}, eval={"tokens": tokens})
 
+  def model_spec(self):
+    # No tokenizer: the description is built from the fixed sizes above.
+    from jembed.models.transformer import TransformerConfig
+    return dict(task="mlm", encoder=TransformerConfig.from_config(self.config.model, VOCAB).to_json(),
+                special_ids=self.ids, seq_len=self.seq_len, pooling="mean", normalize=False)
+
 
 def jembed_config(batch: int, seq: int, dtype: str):
   c = config_lib.base_config()
@@ -53,7 +59,7 @@ def jembed_config(batch: int, seq: int, dtype: str):
   c.total_steps = 1000
   c.model = dict(size="tiny", num_layers=LAYERS, hidden_size=HIDDEN, num_heads=HEADS, mlp_dim=FFN,
                  vocab_size=VOCAB, max_position=512, type_vocab_size=2, dropout=0.1,
-                 attention_dropout=0.1, pre_ln=False, dtype=dtype, adapter_dim=0, remat=False)
+                 attention_dropout=0.1, pre_ln=False, dtype=dtype, remat="none")
   c.data = dict(seq_len=seq, mask_prob=0.15, max_predictions=0)
   return c
 

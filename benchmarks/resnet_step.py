@@ -29,7 +29,7 @@ class _Net(nnx.Module):
     self.head = nnx.Linear(self.backbone.out_features, 1000, rngs=rngs)
 
   def __call__(self, x):
-    return self.head(self.backbone(x, train=True))
+    return self.head(self.backbone(x))
 
 
 def bench_jax(batch: int, res: int, steps: int) -> dict:

@@ -24,7 +24,7 @@ def logical(*names: str | None) -> dict:
 def compute_dtype(name) -> jnp.dtype:
   """The dtype matmuls and convolutions run in; parameters and optimizer state stay float32.
   "auto": bfloat16 on TPU and GPU, float32 on a CPU (where XLA's bfloat16 was measured no faster,
-  see benchmarks/mixed_precision.py)."""
+  `python benchmarks/mlm_step.py --dtype bfloat16`)."""
   if name == "auto":
     return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm")
                      else jnp.float32)
