@@ -88,6 +88,9 @@ def logical_specs(abstract_state) -> Any:
 # fills a tile: sharding it saves no memory and adds a gather to every step. Biases and norm scales
 # of narrow models fall under it; a 32x32 kernel already does not.
 MIN_SHARD_ELEMENTS = 1024
+# LoRA factors keep their kernel's axes however small they are: A shares the kernel's input-dim
+# sharding and B its output-dim sharding, so `W + s * A @ B` merges without communication.
+SMALL_EXEMPT = re.compile(r"(^|/)adapters/")
 
 
 @dataclasses.dataclass
@@ -174,14 +177,16 @@ def fit_spec(shape: Sequence[int], spec: P, mesh_shape: dict, min_elements: int 
 def fit_shardings(abstract_tree, sharding_tree, min_elements: int = MIN_SHARD_ELEMENTS
                   ) -> tuple[Any, Placement]:
   """Every leaf's NamedSharding made valid for its shape (`fit_spec`): a model that can be placed is
-  never refused. Returns the new tree and what changed (`Placement.line()` for the log)."""
+  never refused (LoRA factors, `SMALL_EXEMPT`, skip the size threshold). Returns the new tree and
+  what changed (`Placement.line()` for the log)."""
   is_sharding = lambda x: isinstance(x, NamedSharding)
   leaves = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
   shardings, treedef = jax.tree_util.tree_flatten(sharding_tree, is_leaf=is_sharding)
   placement, out = Placement(), []
   for (path, leaf), sh in zip(leaves, shardings, strict=True):
-    spec, kind, detail = fit_spec(leaf.shape, sh.spec, dict(sh.mesh.shape), min_elements)
     name = jax.tree_util.keystr(path, simple=True, separator="/")
+    least = 0 if SMALL_EXEMPT.search(name) else min_elements
+    spec, kind, detail = fit_spec(leaf.shape, sh.spec, dict(sh.mesh.shape), least)
     if kind == "small":
       placement.small += 1
       placement.small_bytes += leaf.size * leaf.dtype.itemsize

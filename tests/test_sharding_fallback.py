@@ -102,3 +102,13 @@ def test_fsdp_equals_data_parallel(backbone):
   if backbone == "resnet":
     # The stem kernel (3, 3, 1, 16) cannot be split on its 1 input channel (and is tiny): replicated.
     assert state.params["backbone"]["stem_conv"]["kernel"].sharding.spec == P()
+
+
+def test_lora_factors_keep_their_kernel_axes_however_small():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  tree = {"adapters": {"q": {"a": jax.ShapeDtypeStruct((32, 4), np.float32)}},
+          "extra": {"a": jax.ShapeDtypeStruct((32, 4), np.float32)}}
+  shs = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, P("fsdp", None)), tree)
+  out, placement = sharding.fit_shardings(tree, shs)
+  assert out["adapters"]["q"]["a"].spec == P("fsdp", None) and out["extra"]["a"].spec == P()
+  assert placement.small == 1
