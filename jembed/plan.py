@@ -236,14 +236,16 @@ def plan(config, devices, accelerator: str, batch: int = 0, search: bool = True)
     largest, tried = largest_batch(measure, first.batch, shards, hbm)
     compiled.update(tried)
 
-  # Suggested mesh: the least FSDP (most data parallelism: no weight gathers) whose sharded state
-  # plus this compile's per-device temporaries fits; temporaries depend on the per-device batch,
-  # which is the same for every data x fsdp split of the devices.
-  act = first.temporaries + first.code
+  # Suggested mesh: the least FSDP (most data parallelism: no weight gathers) whose state / f plus
+  # temporaries fits. Temporaries depend on the per-device batch, the same for every data x fsdp
+  # split of the devices, except the gradients, which are sharded like the trained parameters:
+  # this compile's are swapped for an f-th of the whole (an estimate; rerun with the mesh to check).
+  grads_here, grads_total = per_device_bytes(state.params), total_bytes(state.params)
+  act = max(first.temporaries - grads_here, 0) + first.code
   suggestion = None
   f = 1
   while f <= n:
-    if n % f == 0 and full_state / f + act <= hbm:
+    if n % f == 0 and (full_state + grads_total) / f + act <= hbm:
       suggestion = {"data": n // f, "fsdp": f, "tensor": 1}
       break
     f *= 2
@@ -337,7 +339,8 @@ def format_plan(r: dict) -> str:
   if s:
     lines.append(f"suggested mesh: --config.mesh.data={s['data']} --config.mesh.fsdp={s['fsdp']} "
                  f"--config.mesh.tensor={s['tensor']} ({'pure data parallel: the replicated state fits' if s['fsdp'] == 1 else 'FSDP: the replicated state does not fit'}; "
-                 f"state {human(r['state_bytes_total'] / s['fsdp'])} per device)")
+                 f"state {human(r['state_bytes_total'] / s['fsdp'])} per device; an estimate, "
+                 "check it with those flags)")
   else:
     lines.append(f"suggested mesh: none of data x fsdp on {r['devices']} devices fits at this batch; "
                  "use more devices, a smaller batch, or tensor parallelism")
