@@ -126,9 +126,25 @@ def planning_config(config) -> tuple[Any, list[str]]:
   elif "image_size" in d and external and d.get("image_size", 0) and d.get("channels", 0):
     notes.append(f"shapes from the embedded digits at {d.image_size}x{d.image_size}x{d.channels}")
     d.source, d.train, d.eval, d.tfds_name = "embedded", "", "", ""
+  # The accelerators planned for are TPUs and GPUs, where a compute dtype of "auto" is bfloat16 (on
+  # this CPU it would resolve to float32 and overstate the activations).
+  autos = _auto_dtypes(c.get("model", None) or {})
+  for section in autos:
+    section.dtype = "bfloat16"
+  if autos:
+    notes.append("compute dtype 'auto' planned as bfloat16 (as on TPU and GPU)")
   if "frozen_eval" in c:
     c.frozen_eval.enabled = False  # an evaluation the planner never runs
   return c, notes
+
+
+def _auto_dtypes(section) -> list:
+  """The model config sections (nested too) whose compute dtype is "auto"."""
+  found = [section] if section.get("dtype", "") == "auto" else []
+  for value in section.values():
+    if hasattr(value, "values") and hasattr(value, "get"):
+      found += _auto_dtypes(value)
+  return found
 
 
 def _big(spec: str, limit: int = 64 * 2**20) -> bool:
@@ -210,7 +226,8 @@ def plan(config, devices, accelerator: str, batch: int = 0, search: bool = True)
   config, notes = planning_config(config)
   shape = sharding.mesh_shape(config.mesh, n)  # refuses a mesh that does not fill the devices
   mesh = dict(zip(sharding.MESH_AXES, shape))
-  shards = math.prod(mesh[a] for a in ("data", "fsdp"))  # the default rules' batch axes
+  # The default rules' batch axes, times the micro-batches of gradient accumulation.
+  shards = math.prod(mesh[a] for a in ("data", "fsdp")) * int(config.get("grad_accum_steps", 1) or 1)
   if batch < 0:
     raise UserError(f"--batch={batch} must be positive (0 = the config's batch_size)")
   if batch:
@@ -219,7 +236,7 @@ def plan(config, devices, accelerator: str, batch: int = 0, search: bool = True)
     notes.append(f"batch_size {config.batch_size} rounded up to a multiple of {shards} batch shards")
     config.batch_size = -(-config.batch_size // shards) * shards
   setup = build_setup(config, devices)
-  shards = setup.batch_shards
+  shards = setup.batch_shards * int(config.get("grad_accum_steps", 1) or 1)
   state = abstract_state(setup)
   hbm = usable_bytes(accelerator)
 

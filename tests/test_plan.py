@@ -63,7 +63,8 @@ def test_output_has_every_figure(corpus):
   r = plan.plan(config, jax.devices(), "tpu-v5e", batch=32, search=False)  # config: 16
   text = plan.format_plan(r)
   for label in ("parameters", "optimizer state", "arguments", "temporaries", "generated code",
-                "total", "tpu-v5e (16.0 GiB HBM): fits", "suggested mesh: --config.mesh.data=8"):
+                "total", "tpu-v5e (16.0 GiB HBM): fits", "suggested mesh: --config.mesh.data=8",
+                "compute dtype 'auto' planned as bfloat16"):
     assert label in text, (label, text)
   # The compiled step's arguments are the state and the batch, one device's shard of each.
   assert r["batch"] == 32
