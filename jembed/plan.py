@@ -282,10 +282,11 @@ def plan(config, devices, accelerator: str, batch: int = 0, search: bool = True)
 
 
 def largest_batch(measure, b0: int, shards: int, hbm: float) -> tuple[int | None, dict]:
-  """The largest global batch shards * 2^k whose step fits `hbm`, where `measure(b)` compiles at
-  batch b and returns its per-device total: a line through b0 and 2*b0 predicts it (memory is
-  affine in the batch), then compiles confirm the boundary. Returns it (None if even `shards` does
-  not fit) and {batch: total} of every compile."""
+  """The largest global batch shards * 2^k (k >= 0) whose step fits `hbm`, where `measure(b)`
+  compiles at batch b and returns its per-device total (non-decreasing in b). A line through b0 and
+  4 * b0 predicts k (memory is about affine in the batch), the neighbour on the other side of the
+  boundary confirms it, and a bisection over k takes over if the prediction was off. Returns it
+  (None if even `shards` does not fit) and {batch: total} of every compile."""
   done: dict[int, int] = {}
 
   def total(b):
@@ -293,21 +294,31 @@ def largest_batch(measure, b0: int, shards: int, hbm: float) -> tuple[int | None
       done[b] = measure(b)
     return done[b]
 
-  slope = max((total(2 * b0) - total(b0)) / b0, 1.0)
+  top = max(int(math.log2(MAX_BATCH // shards)), 0)
+  batch = lambda k: shards * 2**k
+
+  def bounds():
+    # Largest k known to fit and smallest known not to, from every compile so far (monotonicity).
+    fits = [b for b, t in done.items() if t <= hbm]
+    fails = [b for b, t in done.items() if t > hbm]
+    lo = max((k for k in range(top + 1) if fits and batch(k) <= max(fits)), default=-1)
+    hi = min((k for k in range(top + 1) if fails and batch(k) >= min(fails)), default=top + 1)
+    return lo, hi
+
+  slope = max((total(4 * b0) - total(b0)) / (3 * b0), 1.0)
   guess = b0 + (hbm - total(b0)) / slope
-  b = shards
-  while b * 2 <= guess and b < MAX_BATCH:
-    b *= 2
-  for _ in range(8):  # the prediction is usually exact to a factor of two: a step or two at most
-    if total(b) <= hbm:
-      if b >= MAX_BATCH or total(b * 2) > hbm:
-        return b, done
-      b *= 2
-    elif b == shards:
-      return None, done
-    else:
-      b //= 2
-  return b if total(b) <= hbm else None, done
+  k = max(min(int(math.floor(math.log2(max(guess, 1) / shards))), top), 0)
+  lo, hi = bounds()
+  probes = [k]
+  while hi - lo > 1:
+    k = probes.pop(0) if probes else (lo + hi) // 2
+    if not lo < k < hi:
+      continue
+    fits = total(batch(k)) <= hbm
+    if len(done) <= 3:  # right after the prediction: check its neighbour across the boundary
+      probes.append(k + 1 if fits else k - 1)
+    lo, hi = bounds()
+  return (batch(lo) if lo >= 0 else None), done
 
 
 def human(v: float) -> str:

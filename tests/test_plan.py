@@ -76,14 +76,17 @@ def test_output_has_every_figure(corpus):
 
 
 def test_largest_batch_search():
-  """Against an affine memory model whose answer is known: largest shards*2^k with c + s*b <= hbm."""
-  for c, s, hbm in ((1000, 10, 1e6), (5e5, 3.0, 6e5), (2e6, 1, 1e6)):
+  """Against memory models whose answer is known: the largest shards*2^k with measure <= hbm."""
+  affine = lambda c, s: (lambda b: c + s * b)
+  # A flat stretch (CPU buffer assignment rounds small batches up), then a jump.
+  step = lambda b: 2.2e9 if b < 5000 else 2.2e9 * b / 64
+  for measure, hbm, b0, shards, limit in ((affine(1000, 10), 1e6, 16, 8, 4), (affine(5e5, 3), 6e5, 16, 8, 4),
+                                          (affine(2e6, 1), 1e6, 16, 8, 3), (step, 16e9, 64, 64, 8)):
     calls = []
-    measure = lambda b: (calls.append(b), c + s * b)[1]
-    largest, tried = plan.largest_batch(measure, 16, 8, hbm)
-    fits = [8 * 2**k for k in range(30) if c + s * 8 * 2**k <= hbm]
+    largest, tried = plan.largest_batch(lambda b: (calls.append(b), measure(b))[1], b0, shards, hbm)
+    fits = [shards * 2**k for k in range(30) if shards * 2**k <= plan.MAX_BATCH and measure(shards * 2**k) <= hbm]
     assert largest == (max(fits) if fits else None)
-    assert len(calls) <= 5 and set(tried) == set(calls)
+    assert len(calls) <= limit and set(tried) == set(calls) and len(calls) == len(set(calls))
 
 
 def _cli(*args):
