@@ -283,10 +283,11 @@ def plan(config, devices, accelerator: str, batch: int = 0, search: bool = True)
 
 def largest_batch(measure, b0: int, shards: int, hbm: float) -> tuple[int | None, dict]:
   """The largest global batch shards * 2^k (k >= 0) whose step fits `hbm`, where `measure(b)`
-  compiles at batch b and returns its per-device total (non-decreasing in b). A line through b0 and
-  4 * b0 predicts k (memory is about affine in the batch), the neighbour on the other side of the
-  boundary confirms it, and a bisection over k takes over if the prediction was off. Returns it
-  (None if even `shards` does not fit) and {batch: total} of every compile."""
+  compiles at batch b and returns its per-device total (non-decreasing in b). Memory is about
+  affine in the batch, so the next k comes from a line through the compiles nearest the boundary
+  (starting from b0 and 4 * b0), kept strictly between the largest k known to fit and the smallest
+  known not to; after three such guesses, bisection. Returns it (None if even `shards` does not
+  fit) and {batch: total} of every compile."""
   done: dict[int, int] = {}
 
   def total(b):
@@ -305,18 +306,22 @@ def largest_batch(measure, b0: int, shards: int, hbm: float) -> tuple[int | None
     hi = min((k for k in range(top + 1) if fails and batch(k) >= min(fails)), default=top + 1)
     return lo, hi
 
-  slope = max((total(4 * b0) - total(b0)) / (3 * b0), 1.0)
-  guess = b0 + (hbm - total(b0)) / slope
-  k = max(min(int(math.floor(math.log2(max(guess, 1) / shards))), top), 0)
+  def predict(lo, hi):
+    fits = sorted(b for b, t in done.items() if t <= hbm)
+    fails = sorted(b for b, t in done.items() if t > hbm)
+    pair = (fits[-1], fails[0]) if fits and fails else tuple(sorted(done)[-2:] if fits else sorted(done)[:2])
+    (b1, t1), (b2, t2) = [(b, done[b]) for b in pair]
+    slope = max((t2 - t1) / (b2 - b1), 1e-9) if b2 != b1 else 1e-9
+    guess = b1 + (hbm - t1) / slope
+    k = int(math.floor(math.log2(guess / shards))) if guess >= shards else 0
+    return min(max(k, lo + 1), hi - 1)
+
+  total(b0), total(4 * b0)
   lo, hi = bounds()
-  probes = [k]
-  while hi - lo > 1:
-    k = probes.pop(0) if probes else (lo + hi) // 2
-    if not lo < k < hi:
-      continue
-    fits = total(batch(k)) <= hbm
-    if len(done) <= 3:  # right after the prediction: check its neighbour across the boundary
-      probes.append(k + 1 if fits else k - 1)
+  for i in range(4 * (top + 2)):
+    if hi - lo <= 1:
+      break
+    total(batch(predict(lo, hi) if i < 3 else (lo + hi) // 2))
     lo, hi = bounds()
   return (batch(lo) if lo >= 0 else None), done
 
