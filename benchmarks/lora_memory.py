@@ -1,11 +1,14 @@
 """Memory of one compiled train step: BERT-Base with LoRA (rank 8, query and value) against full
-fine-tuning, at batch 32 x 128 tokens, from XLA's memory analysis of the compiled step.
+fine-tuning, at batch 32 x 128 tokens, from XLA's memory analysis of the compiled step. The step is
+the train loop's own (jembed.train.Setup.jit_train_step, through jembed.plan) for
+configs/finetune_text.py at BERT-Base size on its embedded 6-class data.
 
   python benchmarks/lora_memory.py            # one device, then (re-executed) 8 fake CPU devices, fsdp=8
 
-Nothing is materialised: states are abstract (jax.eval_shape) and the step is only lowered and
-compiled, with the state donated as in the train loop. Memory per device = arguments + outputs +
-temporaries - aliased (donated outputs reuse argument buffers). Ends with one JSON line.
+Nothing is materialised: states are abstract (ShapeDtypeStructs with the loop's shardings) and the
+step is only lowered and compiled, with the state donated as in the train loop. Memory per device =
+arguments + outputs + temporaries - aliased (donated outputs reuse argument buffers). Ends with one
+JSON line.
 """
 from __future__ import annotations
 
@@ -21,100 +24,52 @@ if "--devices" in sys.argv:  # the child run: fake devices must be set before ja
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from jembed import config as config_lib, peft, sharding, train  # noqa: E402
-from jembed.models.transformer import TransformerConfig  # noqa: E402
-from jembed.tasks.classification import TextClassifier  # noqa: E402
+from jembed import plan  # noqa: E402
+from configs import finetune_text  # noqa: E402
 from configs.common import peft_config  # noqa: E402
 
-BATCH, SEQ, CLASSES = 32, 128, 2
+BATCH, SEQ = 32, 128
 MiB = 2.0**20
 
 
-def _bytes(tree) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+def _count(tree) -> int:
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def config(method: str, devices: int):
+  """configs/finetune_text.py at BERT-Base size (vocab 30522) on the embedded 6-class data."""
+  c = finetune_text.get_config()
+  c.total_steps, c.warmup_steps, c.batch_size = 1000, 100, BATCH
+  c.peft = peft_config(method=method, rank=8, targets="attention_qv")
+  c.model.size, c.model.vocab_size = "base", 30522
+  c.model.dtype = "float32"  # as the README's figures were measured (jembed.plan would take "auto" as bf16)
+  c.data.seq_len = SEQ
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, devices, 1
+  return c
 
 
 def measure(method: str, devices: int) -> dict:
-  cfg = config_lib.base_config()
-  cfg.total_steps, cfg.warmup_steps = 1000, 100
-  cfg.peft = peft_config(method=method, rank=8, targets="attention_qv")
-  cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=devices, tensor=1))
-  mesh = sharding.make_mesh(cfg.mesh)
-  rules = sharding.DEFAULT_RULES
-  arch = TransformerConfig.from_config(ml_collections.ConfigDict(dict(size="base")), 30522)
-  build = lambda: TextClassifier(arch, CLASSES, "cls", rngs=nnx.Rngs(0))
-  with nn.logical_axis_rules(rules):
-    abstract = nnx.eval_shape(build)
-  graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
-  specs = sharding.logical_specs(abs_params)
-  abs_params = nnx.to_pure_dict(abs_params)
-  tuning = peft.tuning_from_config(cfg.peft)
-  tx = train.make_optimizer(cfg)
-
-  def make_state(params, key):
-    trained, frozen = tuning.split(params, key)
-    return train.TrainState(step=jnp.zeros((), jnp.int32), params=trained, frozen=frozen,
-                            opt_state=tx.init(trained), model_state={})
-
-  abs_state = jax.eval_shape(make_state, abs_params, jax.random.key(0))
-  t_specs, f_specs = tuning.split_specs(specs, abs_params)
-  to_sh = lambda s: sharding.logical_to_sharding(s, mesh, rules)
-  rep = sharding.replicated(mesh)
-  t_sh = to_sh(t_specs)
-  shardings = train.TrainState(
-      step=rep, params=t_sh, frozen=to_sh(f_specs),
-      opt_state=optax.tree_map_params(tx, lambda _, s: s, abs_state.opt_state, t_sh,
-                                      transform_non_params=lambda _: rep),
-      model_state={})
-  state_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          abs_state, shardings)
-  batch_sh = sharding.batch_sharding(mesh, rules, 2)
-  batch = {"tokens": jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32, sharding=batch_sh),
-           "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32, sharding=sharding.batch_sharding(mesh, rules, 1))}
-  base_key = jax.random.key(0)
-
-  def step(state, batch):
-    def loss_fn(trained):
-      params = tuning.combine(trained, state.frozen, rng=base_key, train=True)
-      model = nnx.merge(graphdef, params, {})
-      tokens = batch["tokens"]
-      logits = model(tokens, tokens != 0, train=True, rngs=nnx.Rngs(dropout=base_key))
-      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state), loss
-
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = jax.jit(step, in_shardings=(shardings, {"tokens": batch_sh, "label": batch["label"].sharding}),
-                       out_shardings=(shardings, rep), donate_argnums=(0,)).lower(state_in, batch).compile()
-  m = compiled.memory_analysis()
-  per_dev = lambda tree: _bytes(tree) / devices  # every state leaf is split over fsdp or tiny
-  n_trained = sum(x.size for x in jax.tree.leaves(abs_state.params))
-  n_total = n_trained + sum(x.size for x in jax.tree.leaves(abs_state.frozen))
-  if method == "lora":
-    n_base = n_total - sum(x.size for x in jax.tree.leaves(abs_state.params["adapters"]))
-  else:
-    n_base = n_total
+  # The train loop's own Setup and jitted step (Setup.jit_train_step), compiled on abstract state.
+  cfg, _ = plan.planning_config(config(method, devices))
+  setup = plan.build_setup(cfg, jax.devices()[:devices])
+  state = plan.abstract_state(setup)
+  m = plan.compile_step(setup, state, BATCH)
+  n_trained = _count(state.params)
+  n_total = n_trained + _count(state.frozen)
+  n_base = n_total - (_count(state.params["adapters"]) if method == "lora" else 0)
   out = {
       "method": method, "devices": devices,
       "trained_params": n_trained, "base_params": n_base,
       "trainable_share": n_trained / n_base,
-      "param_bytes": per_dev(abs_state.params) + per_dev(abs_state.frozen),
+      "param_bytes": plan.per_device_bytes((state.params, state.frozen)),
       "base_param_bytes": n_base * 4 / devices,
-      "optimizer_bytes": per_dev(abs_state.opt_state),
-      "argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
-      "temp_bytes": m.temp_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
+      "optimizer_bytes": plan.per_device_bytes(state.opt_state),
+      "argument_bytes": m.arguments, "output_bytes": m.outputs,
+      "temp_bytes": m.temporaries, "alias_bytes": m.aliased,
   }
-  out["total_bytes"] = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                        - m.alias_size_in_bytes)
+  out["total_bytes"] = m.arguments + m.outputs + m.temporaries - m.aliased
   return out
 
 

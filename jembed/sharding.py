@@ -6,7 +6,9 @@ map logical names to mesh axes, so one model runs data-parallel, FSDP or tensor-
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -80,22 +82,120 @@ def logical_specs(abstract_state) -> Any:
   return nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
 
 
-def check_divisible(abstract_tree, sharding_tree, what: str) -> None:
-  """Refuses a dimension that does not divide over its mesh axes, naming the parameter."""
+# Leaves with fewer elements than this stay replicated. On a TPU an array is laid out in (8, 128)
+# tiles of 32-bit words, 1024 elements (4 KiB) each (the "TPU memory layout" section of JAX's Pallas
+# TPU guide, docs.jax.dev/en/latest/pallas/tpu/details.html), so a shard of a smaller array still
+# fills a tile: sharding it saves no memory and adds a gather to every step. Biases and norm scales
+# of narrow models fall under it; a 32x32 kernel already does not.
+MIN_SHARD_ELEMENTS = 1024
+# LoRA factors keep their kernel's axes however small they are: A shares the kernel's input-dim
+# sharding and B its output-dim sharding, so `W + s * A @ B` merges without communication.
+SMALL_EXEMPT = re.compile(r"(^|/)adapters/")
+
+
+@dataclasses.dataclass
+class Placement:
+  """What `fit_shardings` changed from the rules' plan: parameters whose mesh axes moved to another
+  dimension, that became replicated, and how many were too small to shard."""
+  moved: list = dataclasses.field(default_factory=list)       # "name (shape): axes dim i -> j"
+  replicated: list = dataclasses.field(default_factory=list)  # "name (shape): axes"
+  small: int = 0
+  small_bytes: int = 0
+
+  def __bool__(self) -> bool:
+    return bool(self.moved or self.replicated or self.small)
+
+  def line(self) -> str:
+    """One log line (empty when the rules' plan was kept everywhere); layer indices collapse to `*`."""
+    if not self:
+      return ""
+    parts = []
+    if self.moved:
+      parts.append(f"sharded along another dimension: {_collapse(self.moved)}")
+    if self.replicated:
+      parts.append(f"replicated (no dimension divides): {_collapse(self.replicated)}")
+    if self.small:
+      parts.append(f"{self.small} parameters under {MIN_SHARD_ELEMENTS} elements replicated "
+                   f"({self.small_bytes / 1024:.1f} KiB)")
+    return "sharding: " + "; ".join(parts)
+
+
+def _collapse(entries: list) -> str:
+  """Entries that differ only in a layer index are listed once, as `layers/*/...` (xN)."""
+  counts: dict[str, int] = {}
+  for e in entries:
+    key = re.sub(r"(?<=/)\d+(?=/)", "*", e)
+    counts[key] = counts.get(key, 0) + 1
+  return ", ".join(k if n == 1 else f"{k} (x{n})" for k, n in counts.items())
+
+
+def _axes(entry) -> tuple:
+  if entry is None:
+    return ()
+  return entry if isinstance(entry, tuple) else (entry,)
+
+
+def fit_spec(shape: Sequence[int], spec: P, mesh_shape: dict, min_elements: int = MIN_SHARD_ELEMENTS
+             ) -> tuple[P, str, str]:
+  """The spec a leaf of `shape` gets on a mesh of `mesh_shape` ({axis: size}) when the rules gave it
+  `spec`: unchanged where every dimension divides over its axes; else the axes of a dimension that
+  does not divide move to the largest other dimension they divide (joining that dimension's axes),
+  else are dropped (replicated over them). Leaves under `min_elements` are replicated. Returns
+  (spec, kind, detail) with kind "" (kept), "small", "moved" or "replicated"."""
+  entries = [list(_axes(e)) for e in spec] + [[] for _ in range(len(shape) - len(spec))]
+  size = lambda axes: math.prod(mesh_shape[a] for a in axes)
+  if not any(size(e) > 1 for e in entries):
+    return spec, "", ""
+  if math.prod(shape) < min_elements:
+    return P(), "small", ""
+  kind, details = "", []
+  for i, dim in enumerate(shape):
+    axes = entries[i]
+    if dim % size(axes) == 0:
+      continue
+    entries[i] = []
+    axes = [a for a in axes if mesh_shape[a] > 1]
+    # Prefer a dimension no axis splits yet, then the largest one (the most even split).
+    order = sorted((j for j in range(len(shape)) if j != i),
+                   key=lambda j: (size(entries[j]) > 1, -shape[j]))
+    target = next((j for j in order if shape[j] % (size(entries[j]) * size(axes)) == 0), None)
+    if target is None:
+      kind = "replicated"
+      details.append(f"{'/'.join(axes)} dim {i}")
+    else:
+      entries[target] = entries[target] + axes
+      kind = kind or "moved"
+      details.append(f"{'/'.join(axes)} dim {i}->{target}")
+  if not kind:
+    return spec, "", ""
+  out = [None if not e else (e[0] if len(e) == 1 else tuple(e)) for e in entries]
+  while out and out[-1] is None:
+    out.pop()
+  return P(*out), kind, ", ".join(details)
+
+
+def fit_shardings(abstract_tree, sharding_tree, min_elements: int = MIN_SHARD_ELEMENTS
+                  ) -> tuple[Any, Placement]:
+  """Every leaf's NamedSharding made valid for its shape (`fit_spec`): a model that can be placed is
+  never refused (LoRA factors, `SMALL_EXEMPT`, skip the size threshold). Returns the new tree and
+  what changed (`Placement.line()` for the log)."""
+  is_sharding = lambda x: isinstance(x, NamedSharding)
   leaves = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
-  shardings = jax.tree_util.tree_leaves(sharding_tree, is_leaf=lambda x: isinstance(x, NamedSharding))
-  for (path, leaf), sharding in zip(leaves, shardings):
-    spec = sharding.spec
-    for dim, axes in zip(leaf.shape, spec):
-      if axes is None:
-        continue
-      axes = axes if isinstance(axes, tuple) else (axes,)
-      n = math.prod(sharding.mesh.shape[a] for a in axes)
-      if dim % n:
-        name = jax.tree_util.keystr(path, simple=True, separator="/")
-        raise UserError(f"{what} '{name}' has shape {tuple(leaf.shape)}; dimension {dim} does not divide over "
-                        f"mesh axes {axes} of size {n}; change the model size or the mesh "
-                        f"(--config.mesh.*) so it divides")
+  shardings, treedef = jax.tree_util.tree_flatten(sharding_tree, is_leaf=is_sharding)
+  placement, out = Placement(), []
+  for (path, leaf), sh in zip(leaves, shardings, strict=True):
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    least = 0 if SMALL_EXEMPT.search(name) else min_elements
+    spec, kind, detail = fit_spec(leaf.shape, sh.spec, dict(sh.mesh.shape), least)
+    if kind == "small":
+      placement.small += 1
+      placement.small_bytes += leaf.size * leaf.dtype.itemsize
+    elif kind == "moved":
+      placement.moved.append(f"{name} {tuple(leaf.shape)}: {detail}")
+    elif kind == "replicated":
+      placement.replicated.append(f"{name} {tuple(leaf.shape)}: {detail}")
+    out.append(NamedSharding(sh.mesh, spec) if kind else sh)
+  return jax.tree_util.tree_unflatten(treedef, out), placement
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:

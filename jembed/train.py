@@ -225,14 +225,18 @@ class Setup:
     param_specs = sharding.logical_specs(abs_params)
     self.abs_params = nnx.to_pure_dict(abs_params)
     self.abs_rest = nnx.to_pure_dict(abs_rest)
-    self.param_shardings = sharding.logical_to_sharding(param_specs, self.mesh, self.rules)
-    self.rest_shardings = sharding.logical_to_sharding(sharding.logical_specs(abs_rest), self.mesh,
-                                                       self.rules)
-    sharding.check_divisible(self.abs_params, self.param_shardings, "parameter")
+    # Where a rule's mesh axes do not divide a dimension (or a leaf is tiny), `fit` shards another
+    # dimension or replicates; `sharding_report` is the one log line saying where (or "").
+    fit = lambda abstract, specs: sharding.fit_shardings(
+        abstract, sharding.logical_to_sharding(specs, self.mesh, self.rules))
+    self.param_shardings, placement = fit(self.abs_params, param_specs)
+    self.rest_shardings, _ = fit(self.abs_rest, sharding.logical_specs(abs_rest))
+    self.sharding_report = placement.line()
 
     trained_specs, frozen_specs = self.tuning.split_specs(param_specs, self.abs_params)
-    self.trained_shardings = sharding.logical_to_sharding(trained_specs, self.mesh, self.rules)
-    self.frozen_shardings = sharding.logical_to_sharding(frozen_specs, self.mesh, self.rules)
+    abs_trained, abs_frozen = jax.eval_shape(self.tuning.split, self.abs_params, jax.random.key(0))
+    self.trained_shardings, _ = fit(abs_trained, trained_specs)
+    self.frozen_shardings, _ = fit(abs_frozen, frozen_specs)
     self.tx = make_optimizer(config)
     self.ctx = StepContext(model=model_def, task=self.task, tuning=self.tuning, tx=self.tx,
                            base_key=jax.random.key(config.seed),
