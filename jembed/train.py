@@ -362,6 +362,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   logger.info(f"jembed: task={config.task} devices={jax.device_count()} mesh={dict(mesh.shape)} "
               f"{setup.tuning.describe(state.params, state.frozen)}; "
               f"data: {', '.join(f'{k}={v}' for k, v in setup.data.info.items())}")
+  if setup.sharding_report:
+    logger.info(setup.sharding_report)
   if start:
     logger.info(f"resumed from {ckpt.checkpoint_dir(workdir)}/{start}")
   elif task.init is not None:
