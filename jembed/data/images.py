@@ -173,7 +173,7 @@ def _read_image(path: str, channels: int, size: int, config: Any = None) -> np.n
         img = img.resize((size, size), Image.Resampling.BILINEAR)
       array = np.asarray(img, np.uint8)
   except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-    pipeline.bad_record(config, path, f"cannot decode the image ({type(e).__name__}: {e})",
+    pipeline.bad_record(config, f"cannot read image {path}", f"{type(e).__name__}: {e}",
                         "fix or remove the file")
     return None
   return array[..., None] if array.ndim == 2 else array

@@ -160,8 +160,6 @@ def _read_jsonl(path: str, text_key: str, label_key: str, config=None):
   for line_no, line in _decoded_lines(path, config):
     where = f"{path}:{line_no}"
     if not line.strip():
-      if line.strip("\r\n"):
-        pipeline.bad_record(config, where, "a blank record", form)
       continue
     try:
       record = json.loads(line)
@@ -174,7 +172,7 @@ def _read_jsonl(path: str, text_key: str, label_key: str, config=None):
                           f"{form} (set data.text_key / data.label_key for other names)")
       continue
     if not record[text_key].strip():
-      pipeline.bad_record(config, where, f"an empty '{text_key}'", form)
+      pipeline.skipped_record(where, f"an empty '{text_key}'")  # nothing to learn from
       continue
     texts.append(record[text_key])
     labels.append(record[label_key])
@@ -198,7 +196,7 @@ def _read_csv(path: str, text_key: str, label_key: str, config=None):
                           "fix the row (quote fields that hold commas)")
       continue
     if not row[text_key].strip():
-      pipeline.bad_record(config, where, f"an empty '{text_key}'", "give every row a text")
+      pipeline.skipped_record(where, f"an empty '{text_key}'")
       continue
     texts.append(row[text_key])
     labels.append(row[label_key])

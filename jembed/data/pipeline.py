@@ -51,6 +51,14 @@ def bad_record(config, where: str, problem: str, fix: str) -> None:
     _BAD["examples"].append(f"{where}: {problem}")
 
 
+def skipped_record(where: str, problem: str) -> None:
+  """A record that is always skipped whatever data.on_bad_record says (an empty document, which
+  holds nothing to train on), counted and reported like the bad ones."""
+  _BAD["skipped"] += 1
+  if len(_BAD["examples"]) < 5:
+    _BAD["examples"].append(f"{where}: {problem}")
+
+
 def on_bad_record(config) -> str:
   # Configs written before the option existed have no such key; they keep the old behaviour.
   value = config.get("on_bad_record", "error") if hasattr(config, "get") else "error"

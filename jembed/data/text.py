@@ -121,10 +121,10 @@ def _expand_paths(spec: str, what: str) -> list[str]:
 
 
 def _read_file(path: str, config: Any = None) -> list[str]:
-  """Documents of one .txt (one per line; blank lines separate nothing and are ignored) or .jsonl
-  file. A bad record (bytes that are not UTF-8, a JSON line that does not parse, lacks a string
-  'text' field or whose text is empty) is an error naming file:line, or skipped and counted with
-  data.on_bad_record='skip' (jembed.data.pipeline.bad_record)."""
+  """Documents of one .txt (one per line; blank lines are ignored) or .jsonl file. A bad record
+  (bytes that are not UTF-8, a JSON line that does not parse or lacks a string 'text' field) is an
+  error naming file:line, or skipped and counted with data.on_bad_record='skip'
+  (jembed.data.pipeline.bad_record). An empty document is always skipped, and counted."""
   docs = []
   jsonl = path.endswith(".jsonl")
   form = "each .jsonl line must be one JSON object with a non-empty string 'text' field"
@@ -139,9 +139,7 @@ def _read_file(path: str, config: Any = None) -> list[str]:
                               "re-encode the file as UTF-8")
           continue
         if not line.strip():
-          if jsonl and line.strip("\r\n"):
-            pipeline.bad_record(config, where, "a blank record", form)
-          continue
+          continue  # blank lines separate nothing; not a record
         if not jsonl:
           docs.append(line.strip())
           continue
@@ -154,7 +152,7 @@ def _read_file(path: str, config: Any = None) -> list[str]:
           pipeline.bad_record(config, where, "no string 'text' field", form)
           continue
         if not record["text"].strip():
-          pipeline.bad_record(config, where, "an empty 'text'", form)
+          pipeline.skipped_record(where, "an empty 'text'")  # nothing to train on, never an error
           continue
         docs.append(record["text"].strip())
   except OSError as e:
