@@ -83,7 +83,7 @@ class Checkpointer:
       self.manager = ocp.CheckpointManager(fs.path(self.path), options=options,
                                            item_names=("state", "data"))
     except OSError as e:
-      raise fs._write_error(self.path, e) from None  # pylint: disable=protected-access
+      raise fs.write_error(self.path, e) from None
     self._pending: int | None = None
 
   def save(self, step: int, state, data_iter) -> None:

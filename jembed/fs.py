@@ -64,7 +64,7 @@ def makedirs(p: PathLike) -> None:
   try:
     path(p).mkdir(parents=True, exist_ok=True)
   except OSError as e:
-    raise _write_error(p, e) from None
+    raise write_error(p, e) from None
 
 
 def open(p: PathLike, mode: str = "r"):  # pylint: disable=redefined-builtin
@@ -86,7 +86,7 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
-def _write_error(p: PathLike, e: OSError) -> UserError:
+def write_error(p: PathLike, e: OSError) -> UserError:
   reason = e.strerror or type(e).__name__
   fix = ("free some disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT)
          else "choose a writable --workdir")
@@ -105,7 +105,7 @@ def write_with(p: PathLike, write: Callable[[str], None], *, mode: int = 0o644) 
       fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.tmp-")
       os.close(fd)
     except OSError as e:
-      raise _write_error(p, e) from None
+      raise write_error(p, e) from None
     try:
       write(tmp)
       with builtins.open(tmp, "rb+") as f:
@@ -113,7 +113,7 @@ def write_with(p: PathLike, write: Callable[[str], None], *, mode: int = 0o644) 
       os.chmod(tmp, mode)  # mkstemp makes 0600; run artifacts are for anyone to read
       os.replace(tmp, os.fspath(target))
     except OSError as e:
-      raise _write_error(p, e) from None
+      raise write_error(p, e) from None
     finally:
       with contextlib.suppress(OSError):
         os.remove(tmp)
@@ -142,7 +142,7 @@ def write_bytes(p: PathLike, data: bytes) -> None:
   except OSError as e:
     with contextlib.suppress(Exception):
       tmp.unlink(missing_ok=True)
-    raise _write_error(p, e) from None
+    raise write_error(p, e) from None
 
 
 def write_text(p: PathLike, text: str) -> None:
@@ -183,7 +183,7 @@ def swap_dir(final: PathLike, build: Callable[[str], None]) -> None:
   except OSError as e:
     with contextlib.suppress(Exception):
       remove_tree(tmp)
-    raise _write_error(final, e) from None
+    raise write_error(final, e) from None
   except BaseException:
     with contextlib.suppress(Exception):
       remove_tree(tmp)

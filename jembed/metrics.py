@@ -152,7 +152,7 @@ class Logger:
           self._tb.file_writer.add_event(
               Event(step=self.bar.start, session_log=SessionLog(status=SessionLog.START)))
       except OSError as e:
-        raise fs._write_error(path, e) from None  # pylint: disable=protected-access
+        raise fs.write_error(path, e) from None
 
   @staticmethod
   def _rows_up_to(path: str, step: int) -> list[str]:
@@ -193,7 +193,7 @@ class Logger:
           self._tb.add_scalar(f"{split}/{k}", v, step)
       self._tb.flush()
     except OSError as e:
-      raise fs._write_error(path, e) from None  # pylint: disable=protected-access
+      raise fs.write_error(path, e) from None
     if self.bar.enabled:
       sys.stderr.write("\r\033[K")
     print(f"[{split}] step {step}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()), flush=True)

@@ -251,7 +251,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   # Every check has passed: from here on the run writes into the workdir.
   if writer:
     fs.makedirs(workdir)
-  task.save_artifacts()
+  try:
+    task.save_artifacts()
+  except OSError as e:  # a full disk or a read-only workdir: one line, not a traceback
+    raise fs.write_error(getattr(e, "filename", None) or workdir, e) from None
   if writer:
     fs.write_json(fs.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   logger = metrics_lib.Logger(workdir, config.total_steps, start)
