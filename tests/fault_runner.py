@@ -37,18 +37,16 @@ def install(kind: str, at: int) -> None:
   elif kind == "kill_in_save":
     from orbax.checkpoint._src.path import atomicity
     from jembed import checkpoint
-    held = {"step": None}
     original_finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
     async def finalize(self, *args, **kwargs):
-      if held["step"] == at:
+      if self._final_path.name == str(at):  # pylint: disable=protected-access
         await asyncio.sleep(3600)   # never commits: the process is killed first
       return await original_finalize(self, *args, **kwargs)
     atomicity.AtomicRenameTemporaryPath.finalize = finalize
     original_save = checkpoint.Checkpointer.save
 
     def save(self, step, state, data_iter):
-      held["step"] = step
       original_save(self, step, state, data_iter)
       if step == at:
         import time
