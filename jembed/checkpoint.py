@@ -64,8 +64,15 @@ def latest_step(workdir: str) -> int | None:
   return steps[-1] if steps else None
 
 
+_OS_REASONS = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+               "Permission denied")
+
+
 def _first_line(e: BaseException) -> str:
   text = str(e).strip()
+  for reason in _OS_REASONS:  # tensorstore buries the OS error deep in a long message
+    if reason in text:
+      return reason
   return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 

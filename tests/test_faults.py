@@ -150,7 +150,8 @@ def test_sigkill_mid_step_resumes_exactly(cache, corpus, reference, tmp_path):
   workdir = str(tmp_path / "run")
   proc = run_cli(corpus, workdir, "kill_at_batch:5", cache, tmp_path)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-  assert checkpoint.all_steps(workdir) == [2, 4]
+  # Step 4's asynchronous save may or may not have been committed when step 5 was killed.
+  assert checkpoint.all_steps(workdir) in ([2], [2, 4])
   assert [s for s, _ in losses(workdir)] == [1, 2, 3, 4]
   train.train_and_evaluate(config(corpus), workdir)
   assert_same_run(workdir, reference)
