@@ -316,3 +316,116 @@ def test_metrics_write_error_is_one_line(tmp_path, monkeypatch):
   again.close()
   with open(workdir / "metrics.jsonl") as f:
     assert [json.loads(l)["step"] for l in f] == [1, 2]
+
+
+# ------------------------------------------------------------------------------ bad records
+
+
+def text_cfg(path, policy, **kw):
+  import ml_collections
+  fields = dict(source="files", train=str(path), eval="", eval_fraction=0.0, tfds_name="",
+                tfds_split="train", tfds_eval_split="", tfds_text_key="text", data_dir="",
+                on_bad_record=policy)
+  return ml_collections.ConfigDict(dict(fields, **kw))
+
+
+GOOD_JSONL = '{"text": "one good document"}\n{"text": "another good document"}\n'
+TEXT_FAULTS = [  # (file name, contents, where the bad record is, words of the message)
+    ("bytes.txt", b"good line\n\xff\xfe bad bytes\nanother good line\n", ":2", "bytes that are not UTF-8"),
+    ("json.jsonl", (GOOD_JSONL + '{"text": "broken\n').encode(), ":3", "not valid JSON"),
+    ("field.jsonl", (GOOD_JSONL + '{"body": "no text field"}\n').encode(), ":3", "no string 'text'"),
+]
+
+
+@pytest.mark.parametrize("name, data, where, words", TEXT_FAULTS, ids=[f[0] for f in TEXT_FAULTS])
+def test_bad_records_in_text_files(tmp_path, name, data, where, words):
+  from jembed.data import pipeline, text
+  path = tmp_path / name
+  path.write_bytes(data)
+  with pytest.raises(UserError, match=f"{name}{where}: {words}.*on_bad_record=skip") as e:
+    text.load_documents(text_cfg(path, "error"))
+  assert "\n" not in str(e.value)
+  pipeline.reset_bad_records()
+  docs, _ = text.load_documents(text_cfg(path, "skip"))
+  assert len(docs) == 2 and pipeline.bad_records()["skipped"] == 1
+  assert f"{name}{where}" in pipeline.bad_records()["examples"][0]
+
+
+LABELED_FAULTS = [
+    ("bytes.jsonl", b'{"text": "a", "label": "x"}\n\xff\n{"text": "b", "label": "y"}\n', ":2",
+     "bytes that are not UTF-8"),
+    ("json.jsonl", b'{"text": "a", "label": "x"}\n{"text": \n{"text": "b", "label": "y"}\n', ":2",
+     "not valid JSON"),
+    ("field.jsonl", b'{"text": "a", "label": "x"}\n{"text": "c"}\n{"text": "b", "label": "y"}\n', ":2",
+     "needs a string 'text' and a 'label'"),
+    ("row.csv", b'text,label\na,x\n"c",y,extra\nb,y\n', ":3", "2 columns expected"),
+]
+
+
+@pytest.mark.parametrize("name, data, where, words", LABELED_FAULTS, ids=[f[0] for f in LABELED_FAULTS])
+def test_bad_records_in_labelled_text(tmp_path, name, data, where, words):
+  from jembed.data import labeled_text, pipeline
+  path = tmp_path / name
+  path.write_bytes(data)
+  evalf = tmp_path / "eval.jsonl"
+  evalf.write_text('{"text": "e", "label": "x"}\n{"text": "f", "label": "y"}\n')
+  cfg = lambda policy: text_cfg(path, policy, eval=str(evalf))
+  with pytest.raises(UserError, match=f"{name}{where}: {words}"):
+    labeled_text.load_labeled_text(cfg("error"))
+  pipeline.reset_bad_records()
+  data = labeled_text.load_labeled_text(cfg("skip"))
+  assert data.train_texts == ["a", "b"] and pipeline.bad_records()["skipped"] == 1
+
+
+def test_eval_label_outside_the_label_set(tmp_path):
+  from jembed.data import labeled_text, pipeline
+  train_f, eval_f = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+  train_f.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
+  eval_f.write_text('{"text": "e", "label": "x"}\n{"text": "f", "label": "z"}\n')
+  cfg = lambda policy: text_cfg(train_f, policy, eval=str(eval_f))
+  with pytest.raises(UserError, match=r"eval labels \['z'\] never occur.*on_bad_record=skip"):
+    labeled_text.load_labeled_text(cfg("error"))
+  pipeline.reset_bad_records()
+  data = labeled_text.load_labeled_text(cfg("skip"))
+  assert data.eval_texts == ["e"] and pipeline.bad_records()["skipped"] == 1
+
+
+def test_bad_records_in_image_folders(tmp_path):
+  import ml_collections
+  from PIL import Image
+  from jembed.data import images, pipeline
+  root = tmp_path / "imgs"
+  for cls in ("a", "b"):
+    (root / cls).mkdir(parents=True)
+    for i in range(2):
+      Image.fromarray(np.full((4, 4), 10 * i, np.uint8)).save(root / cls / f"{i}.png")
+  (root / "a" / "broken.png").write_bytes(b"not a png")
+  Image.fromarray(np.zeros((5, 4), np.uint8)).save(root / "b" / "odd.png")
+  cfg = lambda policy: ml_collections.ConfigDict(dict(
+      source="", train=str(root), eval="", eval_fraction=0.0, tfds_name="", tfds_split="train",
+      tfds_eval_split="test", data_dir="", image_size=0, channels=0, on_bad_record=policy))
+  with pytest.raises(UserError, match=r"cannot read image .*broken\.png"):
+    images.load_image_folder(str(root), cfg("error"))
+  (root / "a" / "broken.png").rename(root / "a" / "broken.bak")
+  with pytest.raises(UserError, match=r"mixed sizes"):
+    images.load_image_folder(str(root), cfg("error"))
+  (root / "a" / "broken.bak").rename(root / "a" / "broken.png")
+  pipeline.reset_bad_records()
+  ds = images.load_image_folder(str(root), cfg("skip"))
+  assert ds.images.shape == (4, 4, 4, 1) and list(ds.labels) == [0, 0, 1, 1]
+  bad = pipeline.bad_records()
+  assert bad["skipped"] == 2 and any("broken.png" in x for x in bad["examples"]) and \
+      any("odd.png" in x and "(5, 4, 1)" in x for x in bad["examples"])
+
+
+def test_skipped_records_are_reported_in_metrics(corpus, tmp_path, cache, capsys):
+  dirty = tmp_path / "dirty.txt"
+  dirty.write_bytes(open(corpus, "rb").read() + b"\xff\xfe\n" + b"\xc3\x28 twice\n")
+  workdir = str(tmp_path / "run")
+  cfg = config(str(dirty), total_steps=2, checkpoint_every=2)
+  cfg.data.on_bad_record = "skip"
+  train.train_and_evaluate(cfg, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(l) for l in f]
+  assert [r["skipped_records"] for r in rows if r["split"] == "data"] == [2]
+  assert "skipped 2 bad record(s)" in capsys.readouterr().out
