@@ -6,8 +6,8 @@ What "atomic" means where:
   and renamed over the target (`os.replace` is atomic within one filesystem), so a reader sees the
   old file or the new one, never a partial one, even after a crash or a full disk.
 - gs:// (and other object stores): a single object upload becomes visible only when complete, so
-  writing the object directly is already all-or-nothing; we still write a temporary object and
-  "rename" it, which GCS does as copy + delete (not atomic as a pair, but each object is whole).
+  writing the object directly is already all-or-nothing, and that is what we do (a rename on GCS is
+  a copy + delete, which would add nothing).
 - Directory swaps (`swap_dir`): locally two renames (old away, new in) with a window in between in
   which the final name is missing but both complete trees exist; `swap_dir` then finishes or undoes
   the swap on the next call. On GCS a directory is a prefix and a rename copies every object, so the
@@ -134,14 +134,12 @@ def write_bytes(p: PathLike, data: bytes) -> None:
     write_with(p, write)
     return
   target = path(p)
-  tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
   try:
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_bytes(data)
-    tmp.rename(target)  # GCS: copy + delete; the object at `target` appears whole
+    # An object store publishes an upload only once it is complete, so a direct write is already
+    # all-or-nothing (a temporary object and a "rename", i.e. copy + delete, would add nothing).
+    target.write_bytes(data)
   except OSError as e:
-    with contextlib.suppress(Exception):
-      tmp.unlink(missing_ok=True)
     raise write_error(p, e) from None
 
 
