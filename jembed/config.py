@@ -24,7 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 500
   c.eval_batches = 8          # held-out batches per evaluation; 0 = the whole eval split
   c.checkpoint_every = 500
-  c.checkpoint_every_secs = 0   # also save when this many seconds passed since the last save; 0 = off
+  c.checkpoint_every_secs = 0.0  # also save when this many seconds passed since the last save; 0 = off
   c.keep_checkpoints = 3
   c.async_checkpointing = True
   c.checkpoint_fallback = True  # an unreadable latest checkpoint: resume from the previous one (False: refuse)

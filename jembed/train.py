@@ -366,7 +366,9 @@ def keep_if_finite(finite, new, old):
   return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
-def update_nonfinite(record, finite, step) -> dict[str, jax.Array]:
+def update_nonfinite(record, finite, step) -> dict[str, jax.Array] | None:
+  if record is None:  # a state built without a record (e.g. by a benchmark) keeps none
+    return None
   bad = jnp.logical_not(finite).astype(jnp.int32)
   run = (record["run"] + 1) * bad
   first = jnp.where((record["first"] < 0) & (bad > 0), step + 1, record["first"])

@@ -429,3 +429,11 @@ def test_skipped_records_are_reported_in_metrics(corpus, tmp_path, cache, capsys
     rows = [json.loads(l) for l in f]
   assert [r["skipped_records"] for r in rows if r["split"] == "data"] == [2]
   assert "skipped 2 bad record(s)" in capsys.readouterr().out
+
+
+def test_checkpoint_every_secs_saves_on_time(corpus, tmp_path, cache):
+  # checkpoint_every=100 would save only at the end; a tiny time interval saves after every step.
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config(corpus, total_steps=3, checkpoint_every=100,
+                                  checkpoint_every_secs=1e-9), workdir)
+  assert checkpoint.all_steps(workdir) == [1, 2, 3]
