@@ -291,12 +291,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       logger.progress(step)
       last = step == config.total_steps
       log_step = step % config.log_every == 0 or last or step == stop_at
-      preempted = stopper.reached(step, log_step)
-      save = (step % config.checkpoint_every == 0 or last or step == stop_at or preempted
-              or _time_to_save(t_saved, config.checkpoint_every_secs, log_step))
-      if log_step or save:
-        record = check_nonfinite(state, config, checkpointer)
       if log_step:
+        record = check_nonfinite(state, config, checkpointer)
         train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
         dt = (time.perf_counter() - t_last) / steps_since
         row = dict(train_metrics, learning_rate=float(learning_rate_schedule(config)(step - 1)),
@@ -310,7 +306,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         eval_metrics.update(task.extra_eval(setup.model_from(state), step))
         logger.write(step, "eval", eval_metrics)
         t_last, steps_since = time.perf_counter(), 0
+      # Asked after the log step's wait for the device, so a signal that came during this step
+      # stops the run here rather than one step later.
+      preempted = stopper.reached(step, log_step)
+      save = (step % config.checkpoint_every == 0 or last or step == stop_at or preempted
+              or _time_to_save(t_saved, config.checkpoint_every_secs, log_step))
       if save:
+        if not log_step:
+          check_nonfinite(state, config, checkpointer)   # never save non-finite parameters
         checkpointer.save(step, state, data_iter)
         t_saved = time.monotonic()
       if preempted:
