@@ -20,7 +20,6 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import tempfile
 import uuid
 from typing import Any, Callable
@@ -186,14 +185,3 @@ def swap_dir(final: PathLike, build: Callable[[str], None]) -> None:
     with contextlib.suppress(Exception):
       remove_tree(tmp)
     raise
-
-
-def remove_stale_temporaries(directory: PathLike, name: str) -> None:
-  """Deletes temporary files a crashed `write_*` left for `name` in `directory` (local only)."""
-  if not is_local(directory) or not os.path.isdir(directory):
-    return
-  for entry in os.listdir(directory):
-    if entry.startswith(f".{name}.tmp-"):
-      with contextlib.suppress(OSError):
-        full = os.path.join(directory, entry)
-        shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
