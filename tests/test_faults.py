@@ -162,9 +162,13 @@ def test_sigkill_mid_step_resumes_exactly(cache, corpus, reference, tmp_path):
 
 def test_truncated_checkpoint_file_falls_back_to_the_previous(corpus, reference, tmp_path, capsys):
   workdir = copy_of(reference, tmp_path)
-  biggest = state_files(workdir, 8)[-1]
-  with open(biggest, "r+b") as f:
-    f.truncate(os.path.getsize(biggest) // 2)
+  # The arrays are read from state/d/* (the per-process ocdbt.process_*/ copies were merged there).
+  data = [p for p in state_files(workdir, 8) if os.path.basename(os.path.dirname(p)) == "d"
+          and "ocdbt.process" not in p]
+  assert data
+  for path in data:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
   train.train_and_evaluate(config(corpus), workdir)
   out = capsys.readouterr().out
   assert f"checkpoints/8 cannot be read" in out and "previous good checkpoint" in out and \
@@ -190,8 +194,10 @@ def test_keep_checkpoints_never_removes_the_only_good_one(corpus, reference, tmp
   # keep_checkpoints=1 and the latest unreadable: the run resumes from 6 and keeps it until the new
   # step-8 checkpoint is committed.
   workdir = copy_of(reference, tmp_path, drop=(2, 4))
-  with open(state_files(workdir, 8)[-1], "wb"):
-    pass
+  for path in state_files(workdir, 8):
+    if os.path.basename(os.path.dirname(path)) == "d" and "ocdbt.process" not in path:
+      with open(path, "wb"):
+        pass   # emptied
   train.train_and_evaluate(config(corpus, keep_checkpoints=1), workdir)
   assert checkpoint.all_steps(workdir) == [8]
   assert_same_run(workdir, reference)
