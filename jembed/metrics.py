@@ -149,8 +149,9 @@ class Logger:
         self._tb = SummaryWriter(fs.join(self.workdir, "tensorboard"))
         if self.bar.start:
           from tensorboardX.proto.event_pb2 import Event, SessionLog
+          # TensorBoard drops the events at and after a restart's step: the resumed run's first.
           self._tb.file_writer.add_event(
-              Event(step=self.bar.start, session_log=SessionLog(status=SessionLog.START)))
+              Event(step=self.bar.start + 1, session_log=SessionLog(status=SessionLog.START)))
       except OSError as e:
         raise fs.write_error(path, e) from None
 
