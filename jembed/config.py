@@ -25,8 +25,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 500
   c.eval_batches = 8          # held-out batches per evaluation; 0 = the whole eval split
   c.checkpoint_every = 500
+  c.checkpoint_every_secs = 0.0  # also save when this many seconds passed since the last save; 0 = off
   c.keep_checkpoints = 3
   c.async_checkpointing = True
+  c.checkpoint_fallback = True  # an unreadable latest checkpoint: resume from the previous one (False: refuse)
+  c.skip_nonfinite = False      # a step with a non-finite loss/gradient: skip it (False: stop the run)
+  c.max_consecutive_nonfinite = 10  # with skip_nonfinite: stop after this many such steps in a row
   c.stop_after_steps = 0      # stop this invocation early (e.g. a preemptible job); the next resumes
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = ()       # () = jembed.sharding.DEFAULT_RULES; else ((logical, mesh axes), ...)
@@ -50,3 +54,9 @@ def validate(c) -> None:
   _check(c.schedule in ("cosine", "linear", "constant"),
          f"config.schedule='{c.schedule}' is unknown; use cosine, linear or constant")
   _check(c.eval_batches >= 0, f"config.eval_batches={c.eval_batches} must be >= 0")
+  _check(c.checkpoint_every_secs >= 0, f"config.checkpoint_every_secs={c.checkpoint_every_secs} must be >= 0")
+  _check(isinstance(c.max_consecutive_nonfinite, int) and c.max_consecutive_nonfinite > 0,
+         f"config.max_consecutive_nonfinite={c.max_consecutive_nonfinite!r} must be a positive integer")
+  on_bad = c.data.get("on_bad_record", "error")
+  _check(on_bad in ("error", "skip"),
+         f"config.data.on_bad_record='{on_bad}' is unknown; use 'error' or 'skip'")

@@ -27,9 +27,11 @@ def _want_distributed() -> bool:
 
 def main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}; pass options as --flag=value "
+          "(config fields as --config.key=value)")
   from jembed.errors import UserError
-  if _CONFIG.value is None:
+  config = _load_config()
+  if config is None:
     _fail("no config given; pass --config configs/mlm.py (or another file in configs/)")
   if not _WORKDIR.value:
     _fail("no workdir given; pass --workdir DIR (checkpoints, logs and metrics go there)")
@@ -40,9 +42,58 @@ def main(argv) -> None:
     _initialize_distributed(jax)
   from jembed import train
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(config, _WORKDIR.value)
   except (UserError, FloatingPointError) as e:
     _fail(str(e))
+  except train.Preempted as e:
+    # A distinct status, so that a job script can tell "stopped cleanly, resume me" (3) from a
+    # user error (2) and a crash (1).
+    print(f"jembed: {e}", file=sys.stderr, flush=True)
+    sys.exit(PREEMPTED_EXIT_CODE)
+
+
+PREEMPTED_EXIT_CODE = 3
+
+
+def _load_config():
+  """config_flags may load the file lazily, on first access; its failures become one line."""
+  try:
+    config = _CONFIG.value
+    if config is not None:
+      config.keys()  # a file that failed to load raises on first use
+    return config
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(_config_error(e))
+
+
+def _config_path(argv=None) -> str:
+  argv = argv if argv is not None else sys.argv
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return "?"
+
+
+def _config_error(e: BaseException, argv=None) -> str:
+  """One line for a config file that does not exist, does not parse or fails in get_config()."""
+  import traceback
+  path = _config_path(argv).split(":", 1)[0]
+  if not os.path.isfile(path):
+    return f"config file {path} does not exist; pass one of configs/*.py (e.g. --config=configs/mlm.py)"
+  cause = e
+  while cause.__cause__ is not None or (cause.__context__ is not None and not cause.__suppress_context__):
+    cause = cause.__cause__ or cause.__context__
+  if isinstance(cause, SyntaxError):
+    at = f" at {cause.filename}:{cause.lineno}"
+    message = cause.msg
+  else:
+    frames = [f for f in traceback.extract_tb(cause.__traceback__)
+              if os.path.abspath(f.filename) == os.path.abspath(path)]
+    at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    message = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+  return f"cannot load config file {path} ({type(cause).__name__}{at}: {message}); fix the file"
 
 
 def _initialize_distributed(jax) -> None:
@@ -66,6 +117,9 @@ def _fail(message: str) -> None:
 
 def _parse_flags(argv):
   # Flag errors (unknown config key, wrong type, missing config file) are one line, exit 2.
+  path = _config_path(argv)
+  if path != "?" and not os.path.isfile(path.split(":", 1)[0]):
+    _fail(_config_error(FileNotFoundError(path), argv))
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
@@ -75,7 +129,12 @@ def _parse_flags(argv):
     _fail(f"unknown config key '{key}' in {given[0] if given else 'the overrides'}; "
           "see the config file for the fields it has (print them with --config=FILE --helpfull)")
   except (flags.Error, ValueError, TypeError) as e:
+    if "Error whilst parsing config file" in str(e) or "loading config file" in str(e):
+      _fail(_config_error(e, argv))
     _fail(str(e).strip().splitlines()[0])
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file itself failed (a syntax error, an exception in get_config, no such file).
+    _fail(_config_error(e, argv))
 
 
 def run() -> None:

@@ -12,6 +12,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jembed import fs
+from jembed.errors import UserError
+
 # Dense bf16 peak FLOP/s per chip, from the vendors' spec sheets (TPU: cloud.google.com/tpu/docs;
 # GPU: NVIDIA datasheets, dense tensor-core figures without sparsity).
 PEAK_FLOPS = {
@@ -49,13 +52,9 @@ def measure_cpu_matmul_peak(sizes=(1024, 2048), repeats: int = 8) -> float:
       best = min(best, time.perf_counter() - t)
     best_flops = max(best_flops, 2 * n ** 3 / best)
   try:
-    os.makedirs(CACHE, exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-      json.dump({"f32_matmul_flops": best_flops, "sizes": list(sizes)}, fh)
-    os.replace(tmp, path)
-  except OSError:
-    pass
+    fs.write_json(path, {"f32_matmul_flops": best_flops, "sizes": list(sizes)})
+  except UserError:
+    pass  # only a cache
   return best_flops
 
 
@@ -120,38 +119,60 @@ def _fmt(v: Any) -> str:
 
 
 class Logger:
-  """Writes each logged row to stdout, TensorBoard and metrics.jsonl (process 0 only)."""
+  """Writes each logged row to stdout, TensorBoard and metrics.jsonl (process 0 only, `fs.is_writer`).
+
+  metrics.jsonl: appended and flushed per row on a local disk (a crash can leave at most a partial
+  last line, which the next run drops); on an object store, which cannot append, the whole file is
+  rewritten atomically per row. A resumed run drops rows past its checkpoint and marks a restart in
+  TensorBoard, which then discards the orphaned events past that step.
+  """
 
   def __init__(self, workdir: str, total_steps: int, start_step: int = 0):
-    self.main = jax.process_index() == 0
+    self.main = fs.is_writer()
     self.workdir = workdir
     self.bar = ProgressBar(total_steps, start_step)
     self._tb = None
     self._jsonl = None
+    self._rows: list[str] | None = None  # the whole file, on an object store
 
   def _open(self):
-    if self._jsonl is None and self.main:
+    if (self._jsonl is None and self._rows is None) and self.main:
       from tensorboardX import SummaryWriter
-      os.makedirs(self.workdir, exist_ok=True)
-      path = os.path.join(self.workdir, "metrics.jsonl")
-      self._drop_rows_after(path, self.bar.start)
-      self._jsonl = open(path, "a")
-      self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+      fs.makedirs(self.workdir)
+      path = fs.join(self.workdir, "metrics.jsonl")
+      kept = self._rows_up_to(path, self.bar.start)
+      try:
+        if fs.is_local(path):
+          self._jsonl = open(path, "a")
+        else:
+          self._rows = kept
+        self._tb = SummaryWriter(fs.join(self.workdir, "tensorboard"))
+        if self.bar.start:
+          from tensorboardX.proto.event_pb2 import Event, SessionLog
+          # TensorBoard drops the events at and after a restart's step: the resumed run's first.
+          self._tb.file_writer.add_event(
+              Event(step=self.bar.start + 1, session_log=SessionLog(status=SessionLog.START)))
+      except OSError as e:
+        raise fs.write_error(path, e) from None
 
   @staticmethod
-  def _drop_rows_after(path: str, step: int) -> None:
+  def _rows_up_to(path: str, step: int) -> list[str]:
     """A resumed run repeats the steps after its checkpoint; their old rows are dropped so every
-    step appears once."""
-    if not os.path.exists(path):
-      return
-    with open(path) as f:
-      lines = f.readlines()
-    keep = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= step]
+    step appears once. A partial last line (a crash or a full disk mid-write) is dropped too."""
+    if not fs.exists(path):
+      return []
+    lines = fs.read_text(path).splitlines(keepends=True)
+    keep = []
+    for line in lines:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if row.get("step", 0) <= step and line.endswith("\n"):
+        keep.append(line)
     if len(keep) != len(lines):
-      tmp = path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(keep)
-      os.replace(tmp, path)
+      fs.write_text(path, "".join(keep))
+    return keep
 
   def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
     if not self.main:
@@ -159,12 +180,21 @@ class Logger:
     self._open()
     row = {"step": int(step), "split": split}
     row.update({k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()})
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
-    for k, v in row.items():
-      if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v):
-        self._tb.add_scalar(f"{split}/{k}", v, step)
-    self._tb.flush()
+    line = json.dumps(row) + "\n"
+    path = fs.join(self.workdir, "metrics.jsonl")
+    try:
+      if self._jsonl is not None:
+        self._jsonl.write(line)
+        self._jsonl.flush()
+      else:
+        self._rows.append(line)
+        fs.write_text(path, "".join(self._rows))
+      for k, v in row.items():
+        if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v):
+          self._tb.add_scalar(f"{split}/{k}", v, step)
+      self._tb.flush()
+    except OSError as e:
+      raise fs.write_error(path, e) from None
     if self.bar.enabled:
       sys.stderr.write("\r\033[K")
     print(f"[{split}] step {step}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()), flush=True)
@@ -180,7 +210,10 @@ class Logger:
 
   def close(self) -> None:
     self.bar.close()
-    if self._jsonl is not None:
-      self._jsonl.close()
-      self._tb.close()
-      self._jsonl = self._tb = None
+    for handle in (self._jsonl, self._tb):
+      if handle is not None:
+        try:
+          handle.close()
+        except OSError:
+          pass  # a full disk: the error was reported when the row failed to write
+    self._jsonl = self._tb = self._rows = None

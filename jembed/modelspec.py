@@ -9,7 +9,6 @@ builds the model with `build`, a pure function of it. `jembed.load` stands on th
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from flax import nnx
@@ -26,20 +25,18 @@ def build(spec: dict[str, Any], rngs: nnx.Rngs) -> nnx.Module:
 
 
 def save(workdir: str, spec: dict[str, Any]) -> None:
-  path = os.path.join(workdir, MODEL_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(spec, f, indent=2)
-  os.replace(path + ".tmp", path)
+  from jembed import fs
+  fs.write_json(fs.join(workdir, MODEL_FILE), spec)
 
 
 def read(directory: str) -> dict[str, Any] | None:
   """The spec saved in `directory`, or None when it has none."""
-  path = os.path.join(directory, MODEL_FILE)
-  if not os.path.exists(path):
+  from jembed import fs
+  path = fs.join(directory, MODEL_FILE)
+  if not fs.exists(path):
     return None
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(fs.read_text(path))
   except (OSError, ValueError) as e:
     raise UserError(f"{path} cannot be read ({type(e).__name__}); the workdir is damaged: "
                     "restore model.json from a backup or train into a new --workdir") from e

@@ -5,13 +5,11 @@ with NumPy so evaluation does not depend on scikit-learn.
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
 
+from jembed import fs
 from jembed.errors import UserError
 
 _HEADERS = ("precision", "recall", "f1-score", "support")  # text table columns
@@ -97,21 +95,6 @@ def format_report(report: dict[str, Any], digits: int = 2) -> str:
   return text
 
 
-def _atomic_write(path: str, write) -> None:
-  """write(tmp_path) then rename, so readers never see a partial file."""
-  directory = os.path.dirname(path) or "."
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-  os.close(fd)
-  try:
-    write(tmp)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are reports for anyone to read
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _plot_confusion(report: dict[str, Any], path: str) -> None:
   # The Figure/Agg canvas API avoids pyplot's global state and backend selection.
   from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -141,13 +124,9 @@ def _plot_confusion(report: dict[str, Any], path: str) -> None:
 
 
 def save_report(report: dict[str, Any], workdir: str) -> None:
-  """WORKDIR/classification_report.json and WORKDIR/confusion_matrix.png, written atomically."""
-  os.makedirs(workdir, exist_ok=True)
-
-  def write_json(tmp):
-    with open(tmp, "w") as f:
-      json.dump(report, f, indent=2)
-
-  _atomic_write(os.path.join(workdir, "classification_report.json"), write_json)
-  _atomic_write(os.path.join(workdir, "confusion_matrix.png"),
-                lambda tmp: _plot_confusion(report, tmp))
+  """WORKDIR/classification_report.json and WORKDIR/confusion_matrix.png, written atomically by
+  process 0 (local or gs://)."""
+  if not fs.is_writer():
+    return
+  fs.write_json(fs.join(workdir, "classification_report.json"), report)
+  fs.write_with(fs.join(workdir, "confusion_matrix.png"), lambda tmp: _plot_confusion(report, tmp))

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
-import os
 import time
 from typing import Any
 
@@ -19,11 +17,13 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from jembed import checkpoint as ckpt
 from jembed import config as config_lib
+from jembed import fs
 from jembed import init as init_lib
 from jembed import peft
 from jembed import metrics as metrics_lib
@@ -40,6 +40,7 @@ class TrainState:
   frozen: Any        # parameters that do not train (a frozen backbone, a LoRA base)
   opt_state: Any     # optax state, for `params` only
   model_state: Any   # non-parameter variables, e.g. BatchNorm statistics
+  nonfinite: Any = None  # on-device record of non-finite steps (see `nonfinite_record`)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,9 +139,15 @@ def train_step(ctx: StepContext, state: TrainState, batch):
                                                                  task_rng)
   updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  # A step whose loss or gradient is not finite changes nothing (checked on device, every step);
+  # the host reads the record at log steps and before each save.
+  finite = step_is_finite(metrics["loss"], grads, state.step)
+  params, opt_state, model_state = keep_if_finite(
+      finite, (params, opt_state, model_state), (state.params, state.opt_state, state.model_state))
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            model_state=model_state)
+                            model_state=model_state,
+                            nonfinite=update_nonfinite(state.nonfinite, finite, state.step))
   return new_state, metrics
 
 
@@ -254,7 +261,8 @@ class Setup:
   def _make_state(self, params, model_state, key):
     trained, frozen = self.tuning.split(params, key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=trained, frozen=frozen,
-                      opt_state=self.tx.init(trained), model_state=model_state)
+                      opt_state=self.tx.init(trained), model_state=model_state,
+                      nonfinite=nonfinite_record())
 
   def _state_shardings(self) -> TrainState:
     rep = sharding.replicated(self.mesh)
@@ -262,7 +270,8 @@ class Setup:
     opt = optax.tree_map_params(self.tx, lambda _, s: s, abs_state.opt_state, self.trained_shardings,
                                 transform_non_params=lambda _: rep)
     return TrainState(step=rep, params=self.trained_shardings, frozen=self.frozen_shardings,
-                      opt_state=opt, model_state=self.rest_shardings)
+                      opt_state=opt, model_state=self.rest_shardings,
+                      nonfinite=jax.tree.map(lambda _: rep, nonfinite_record()))
 
   def init_state(self) -> TrainState:
     """A fresh state on the mesh, warm-started from `config.init` when it names a source."""
@@ -333,27 +342,38 @@ def evaluate(setup: Setup, state: TrainState) -> dict[str, float]:
 # The loop
 # ---------------------------------------------------------------------------------------------------
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains `config.task` in `workdir`, resuming from its latest checkpoint. Returns final eval metrics."""
+  """Trains `config.task` in `workdir`, resuming from its latest checkpoint. Returns final eval metrics.
+
+  Raises `Preempted` after a SIGTERM / Ctrl-C once the checkpoint of the step in progress is
+  committed, and FloatingPointError when a step's loss or gradient is not finite (see
+  config.skip_nonfinite).
+  """
+  pipeline.reset_bad_records()
   setup = Setup(config, workdir)
   task, mesh = setup.task, setup.mesh
+  writer = fs.is_writer()
 
-  # ---- state: fresh, or restored from the workdir's latest checkpoint ----
+  # ---- state: fresh, or restored from the workdir's newest readable checkpoint ----
   data_iter = pipeline.train_iterator(setup.data.train, config.batch_size, config.seed)
   state = setup.init_state()
-  resume_step = ckpt.latest_step(workdir)
-  if resume_step is not None:
-    abstract = ckpt.abstract_with_sharding(state, setup.shardings)
-    state = ckpt.restore(workdir, resume_step, abstract, data_iter)
+  abstract = ckpt.abstract_with_sharding(state, setup.shardings)
+  restored, _ = ckpt.restore_latest(workdir, abstract, data_iter, fallback=config.checkpoint_fallback,
+                                    log=_info, legacy=_legacy_restore(abstract))
+  if restored is not None:
+    state = restored
   start = int(jax.device_get(state.step))
 
   # ---- compile the train step (the eval step compiles on first use) ----
   setup.compile(state, setup.to_global(_peek(data_iter)))
 
   # Every check has passed: from here on the run writes into the workdir.
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    task.save_artifacts()
-    _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+  if writer:
+    fs.makedirs(workdir)
+    try:
+      task.save_artifacts()
+    except OSError as e:  # a full disk or a read-only workdir: one line, not a traceback
+      raise fs.write_error(getattr(e, "filename", None) or workdir, e) from None
+    fs.write_json(fs.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
     modelspec.save(workdir, setup.spec)
   logger = metrics_lib.Logger(workdir, config.total_steps, start)
   checkpointer = ckpt.Checkpointer(workdir, keep=config.keep_checkpoints,
@@ -364,6 +384,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
               f"data: {', '.join(f'{k}={v}' for k, v in setup.data.info.items())}")
   if setup.sharding_report:
     logger.info(setup.sharding_report)
+  bad = pipeline.bad_records()
+  if bad["skipped"]:
+    logger.info(f"data: skipped {bad['skipped']} bad record(s) (data.on_bad_record='skip'), e.g. "
+                f"{bad['examples'][0]}")
+  logger.write(start, "data", {"skipped_records": bad["skipped"]})
   if start:
     logger.info(f"resumed from {ckpt.checkpoint_dir(workdir)}/{start}")
   elif task.init is not None:
@@ -376,7 +401,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     stop_at = min(stop_at, start + config.stop_after_steps)
   eval_metrics: dict[str, float] = {}
   t_last, steps_since = time.perf_counter(), 0
+  t_saved = time.monotonic()
   step = start
+  stopper = StopSignals()
   try:
     while step < stop_at:
       batch = setup.to_global(next(data_iter))
@@ -385,16 +412,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       steps_since += 1
       logger.progress(step)
       last = step == config.total_steps
-      if step % config.log_every == 0 or last or step == stop_at:
+      log_step = step % config.log_every == 0 or last or step == stop_at
+      if log_step:
+        record = check_nonfinite(state, config, checkpointer)
         train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
         dt = (time.perf_counter() - t_last) / steps_since
-        if not math.isfinite(train_metrics["loss"]):
-          raise FloatingPointError(f"loss is {train_metrics['loss']} at step {step}; lower "
-                                   "--config.learning_rate or raise warmup_steps (checkpoints up to "
-                                   f"step {checkpointer.manager.latest_step()} are intact)")
         row = dict(train_metrics, learning_rate=float(learning_rate_schedule(config)(step - 1)),
                    step_time=dt, **{f"{task.unit}_per_sec": items_per_batch / dt})
         row["mfu"] = (setup.step_flops / dt / peak) if (setup.step_flops and peak) else float("nan")
+        row["skipped_steps"] = record["skipped"]
         logger.write(step, "train", row)
         t_last, steps_since = time.perf_counter(), 0
       if step % config.eval_every == 0 or last:
@@ -402,8 +428,21 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         eval_metrics.update(task.extra_eval(setup.model_from(state), step))
         logger.write(step, "eval", eval_metrics)
         t_last, steps_since = time.perf_counter(), 0
-      if step % config.checkpoint_every == 0 or last or step == stop_at:
+      # Asked after the log step's wait for the device, so a signal that came during this step
+      # stops the run here rather than one step later.
+      preempted = stopper.reached(step, log_step)
+      save = (step % config.checkpoint_every == 0 or last or step == stop_at or preempted
+              or _time_to_save(t_saved, config.checkpoint_every_secs, log_step))
+      if save:
+        if not log_step:
+          check_nonfinite(state, config, checkpointer)   # never save non-finite parameters
         checkpointer.save(step, state, data_iter)
+        t_saved = time.monotonic()
+      if preempted:
+        checkpointer.wait()
+        raise Preempted(f"stopped by {stopper.signal_name} after step {step}; checkpoint "
+                        f"{ckpt.checkpoint_dir(workdir)}/{step} is committed: run the same command "
+                        "again to resume")
     if step == config.total_steps:
       if not eval_metrics:
         eval_metrics = evaluate(setup, state)
@@ -411,8 +450,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       if jax.process_index() == 0:
         setup.tuning.export(workdir, state)
   finally:
-    checkpointer.close()
-    logger.close()
+    stopper.restore()
+    try:
+      checkpointer.close()
+    finally:
+      logger.close()
   return eval_metrics
 
 
@@ -424,8 +466,148 @@ def _peek(data_iter):
   return batch
 
 
-def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=str)
-  os.replace(tmp, path)
+def _info(text: str) -> None:
+  if fs.is_writer():
+    print(text, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Non-finite steps: caught on device every step, read by the host at log steps and before saves
+# ---------------------------------------------------------------------------------------------------
+def nonfinite_record() -> dict[str, jax.Array]:
+  """skipped: steps whose update was dropped; first: the first such step (-1: none); run: the
+  current streak of them; longest: the longest streak."""
+  z = lambda v=0: jnp.full((), v, jnp.int32)
+  return dict(skipped=z(), first=z(-1), run=z(), longest=z())
+
+
+def step_is_finite(loss, grads, step) -> jax.Array:
+  """Whether a step may be applied. Tests monkeypatch this to inject a non-finite step (it is
+  called when the step is traced, so a normal run pays nothing for that)."""
+  del step
+  return jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+
+
+def keep_if_finite(finite, new, old):
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
+def update_nonfinite(record, finite, step) -> dict[str, jax.Array] | None:
+  if record is None:  # a state built without a record (e.g. by a benchmark) keeps none
+    return None
+  bad = jnp.logical_not(finite).astype(jnp.int32)
+  run = (record["run"] + 1) * bad
+  first = jnp.where((record["first"] < 0) & (bad > 0), step + 1, record["first"])
+  return dict(skipped=record["skipped"] + bad, first=first, run=run,
+              longest=jnp.maximum(record["longest"], run))
+
+
+def check_nonfinite(state: TrainState, config, checkpointer) -> dict[str, int]:
+  """Stops the run when a step was not finite (or, with config.skip_nonfinite, after
+  config.max_consecutive_nonfinite of them in a row). The parameters stay the last finite ones,
+  so nothing non-finite is ever saved."""
+  record = {k: int(v) for k, v in jax.device_get(state.nonfinite).items()}
+  if record["first"] < 0:
+    return record
+  if config.skip_nonfinite and record["longest"] < config.max_consecutive_nonfinite:
+    return record
+  checkpointer.wait()
+  good = checkpointer.latest_step()
+  where = f"the last good checkpoint is step {good}" if good is not None else "no checkpoint was saved"
+  if config.skip_nonfinite:
+    raise FloatingPointError(
+        f"{record['longest']} steps in a row had a non-finite loss or gradient (the first bad step was "
+        f"{record['first']}, {record['skipped']} skipped in all); {where}: lower --config.learning_rate "
+        "or raise warmup_steps")
+  raise FloatingPointError(
+      f"the loss or gradient is not finite at step {record['first']} (the update was not applied); {where}: "
+      "lower --config.learning_rate or raise warmup_steps, or set --config.skip_nonfinite=True to skip "
+      "such steps")
+
+
+def _legacy_restore(abstract: TrainState):
+  """Checkpoints written before TrainState had `nonfinite` restore with a clean record."""
+  def fill(restored):
+    fresh = nonfinite_record()
+    return restored.replace(nonfinite={k: jax.device_put(fresh[k], abstract.nonfinite[k].sharding)
+                                       for k in fresh})
+  return abstract.replace(nonfinite=None), fill
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preemption and time-based checkpoints
+# ---------------------------------------------------------------------------------------------------
+class Preempted(Exception):
+  """The run stopped on SIGTERM / SIGINT after committing a checkpoint; the same command resumes."""
+
+
+class StopSignals:
+  """SIGTERM (what preemptible VMs, SLURM and Kubernetes send) and SIGINT ask the loop to finish the
+  step in progress, save it and stop. A second Ctrl-C stops at once.
+
+  Every process must stop at the same step. One process: a local flag. Several: SIGTERM goes to
+  JAX's preemption sync manager (active after jax.distributed.initialize; it catches SIGTERM itself
+  and agrees on a step, read with `reached_preemption_sync_point` every step), and a Ctrl-C on any
+  process is agreed on at log steps by an all-gather of the flags.
+  """
+
+  def __init__(self):
+    import signal
+    self._signal = signal
+    self.signal_name = ""
+    self._previous = {}
+    self.multi = jax.process_count() > 1
+    if threading_is_main():
+      wanted = [signal.SIGINT] if self.multi else [signal.SIGINT, signal.SIGTERM]
+      for sig in wanted:
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    name = self._signal.Signals(signum).name
+    if self.signal_name and signum == self._signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now (the last committed checkpoint stands)
+    self.signal_name = name
+    print(f"jembed: {name} received: finishing the current step and saving a checkpoint",
+          flush=True)
+
+  def reached(self, step: int, log_step: bool) -> bool:
+    if not self.multi:
+      return bool(self.signal_name)
+    from jax.experimental import multihost_utils
+    try:
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signal_name = self.signal_name or "SIGTERM"
+        return True
+    except RuntimeError:  # the preemption service is off (jax_enable_preemption_service)
+      pass
+    if not log_step:
+      return False
+    flags = multihost_utils.process_allgather(np.asarray(bool(self.signal_name)))
+    if np.any(flags):
+      self.signal_name = self.signal_name or "SIGINT"
+      return True
+    return False
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      self._signal.signal(sig, handler)
+    self._previous = {}
+
+
+def threading_is_main() -> bool:
+  import threading
+  return threading.current_thread() is threading.main_thread()
+
+
+def _time_to_save(t_saved: float, every_secs: float, log_step: bool) -> bool:
+  """config.checkpoint_every_secs: every process must decide alike, so with several processes
+  process 0's clock decides, broadcast at log steps (one process: checked every step)."""
+  if not every_secs:
+    return False
+  due = time.monotonic() - t_saved >= every_secs
+  if jax.process_count() == 1:
+    return due
+  if not log_step:
+    return False
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))

@@ -36,6 +36,24 @@ def test_cli_refuses_bad_flags_in_one_line(tmp_path, flag, words):
   assert not workdir.exists()
 
 
+def test_cli_config_file_errors_are_one_line(tmp_path):
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config(:\n")
+  failing = tmp_path / "failing.py"
+  failing.write_text("def get_config():\n  raise RuntimeError('no such dataset')\n")
+  cases = [([f"--config={tmp_path}/nope.py"], "nope.py does not exist"),
+           ([f"--config={broken}"], f"SyntaxError at {broken}:1"),
+           ([f"--config={failing}"], f"RuntimeError at {failing}:2: no such dataset"),
+           ([f"--config={ROOT}/configs/mlm.py", "stray"], "unexpected arguments: stray")]
+  for flags, words in cases:
+    cmd = [sys.executable, "-m", "jembed.main", f"--workdir={tmp_path}/run", *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("jembed: error:") and words in lines[0], lines[0]
+  assert not (tmp_path / "run").exists()
+
+
 def test_cli_user_error_is_one_line_and_writes_nothing(tmp_path):
   workdir = tmp_path / "run"
   proc = cli(workdir, "--config.data.train=/no/such/file.txt")
@@ -54,6 +72,9 @@ def test_cli_user_error_is_one_line_and_writes_nothing(tmp_path):
     ({"mesh.data": 1, "mesh.tensor": 8, "model.mlp_dim": 60}, "divide"),  # a weight dim over tensor=8
     ({"task": "nope"}, "config.task"),
     ({"total_steps": 0}, "total_steps"),
+    ({"data.on_bad_record": "ignore"}, "on_bad_record"),
+    ({"checkpoint_every_secs": -1}, "checkpoint_every_secs"),
+    ({"max_consecutive_nonfinite": 0}, "max_consecutive_nonfinite"),
 ])
 def test_bad_config_is_refused_before_anything_is_written(corpus, tmp_path, overrides, words):
   workdir = tmp_path / "run"

@@ -103,3 +103,9 @@ def test_stop_and_resume_equals_uninterrupted(cli_run, corpus, tmp_path):
   assert [r["step"] for r in redone] == [1, 2, 3, 4, 5, 6, 7, 8]
   for r in redone:
     np.testing.assert_allclose(r["loss"], reference[r["step"]], rtol=1e-5, err_msg=f"step {r['step']}")
+  # TensorBoard too: each resume marks a restart, so the orphaned events of the redone steps are
+  # discarded and every step shows once.
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  acc = EventAccumulator(os.path.join(workdir, "tensorboard"))
+  acc.Reload()
+  assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6, 7, 8]

@@ -6,7 +6,6 @@ way BERT and sentence-transformers do, so an imported Hugging Face tokenizer giv
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
@@ -24,11 +23,9 @@ def plain(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
 
 
 def save_tokenizer(tokenizer: tokenizers.Tokenizer, path: str) -> None:
-  """Writes tokenizer.json under a temporary name, then renames it (world-readable)."""
-  tmp = path + ".tmp"
-  tokenizer.save(tmp)
-  os.chmod(tmp, 0o644)
-  os.replace(tmp, path)
+  """Writes tokenizer.json atomically (local or gs://; jembed/fs.py)."""
+  from jembed import fs
+  fs.write_with(path, tokenizer.save)
 
 
 def token_ids(tokenizer: tokenizers.Tokenizer, texts: Sequence[str], max_len: int,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from jembed.data import tfds_source
+from jembed.data import pipeline, tfds_source
 from jembed.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -160,7 +160,8 @@ def load_digits_dataset(config: Any = None) -> ImageDataset:
 # ----------------------------------------------------------------------------- folder
 
 
-def _read_image(path: str, channels: int, size: int) -> np.ndarray:
+def _read_image(path: str, channels: int, size: int, config: Any = None) -> np.ndarray | None:
+  """The image as uint8 HxWxC, or None when it cannot be decoded and data.on_bad_record='skip'."""
   try:
     with Image.open(path) as img:
       img.load()
@@ -172,8 +173,9 @@ def _read_image(path: str, channels: int, size: int) -> np.ndarray:
         img = img.resize((size, size), Image.Resampling.BILINEAR)
       array = np.asarray(img, np.uint8)
   except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-    raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}); fix or remove "
-                    "the file") from None
+    pipeline.bad_record(config, f"cannot read image {path}", f"{type(e).__name__}: {e}",
+                        "fix or remove the file")
+    return None
   return array[..., None] if array.ndim == 2 else array
 
 
@@ -191,7 +193,24 @@ def _class_dirs(root: str, what: str) -> list[str]:
   return names
 
 
-def _consistent(arrays: list[np.ndarray], paths: list[str], what: str) -> np.ndarray:
+def _consistent(arrays: list[np.ndarray], paths: list[str], what: str, config: Any = None,
+                labels: list[int] | None = None):
+  """Stacks the images; mixed shapes are an error, or with data.on_bad_record='skip' the images
+  whose shape differs from the most common one are skipped (returns (images, labels))."""
+  if pipeline.on_bad_record(config) == "skip" and arrays:
+    shapes = [a.shape for a in arrays]
+    common = max(dict.fromkeys(shapes), key=shapes.count)  # ties: the first seen
+    keep = []
+    for i, (path, array) in enumerate(zip(paths, arrays)):
+      if array.shape != common:
+        pipeline.bad_record(config, path, f"shape {array.shape} differs from the other images' "
+                            f"{common}", "set data.image_size / data.channels")
+      else:
+        keep.append(i)
+    arrays, paths = [arrays[i] for i in keep], [paths[i] for i in keep]
+    labels = [labels[i] for i in keep] if labels is not None else None
+  if not arrays:
+    raise UserError(f"data.{what} holds no readable images; fix or add image files")
   first_path, first = paths[0], arrays[0]
   for path, array in zip(paths, arrays):
     if array.shape[-1] != first.shape[-1]:
@@ -203,8 +222,8 @@ def _consistent(arrays: list[np.ndarray], paths: list[str], what: str) -> np.nda
       raise UserError(
           f"images in data.{what} have mixed sizes: {first_path} is "
           f"{first.shape[0]}x{first.shape[1]}, {path} is {array.shape[0]}x{array.shape[1]}; "
-          f"set data.image_size=N to resize them all to NxN")
-  return np.stack(arrays)
+          f"set data.image_size=N to resize them all to NxN (or data.on_bad_record=skip)")
+  return np.stack(arrays), labels
 
 
 def load_image_folder(root: str, config: Any, what: str = "train",
@@ -230,10 +249,13 @@ def load_image_folder(root: str, config: Any, what: str = "train",
                       "add some or remove the folder")
     for f in files:
       path = os.path.join(folder, f)
-      arrays.append(_read_image(path, channels, size))
+      array = _read_image(path, channels, size, config)
+      if array is None:
+        continue
+      arrays.append(array)
       paths.append(path)
       labels.append(class_names.index(name))
-  images = _consistent(arrays, paths, what)
+  images, labels = _consistent(arrays, paths, what, config, labels)
   return ImageDataset(images, np.asarray(labels, np.int32), list(class_names))
 
 
@@ -263,7 +285,7 @@ def _tfds_split(config: Any, split: str, what: str) -> ImageDataset:
     arrays.append(_resize_one(image, size) if size else image)
     labels.append(int(record["label"]))
     keys.append(f"{name}[{split}][{i}]")
-  images = _consistent(arrays, keys, what)
+  images, labels = _consistent(arrays, keys, what, config, labels)
   labels = np.asarray(labels, np.int32)
   if not names:
     names = [str(i) for i in range(int(labels.max()) + 1)]

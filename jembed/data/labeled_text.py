@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from jembed.data import tfds_source
+from jembed.data import pipeline, tfds_source
 from jembed.errors import UserError
 
 # topic -> stdlib modules whose docstrings carry that label.
@@ -143,44 +143,72 @@ def _paths(spec: str, what: str) -> list[str]:
   return paths
 
 
-def _read_jsonl(path: str, text_key: str, label_key: str):
-  texts, labels = [], []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
+def _decoded_lines(path: str, config):
+  """(line number, text) of each line; bytes that are not UTF-8 are a bad record."""
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, start=1):
       try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg}); each line must be one object "
-                        f'like {{"{text_key}": "...", "{label_key}": ...}}') from None
-      if not isinstance(record, dict) or not isinstance(record.get(text_key), str) \
-          or label_key not in record:
-        raise UserError(f"{path}:{line_no}: needs a string '{text_key}' and a '{label_key}' field "
-                        "(set data.text_key / data.label_key for other names)")
-      texts.append(record[text_key])
-      labels.append(record[label_key])
+        yield line_no, raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        pipeline.bad_record(config, f"{path}:{line_no}", f"bytes that are not UTF-8 ({e.reason})",
+                            "re-encode the file as UTF-8")
+
+
+def _read_jsonl(path: str, text_key: str, label_key: str, config=None):
+  texts, labels = [], []
+  form = f'each line must be one object like {{"{text_key}": "...", "{label_key}": ...}}'
+  for line_no, line in _decoded_lines(path, config):
+    where = f"{path}:{line_no}"
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      pipeline.bad_record(config, where, f"not valid JSON ({e.msg})", form)
+      continue
+    if not isinstance(record, dict) or not isinstance(record.get(text_key), str) \
+        or label_key not in record:
+      pipeline.bad_record(config, where, f"needs a string '{text_key}' and a '{label_key}' field",
+                          f"{form} (set data.text_key / data.label_key for other names)")
+      continue
+    if not record[text_key].strip():
+      pipeline.skipped_record(where, f"an empty '{text_key}'")  # nothing to learn from
+      continue
+    texts.append(record[text_key])
+    labels.append(record[label_key])
   return texts, labels
 
 
-def _read_csv(path: str, text_key: str, label_key: str):
-  with open(path, encoding="utf-8", newline="") as f:
-    reader = csv.DictReader(f)
-    if not reader.fieldnames or text_key not in reader.fieldnames or label_key not in reader.fieldnames:
-      raise UserError(f"{path}: the header must name '{text_key}' and '{label_key}' columns, got "
-                      f"{reader.fieldnames}; fix the header or set data.text_key / data.label_key")
-    rows = list(reader)
-  return [r[text_key] for r in rows], [r[label_key] for r in rows]
+def _read_csv(path: str, text_key: str, label_key: str, config=None):
+  numbered = list(_decoded_lines(path, config))
+  reader = csv.DictReader((line for _, line in numbered))
+  if not reader.fieldnames or text_key not in reader.fieldnames or label_key not in reader.fieldnames:
+    raise UserError(f"{path}: the header must name '{text_key}' and '{label_key}' columns, got "
+                    f"{reader.fieldnames}; fix the header or set data.text_key / data.label_key")
+  texts, labels = [], []
+  for row in reader:
+    # reader.line_num counts lines read so far; with the skipped-undecodable lines the record's
+    # line in the file is looked up from the numbered list.
+    line_no = numbered[min(reader.line_num, len(numbered)) - 1][0]
+    where = f"{path}:{line_no}"
+    if None in row or any(v is None for v in row.values()):
+      pipeline.bad_record(config, where, f"{len(reader.fieldnames)} columns expected",
+                          "fix the row (quote fields that hold commas)")
+      continue
+    if not row[text_key].strip():
+      pipeline.skipped_record(where, f"an empty '{text_key}'")
+      continue
+    texts.append(row[text_key])
+    labels.append(row[label_key])
+  return texts, labels
 
 
-def _read_files(spec: str, what: str, text_key: str, label_key: str):
+def _read_files(spec: str, what: str, text_key: str, label_key: str, config=None):
   texts, labels = [], []
   for path in _paths(spec, what):
     try:
       read = _read_jsonl if path.endswith(".jsonl") else _read_csv
-      t, l = read(path, text_key, label_key)
-    except UnicodeDecodeError:
-      raise UserError(f"{path} is not UTF-8 text; re-encode it as UTF-8") from None
+      t, l = read(path, text_key, label_key, config)
     except OSError as e:
       raise UserError(f"cannot read {path} ({e.strerror}); check the path") from None
     texts += t
@@ -225,9 +253,24 @@ def _encode(train_labels: list, eval_labels: list, names: list[str] | None = Non
   unseen = sorted({str(l).strip() for l in eval_labels} - distinct)
   if unseen:
     raise UserError(f"eval labels {unseen[:5]} never occur in the training data; fix the labels or "
-                    "add training examples for them")
+                    "add training examples for them, or set --config.data.on_bad_record=skip to skip "
+                    "those examples")
   encode = lambda ls: np.asarray([index[str(l).strip()] for l in ls], np.int32)
   return encode(train_labels), encode(eval_labels), classes
+
+
+def _drop_unseen_labels(texts: list, labels: list, train_labels: list, config, what: str):
+  """Eval examples whose label the training data lacks: a bad record each (skip or error)."""
+  known = {str(l).strip() for l in train_labels}
+  keep_t, keep_l = [], []
+  for i, (t, l) in enumerate(zip(texts, labels)):
+    if str(l).strip() not in known:
+      pipeline.bad_record(config, f"data.{what} example {i}", f"label {str(l).strip()!r} is not in "
+                          "the training label set", "fix the label or add training examples for it")
+      continue
+    keep_t.append(t)
+    keep_l.append(l)
+  return keep_t, keep_l
 
 
 def load_labeled_text(data_config) -> LabeledText:
@@ -241,9 +284,12 @@ def load_labeled_text(data_config) -> LabeledText:
   if train_spec and tfds_name:
     raise UserError("data.train and data.tfds_name are both set; keep one")
   if train_spec:
-    texts, labels = _read_files(train_spec, "train", text_key, label_key)
+    texts, labels = _read_files(train_spec, "train", text_key, label_key, data_config)
     if eval_spec:
-      eval_texts, eval_labels = _read_files(eval_spec, "eval", text_key, label_key)
+      eval_texts, eval_labels = _read_files(eval_spec, "eval", text_key, label_key, data_config)
+      if pipeline.on_bad_record(data_config) == "skip":
+        eval_texts, eval_labels = _drop_unseen_labels(eval_texts, eval_labels, labels, data_config,
+                                                      "eval")
     else:
       (texts, labels), (eval_texts, eval_labels) = hash_split(texts, labels, fraction)
   elif tfds_name:

@@ -25,6 +25,46 @@ class ColumnSource:
     return {k: v[index] for k, v in self.columns.items()}
 
 
+# ---------------------------------------------------------------------------------------------------
+# Bad records: the loaders either raise (data.on_bad_record='error') or skip and count them here;
+# the loop reports the count in its log and in metrics.jsonl.
+# ---------------------------------------------------------------------------------------------------
+_BAD = {"skipped": 0, "examples": []}
+
+
+def reset_bad_records() -> None:
+  _BAD["skipped"], _BAD["examples"] = 0, []
+
+
+def bad_records() -> dict:
+  return {"skipped": _BAD["skipped"], "examples": list(_BAD["examples"])}
+
+
+def bad_record(config, where: str, problem: str, fix: str) -> None:
+  """One bad record at `where` (file:line or a record index): a UserError, or counted and skipped
+  when data.on_bad_record == 'skip'."""
+  if on_bad_record(config) != "skip":
+    raise UserError(f"{where}: {problem}; {fix}, or set --config.data.on_bad_record=skip to skip "
+                    "such records")
+  _BAD["skipped"] += 1
+  if len(_BAD["examples"]) < 5:
+    _BAD["examples"].append(f"{where}: {problem}")
+
+
+def skipped_record(where: str, problem: str) -> None:
+  """A record that is always skipped whatever data.on_bad_record says (an empty document, which
+  holds nothing to train on), counted and reported like the bad ones."""
+  _BAD["skipped"] += 1
+  if len(_BAD["examples"]) < 5:
+    _BAD["examples"].append(f"{where}: {problem}")
+
+
+def on_bad_record(config) -> str:
+  # Configs written before the option existed have no such key; they keep the old behaviour.
+  value = config.get("on_bad_record", "error") if hasattr(config, "get") else "error"
+  return value or "error"
+
+
 def per_process_batch(global_batch: int, batch_shards: int) -> int:
   """The share of the global batch each JAX process loads; refuses sizes that do not divide."""
   if global_batch % batch_shards:

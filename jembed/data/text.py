@@ -12,7 +12,6 @@ import hashlib
 import heapq
 import json
 import os
-import tempfile
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -20,7 +19,8 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from jembed.data.corpus_embedded import embedded_documents
-from jembed.data import tfds_source
+from jembed import fs
+from jembed.data import pipeline, tfds_source
 from jembed.errors import UserError
 
 __all__ = [
@@ -120,40 +120,51 @@ def _expand_paths(spec: str, what: str) -> list[str]:
   return paths
 
 
-def _read_file(path: str) -> list[str]:
+def _read_file(path: str, config: Any = None) -> list[str]:
+  """Documents of one .txt (one per line; blank lines are ignored) or .jsonl file. A bad record
+  (bytes that are not UTF-8, a JSON line that does not parse or lacks a string 'text' field) is an
+  error naming file:line, or skipped and counted with data.on_bad_record='skip'
+  (jembed.data.pipeline.bad_record). An empty document is always skipped, and counted."""
   docs = []
+  jsonl = path.endswith(".jsonl")
+  form = "each .jsonl line must be one JSON object with a non-empty string 'text' field"
   try:
-    with open(path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, start=1):
-        if not line.strip():
+    with open(path, "rb") as f:
+      for line_no, raw in enumerate(f, start=1):
+        where = f"{path}:{line_no}"
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          pipeline.bad_record(config, where, f"bytes that are not UTF-8 ({e.reason} at byte {e.start})",
+                              "re-encode the file as UTF-8")
           continue
-        if path.endswith(".txt"):
+        if not line.strip():
+          continue  # blank lines separate nothing; not a record
+        if not jsonl:
           docs.append(line.strip())
           continue
         try:
           record = json.loads(line)
         except json.JSONDecodeError as e:
-          raise UserError(
-              f"{path}:{line_no}: not valid JSON ({e.msg}); each .jsonl line must be one "
-              "JSON object with a 'text' field") from None
+          pipeline.bad_record(config, where, f"not valid JSON ({e.msg})", form)
+          continue
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-          raise UserError(
-              f"{path}:{line_no}: no string 'text' field; each .jsonl line must look like "
-              '{"text": "..."}')
-        if record["text"].strip():
-          docs.append(record["text"].strip())
-  except UnicodeDecodeError:
-    raise UserError(f"{path} is not UTF-8 text; re-encode it as UTF-8") from None
+          pipeline.bad_record(config, where, "no string 'text' field", form)
+          continue
+        if not record["text"].strip():
+          pipeline.skipped_record(where, "an empty 'text'")  # nothing to train on, never an error
+          continue
+        docs.append(record["text"].strip())
   except OSError as e:
     raise UserError(f"cannot read {path} ({e.strerror}); check the path and permissions") \
         from None
   return docs
 
 
-def _read_files(spec: str, what: str) -> list[str]:
+def _read_files(spec: str, what: str, config: Any = None) -> list[str]:
   docs = []
   for path in _expand_paths(spec, what):
-    docs.extend(_read_file(path))
+    docs.extend(_read_file(path, config))
   if not docs:
     raise UserError(
         f"data.{what}={spec!r} contains no non-blank documents; add text to the files")
@@ -200,10 +211,10 @@ def load_documents(data_config: Any) -> tuple[list[str], list[str]]:
     train_spec = str(_field(data_config, "train", "")).strip()
     if not train_spec:
       raise UserError("data.source='files' needs data.train, a .txt/.jsonl path or glob")
-    docs = _read_files(train_spec, "train")
+    docs = _read_files(train_spec, "train", data_config)
     eval_spec = str(_field(data_config, "eval", "")).strip()
     if eval_spec:
-      held = _read_files(eval_spec, "eval")
+      held = _read_files(eval_spec, "eval", data_config)
   else:
     docs = _tfds_documents(
         data_config, str(_field(data_config, "tfds_split", "train")) or "train", "tfds_split")
@@ -334,20 +345,6 @@ def _learn_wordpiece_vocab(word_counts: dict[str, int], vocab_size: int, prefix:
   return vocab
 
 
-def _save_atomic(tokenizer: tokenizers.Tokenizer, save_to: str) -> None:
-  directory = os.path.dirname(os.path.abspath(save_to))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", suffix=".json", dir=directory)
-  os.close(fd)
-  try:
-    tokenizer.save(tmp)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600
-    os.replace(tmp, save_to)  # readers never see a half-written file
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def build_tokenizer(docs: Sequence[str], vocab_size: int, path: str | None = None,
                     save_to: str | None = None) -> tokenizers.Tokenizer:
   """Loads the tokenizer.json at `path`, or trains a lowercase BERT WordPiece one on `docs`.
@@ -358,12 +355,13 @@ def build_tokenizer(docs: Sequence[str], vocab_size: int, path: str | None = Non
   saved to `save_to` when given.
   """
   if path:
+    from jembed import fs
     path = os.path.expanduser(path)
-    if not os.path.isfile(path):
+    if not fs.exists(path) or fs.isdir(path):
       raise UserError(f"tokenizer file {path!r} does not exist; fix the path or leave it "
                       "empty to train one")
     try:
-      tok = tokenizers.Tokenizer.from_file(path)
+      tok = tokenizers.Tokenizer.from_str(fs.read_text(path))  # local or gs://
     except Exception as e:  # pylint: disable=broad-except
       first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
       raise UserError(f"cannot read tokenizer {path!r} ({first_line}); point it at a "
@@ -382,8 +380,8 @@ def build_tokenizer(docs: Sequence[str], vocab_size: int, path: str | None = Non
     tok = _new_wordpiece({t: i for i, t in enumerate(vocab)})
     # Registered as special so they are never split and can be skipped when decoding.
     tok.add_special_tokens(list(SPECIAL_TOKENS))
-  if save_to:
-    _save_atomic(tok, os.path.expanduser(save_to))
+  if save_to and fs.is_writer():
+    fs.write_with(save_to, tok.save)
   return tok
 
 

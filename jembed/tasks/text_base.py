@@ -6,9 +6,9 @@ a resumed run saved in its workdir, else a WordPiece vocabulary trained on the t
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
+from jembed import fs
 from jembed.data import encode
 from jembed.data import text as text_lib
 from jembed.errors import UserError
@@ -27,8 +27,8 @@ class TextTask(Task):
     d = self.config.data
     path = d.get("tokenizer", "")
     if not path and self.init is None:
-      saved = os.path.join(self.workdir, TOKENIZER_FILE)
-      path = saved if os.path.exists(saved) else ""  # a resumed run keeps its vocabulary
+      saved = fs.join(self.workdir, TOKENIZER_FILE)
+      path = saved if fs.exists(saved) else ""  # a resumed run keeps its vocabulary
     if path or self.init is None or self.init.tokenizer is None:
       tok = text_lib.build_tokenizer(train_texts, int(d.get("vocab_size", 8192)), path=path or None)
     else:
@@ -58,6 +58,6 @@ class TextTask(Task):
                 seq_len=int(self.config.data.seq_len), **extra)
 
   def save_artifacts(self) -> None:
-    path = os.path.join(self.workdir, TOKENIZER_FILE)
-    if not os.path.exists(path):
+    path = fs.join(self.workdir, TOKENIZER_FILE)
+    if not fs.exists(path):
       encode.save_tokenizer(self.tokenizer, path)

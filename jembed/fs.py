@@ -1,0 +1,187 @@
+"""The one home of file I/O: local paths and gs:// URLs alike (etils.epath), atomic writes, atomic
+directory swaps, and the rule that only process 0 writes run artifacts.
+
+What "atomic" means where:
+- Local POSIX paths: a file is written under a temporary name in the same directory, flushed, fsynced
+  and renamed over the target (`os.replace` is atomic within one filesystem), so a reader sees the
+  old file or the new one, never a partial one, even after a crash or a full disk.
+- gs:// (and other object stores): a single object upload becomes visible only when complete, so
+  writing the object directly is already all-or-nothing, and that is what we do (a rename on GCS is
+  a copy + delete, which would add nothing).
+- Directory swaps (`swap_dir`): locally two renames (old away, new in) with a window in between in
+  which the final name is missing but both complete trees exist; `swap_dir` then finishes or undoes
+  the swap on the next call. On GCS a directory is a prefix and a rename copies every object, so the
+  swap is not atomic there; readers should check for a marker file the builder writes last.
+"""
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import json
+import os
+import tempfile
+import uuid
+from typing import Any, Callable
+
+from etils import epath
+
+from jembed.errors import UserError
+
+PathLike = str | os.PathLike
+
+
+def path(p: PathLike) -> epath.Path:
+  """An epath.Path for a local path (user-expanded) or a URL such as gs://bucket/dir."""
+  s = os.fspath(p)
+  return epath.Path(s if "://" in s else os.path.expanduser(s))
+
+
+def is_local(p: PathLike) -> bool:
+  return "://" not in os.fspath(p)
+
+
+def absolute(p: PathLike) -> str:
+  """A local path made absolute; a URL is returned as it is (never turned into a local path)."""
+  s = os.fspath(p)
+  return os.path.abspath(os.path.expanduser(s)) if is_local(s) else s
+
+
+def join(p: PathLike, *parts: str) -> str:
+  return os.fspath(path(p).joinpath(*parts))
+
+
+def exists(p: PathLike) -> bool:
+  return path(p).exists()
+
+
+def isdir(p: PathLike) -> bool:
+  return path(p).is_dir()
+
+
+def makedirs(p: PathLike) -> None:
+  try:
+    path(p).mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise write_error(p, e) from None
+
+
+def open(p: PathLike, mode: str = "r"):  # pylint: disable=redefined-builtin
+  return path(p).open(mode)
+
+
+def read_text(p: PathLike) -> str:
+  return path(p).read_text()
+
+
+def read_bytes(p: PathLike) -> bytes:
+  return path(p).read_bytes()
+
+
+def is_writer() -> bool:
+  """Run artifacts (config.json, metrics.jsonl, TensorBoard, tokenizer, reports, exports) are
+  written by process 0 only; every process writes its own shards of a checkpoint through orbax."""
+  import jax
+  return jax.process_index() == 0
+
+
+def write_error(p: PathLike, e: OSError) -> UserError:
+  reason = e.strerror or type(e).__name__
+  fix = ("free some disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+         else "choose a writable --workdir")
+  return UserError(f"cannot write {os.fspath(p)} ({reason}); {fix} and run the same command again "
+                   "(files written before are intact)")
+
+
+def write_with(p: PathLike, write: Callable[[str], None], *, mode: int = 0o644) -> None:
+  """Atomically creates `p` by calling `write(tmp_path)` on a local temporary file, for libraries
+  that only write to a path (tokenizers, matplotlib). For a URL, the local file is then uploaded."""
+  target = path(p)
+  if is_local(p):
+    directory = os.path.dirname(os.path.abspath(os.fspath(target)))
+    try:
+      os.makedirs(directory, exist_ok=True)
+      fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.tmp-")
+      os.close(fd)
+    except OSError as e:
+      raise write_error(p, e) from None
+    try:
+      write(tmp)
+      with builtins.open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+      os.chmod(tmp, mode)  # mkstemp makes 0600; run artifacts are for anyone to read
+      os.replace(tmp, os.fspath(target))
+    except OSError as e:
+      raise write_error(p, e) from None
+    finally:
+      with contextlib.suppress(OSError):
+        os.remove(tmp)
+    return
+  with tempfile.TemporaryDirectory() as local_dir:
+    local = os.path.join(local_dir, target.name)
+    write(local)
+    with builtins.open(local, "rb") as f:
+      write_bytes(p, f.read())
+
+
+def write_bytes(p: PathLike, data: bytes) -> None:
+  """Atomically writes `data` to `p` (local: temp file + fsync + rename; gs://: one object)."""
+  if is_local(p):
+    def write(tmp):
+      with builtins.open(tmp, "wb") as f:
+        f.write(data)
+    write_with(p, write)
+    return
+  target = path(p)
+  try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # An object store publishes an upload only once it is complete, so a direct write is already
+    # all-or-nothing (a temporary object and a "rename", i.e. copy + delete, would add nothing).
+    target.write_bytes(data)
+  except OSError as e:
+    raise write_error(p, e) from None
+
+
+def write_text(p: PathLike, text: str) -> None:
+  write_bytes(p, text.encode("utf-8"))
+
+
+def write_json(p: PathLike, obj: Any, *, indent: int | None = 2) -> None:
+  write_text(p, json.dumps(obj, indent=indent, default=str) + "\n")
+
+
+def remove_tree(p: PathLike) -> None:
+  target = path(p)
+  if target.exists():
+    target.rmtree() if target.is_dir() else target.unlink()
+
+
+def swap_dir(final: PathLike, build: Callable[[str], None]) -> None:
+  """Replaces directory `final` by one that `build(tmp_dir)` fills: the new tree is built beside it,
+  the old one renamed away, the new one renamed in, then the old one deleted. A crash leaves either
+  the old or the new complete tree at `final` (or, locally between the two renames, both complete
+  trees beside it, which the next call sorts out). Nothing half built is ever at `final`."""
+  target = path(final)
+  parent, name = target.parent, target.name
+  tmp, old = parent / f".{name}.tmp-{uuid.uuid4().hex[:8]}", parent / f".{name}.old"
+  try:
+    parent.mkdir(parents=True, exist_ok=True)
+    if old.exists() and not target.exists():
+      old.rename(target)   # an earlier swap died between its two renames: put the old tree back
+    remove_tree(old)
+    tmp.mkdir()
+    build(os.fspath(tmp))
+    if is_local(final):
+      os.chmod(os.fspath(tmp), 0o755)
+    if target.exists():
+      target.rename(old)
+    tmp.rename(target)
+    remove_tree(old)
+  except OSError as e:
+    with contextlib.suppress(Exception):
+      remove_tree(tmp)
+    raise write_error(final, e) from None
+  except BaseException:
+    with contextlib.suppress(Exception):
+      remove_tree(tmp)
+    raise
