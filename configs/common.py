@@ -59,6 +59,7 @@ def vision_data_config(**overrides) -> ml_collections.ConfigDict:
       data_dir="",
       image_size=0,             # 0 = native size (or the pretraining run's); N resizes to NxN
       channels=0,               # 0 = native (or the pretraining run's); 1 or 3 converts
+      on_bad_record="error",    # error | skip (counted and reported) for images that fail to decode
   ))
   c.update(overrides)
   return c

@@ -72,5 +72,6 @@ def get_config() -> ml_collections.ConfigDict:
       tokenizer="",             # "" = the pretraining run's tokenizer.json, else trained on the train texts
       vocab_size=8192,
       seq_len=128,
+      on_bad_record="error",    # error | skip (counted and reported) for malformed records or unknown labels
   ))
   return c

@@ -62,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
       seq_len=128,
       mask_prob=0.15,
       max_predictions=0,        # 0 = ceil(mask_prob * seq_len)
+      on_bad_record="error",    # error | skip (counted and reported) for undecodable or malformed records
   ))
   c.init = init_config()       # warm start (a jembed workdir or a Hugging Face dir)
   c.peft = peft_config()       # which parameters train: full | linear_probe | lora | adapter

@@ -69,7 +69,6 @@ def test_cli_user_error_is_one_line_and_writes_nothing(tmp_path):
     ({"mesh.data": -1, "mesh.fsdp": -1}, "-1"),
     ({"batch_size": 12}, "batch_size=12"),                        # does not divide over 8 devices
     ({"data.seq_len": 128}, "max_position"),                      # beyond the position table (64)
-    ({"mesh.data": 1, "mesh.tensor": 8, "model.mlp_dim": 60}, "divide"),  # a weight dim over tensor=8
     ({"task": "nope"}, "config.task"),
     ({"total_steps": 0}, "total_steps"),
     ({"data.on_bad_record": "ignore"}, "on_bad_record"),
