@@ -71,7 +71,7 @@ class TextEmbedder:
     import dataclasses
     from jembed.models.heads import pool
     cfg = dataclasses.replace(self.config, dtype=jnp.dtype(dtype), dropout=0.0, attention_dropout=0.0,
-                              remat=False)
+                              remat="none")
     abstract = nnx.eval_shape(lambda: self._encoder_cls(cfg, rngs=nnx.Rngs(params=0, dropout=0)))
     abstract.eval()
     graphdef, abs_params = nnx.split(abstract, nnx.Param)

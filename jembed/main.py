@@ -11,6 +11,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and metrics go; a run resumes "
                                "from the latest checkpoint found there.")
+_COMPILE_CACHE = flags.DEFINE_string(
+    "compile_cache", None, "Directory of JAX's persistent compilation cache, so a restarted run skips "
+    "compiling; 'off' disables it. Default: $JEMBED_COMPILE_CACHE, else ~/.cache/jembed/xla.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "true", "false"],
     "Call jax.distributed.initialize(): auto does so on multi-host TPU VMs and when "
@@ -38,6 +41,7 @@ def main(argv) -> None:
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   import jax
+  _enable_compile_cache(jax)
   if _want_distributed():
     _initialize_distributed(jax)
   from jembed import train
@@ -53,6 +57,18 @@ def main(argv) -> None:
 
 
 PREEMPTED_EXIT_CODE = 3
+
+
+def _enable_compile_cache(jax) -> None:
+  """JAX's persistent compilation cache, on by default: a resumed or repeated run loads its compiled
+  steps instead of compiling them again (the log's "first step done ..." line shows the difference)."""
+  where = _COMPILE_CACHE.value or os.environ.get("JEMBED_COMPILE_CACHE") or os.path.join(
+      os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")), "jembed", "xla")
+  if where == "off":
+    return
+  jax.config.update("jax_compilation_cache_dir", where)
+  # Programs that compile in under a second are not worth a disk round trip.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _load_config():

@@ -348,6 +348,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   committed, and FloatingPointError when a step's loss or gradient is not finite (see
   config.skip_nonfinite).
   """
+  t_start = time.perf_counter()
   pipeline.reset_bad_records()
   setup = Setup(config, workdir)
   task, mesh = setup.task, setup.mesh
@@ -410,6 +411,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       state, train_metrics = setup.compiled_train(state, batch)
       step += 1
       steps_since += 1
+      if step == start + 1:
+        jax.block_until_ready(train_metrics)
+        cache = jax.config.jax_compilation_cache_dir
+        logger.info(f"first step done {time.perf_counter() - t_start:.1f} s after start "
+                    f"(compilation cache: {cache or 'off'})")
       logger.progress(step)
       last = step == config.total_steps
       log_step = step % config.log_every == 0 or last or step == stop_at

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jembed  # noqa: F401  (switches eager sharding off)
 from jembed.errors import UserError
-from jembed.models.resnet import ResNet, resnet_from_config
+from jembed.models.resnet import DEFAULTS, ResNet, resnet_from_config
 
 
 def _param_count(**kw) -> int:
@@ -163,7 +163,8 @@ def test_batchnorm_uses_global_batch_when_sharded():
 def test_from_config_and_errors():
   cfg = ml_collections.ConfigDict(dict(depth=50, width=8, stem="cifar", norm="group"))
   model = nnx.eval_shape(lambda: resnet_from_config(cfg, in_channels=1, rngs=nnx.Rngs(0)))
-  assert model.out_features == 8 * 8 * 4
+  # The section leaves num_stages out: it takes the config default (DEFAULTS), three stages.
+  assert model.out_features == 8 * 2 ** (DEFAULTS["num_stages"] - 1) * 4
   assert model.stem_conv.kernel.shape == (3, 3, 1, 8)
   with pytest.raises(UserError, match="depth"):
     ResNet(depth=20, rngs=nnx.Rngs(0))

@@ -355,7 +355,6 @@ def build_tokenizer(docs: Sequence[str], vocab_size: int, path: str | None = Non
   saved to `save_to` when given.
   """
   if path:
-    from jembed import fs
     path = os.path.expanduser(path)
     if not fs.exists(path) or fs.isdir(path):
       raise UserError(f"tokenizer file {path!r} does not exist; fix the path or leave it "

@@ -17,7 +17,7 @@ REGISTRY = {
 
 def task_class(name: str):
   if name not in REGISTRY:
-    raise UserError(f"task '{name}' is unknown; choose one of {', '.join(sorted(REGISTRY))}")
+    raise UserError(f"config.task='{name}' is unknown; choose one of {', '.join(sorted(REGISTRY))}")
   module, cls = REGISTRY[name].split(":")
   return getattr(importlib.import_module(module), cls)
 

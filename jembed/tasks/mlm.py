@@ -31,10 +31,10 @@ def mask_tokens(rng, tokens, *, special_ids, mask_id: int, vocab_size: int, num_
   Candidates are the tokens that are not special (`special_ids`: [PAD], [UNK], [CLS], [SEP], [MASK],
   wherever the tokenizer puts them). Returns (inputs, positions (B, K), targets (B, K), weights
   (B, K)); weight 0 marks the unused slots of a sequence with fewer than K chosen tokens. Random
-  replacements are drawn from the whole vocabulary, as BERT's data generator does.
+  replacements are drawn uniformly from the ordinary (non-special) tokens.
   """
   k_choose, k_kind, k_rand = jax.random.split(rng, 3)
-  candidate = ~jnp.isin(tokens, jnp.asarray(sorted(special_ids), tokens.dtype))
+  candidate = ~jnp.isin(tokens, jnp.asarray(sorted(set(special_ids)), tokens.dtype))
   n_cand = candidate.sum(-1)
   # round(), as BERT does; at least one per non-empty sequence, at most K.
   n_mask = jnp.minimum(jnp.maximum(jnp.round(n_cand * mask_prob), jnp.minimum(n_cand, 1)),
@@ -44,7 +44,10 @@ def mask_tokens(rng, tokens, *, special_ids, mask_id: int, vocab_size: int, num_
   weights = (jnp.arange(num_predictions)[None, :] < n_mask[:, None])
   targets = jnp.take_along_axis(tokens, positions, axis=1)
   kind = jax.random.uniform(k_kind, positions.shape)
-  random_tokens = jax.random.randint(k_rand, positions.shape, 0, vocab_size)
+  specials = sorted(set(int(i) for i in special_ids))
+  random_tokens = jax.random.randint(k_rand, positions.shape, 0, vocab_size - len(specials))
+  for s in specials:  # skip over each special id: a uniform draw over the others
+    random_tokens = random_tokens + (random_tokens >= s)
   replaced = jnp.where(kind < 0.8, mask_id, jnp.where(kind < 0.9, random_tokens, targets))
   replaced = jnp.where(weights, replaced, targets)
   rows = jnp.arange(tokens.shape[0])[:, None]
