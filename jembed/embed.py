@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jembed.errors import UserError
+from jembed.errors import UserError, run_cli
 
 DTYPES = ("float32", "bfloat16")
 # Padded lengths a batch may have (then the model's maximum): few shapes, few compiles.
@@ -417,16 +417,7 @@ def main(argv=None) -> int:
   p.add_argument("--max-seq-length", type=int, default=None, help="truncate texts to this many tokens")
   p.add_argument("--projector", default="", help="also write TensorBoard Embedding Projector files here")
   p.add_argument("--projector-max", type=int, default=10000, help="at most this many points there")
-  try:
-    args = p.parse_args(argv)
-  except SystemExit as e:
-    return int(e.code or 0)
-  try:
-    print(run(args))
-  except UserError as e:
-    print(f"jembed: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return run_cli(p, run)(argv)
 
 
 if __name__ == "__main__":

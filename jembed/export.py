@@ -16,7 +16,7 @@ import sys
 
 from flax import nnx
 
-from jembed.errors import UserError
+from jembed.errors import UserError, run_cli
 
 
 def export(model_dir: str, output: str, *, step: int | None = None) -> str:
@@ -45,16 +45,7 @@ def main(argv=None) -> int:
   p.add_argument("--model", required=True, help="a jembed workdir")
   p.add_argument("--output", required=True, help="the Hugging Face directory to write")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-  try:
-    args = p.parse_args(argv)
-  except SystemExit as e:
-    return int(e.code or 0)
-  try:
-    print(export(args.model, args.output, step=args.step))
-  except UserError as e:
-    print(f"jembed: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return run_cli(p, lambda args: export(args.model, args.output, step=args.step))(argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from jembed.data.corpus_embedded import embedded_documents
 from jembed import fs
-from jembed.data import pipeline, tfds_source
+from jembed.data import encode, pipeline, tfds_source
 from jembed.errors import UserError
 
 __all__ = [
@@ -387,16 +387,6 @@ def build_tokenizer(docs: Sequence[str], vocab_size: int, path: str | None = Non
 # ----------------------------------------------------------------------------- packing
 
 
-def _raw_encoder(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
-  if tokenizer.padding is None and tokenizer.truncation is None:
-    return tokenizer
-  # A copy, so that the caller's tokenizer keeps its padding/truncation settings.
-  copy = tokenizers.Tokenizer.from_str(tokenizer.to_str())
-  copy.no_padding()
-  copy.no_truncation()
-  return copy
-
-
 def pack_documents(docs: Sequence[str], tokenizer: tokenizers.Tokenizer,
                    seq_len: int) -> np.ndarray:
   """Packs `docs` into int32 rows [num_rows, seq_len] of `[CLS] ... [SEP]`.
@@ -411,7 +401,7 @@ def pack_documents(docs: Sequence[str], tokenizer: tokenizers.Tokenizer,
   ids = special_ids(tokenizer)
   body = seq_len - 2
   docs = [d for d in docs if d.strip()]
-  encodings = _raw_encoder(tokenizer).encode_batch(docs, add_special_tokens=False)
+  encodings = encode.plain(tokenizer).encode_batch(docs, add_special_tokens=False)
   lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(docs))
   stream = np.full(int(lengths.sum()), ids["sep"], dtype=np.int32)
   ends = np.cumsum(lengths)
