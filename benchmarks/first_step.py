@@ -29,7 +29,7 @@ LINE = re.compile(r"first step done ([0-9.]+) s after start")
 def run_once(config: str, cache: str, extra: list[str]) -> dict:
   with tempfile.TemporaryDirectory() as workdir:
     cmd = [sys.executable, "-m", "jembed.main", f"--config={config}", f"--workdir={workdir}/run",
-           f"--compile_cache={cache}", "--config.total_steps=1", "--config.eval_every=0", *extra]
+           f"--compile_cache={cache}", "--config.total_steps=1", *extra]
     t = time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t
