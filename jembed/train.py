@@ -355,7 +355,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   writer = fs.is_writer()
 
   # ---- state: fresh, or restored from the workdir's newest readable checkpoint ----
-  data_iter = pipeline.train_iterator(setup.data.train, config.batch_size, config.seed)
+  data_iter = pipeline.make_train_iterator(setup.data.train, config.batch_size, config.seed)
   state = setup.init_state()
   abstract = ckpt.abstract_with_sharding(state, setup.shardings)
   restored, _ = ckpt.restore_latest(workdir, abstract, data_iter, fallback=config.checkpoint_fallback,

@@ -99,6 +99,15 @@ def train_iterator(columns: dict[str, np.ndarray], global_batch: int, seed: int,
   return iter(ds.to_iter_dataset(read))
 
 
+def make_train_iterator(train, global_batch: int, seed: int) -> grain.DatasetIterator:
+  """The train iterator of a task's `Data.train`: in-memory columns (`train_iterator`), or a
+  source that makes its own, such as a prepared corpus streamed from disk
+  (jembed.data.streaming.PreparedTrain)."""
+  if hasattr(train, "train_iterator"):
+    return train.train_iterator(global_batch, seed)
+  return train_iterator(train, global_batch, seed)
+
+
 def eval_batches(columns: dict[str, np.ndarray], global_batch: int, max_batches: int
                  ) -> Iterator[dict[str, np.ndarray]]:
   """Fixed, unshuffled held-out batches (this process's share); the remainder is dropped."""
