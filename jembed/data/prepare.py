@@ -79,6 +79,23 @@ def _split_rule(train_docs: Callable[[], Iterator[str]], eval_fraction: float
   return lambda doc: doc == held_doc
 
 
+def _allow_open_files(needed: int) -> None:
+  """Every shard is open while rows are dealt to them: raise the soft open-file limit as far as the
+  hard one allows, and refuse a shard count beyond it."""
+  import resource
+  soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+  if soft != resource.RLIM_INFINITY and soft < needed:
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    try:
+      resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+      soft = target
+    except (ValueError, OSError):
+      pass
+  if soft != resource.RLIM_INFINITY and soft < needed:
+    raise UserError(f"--shards={needed - 64} needs {needed} open files but the limit is {soft}; use "
+                    "fewer shards (a few per host is enough) or raise `ulimit -n`")
+
+
 def _filtered(stream: Callable[[], Iterator[str]], keep: Callable[[str], bool]):
   return lambda: (d for d in stream() if keep(d))
 
@@ -104,6 +121,7 @@ def prepare(config, out: str, *, shards: int = 8, overwrite: bool = False,
   d = config.data
   if shards < 1:
     raise UserError(f"--shards={shards} must be at least 1")
+  _allow_open_files(shards + 64)
   if not fs.is_local(out):
     raise UserError(f"--out={out} is not a local path; prepare locally, then copy the directory")
   out = os.path.abspath(os.path.expanduser(out))
