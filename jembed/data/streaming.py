@@ -34,6 +34,10 @@ class PreparedTrain:
   def __len__(self) -> int:
     return sum(rows for _, rows in self.shards)
 
+  def example_columns(self) -> dict[str, np.ndarray]:
+    """One row shaped like the training columns (for shape-only planning: jembed.plan)."""
+    return {"tokens": np.zeros((1, self.seq_len), np.int32)}
+
   def stream_count(self, process_count: int) -> int:
     return self.streams or process_count
 
