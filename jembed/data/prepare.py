@@ -206,7 +206,12 @@ def prepare(config, out: str, *, shards: int = 8, overwrite: bool = False,
       json.dump(meta, f, indent=2)
 
   meta: dict[str, Any] = {}
-  fs.swap_dir(out, build)
+  try:
+    fs.swap_dir(out, build)   # the temporary directory is removed on any failure
+  except RuntimeError as e:  # ArrayRecord's writer reports a full disk or an unwritable path so
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise UserError(f"cannot write {out} ({first}); free disk space or choose another --out "
+                    "(nothing was written)") from None
   log(f"jembed.prepare: wrote {meta['train_rows']} train rows in {shards} shards and "
       f"{meta['eval']['rows']} eval rows of seq_len={seq_len} to {out}")
   return meta
