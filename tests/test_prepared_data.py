@@ -206,6 +206,12 @@ def test_training_config_mismatches_are_refused(corpus, prepared, tmp_path):
   config = tiny_mlm_config(corpus, **{"data.streams": 2})
   with pytest.raises(UserError, match="data.streams=2 applies only to data.prepared"):
     get_task(config, str(tmp_path / "w")).load_data()
+  # A tokenizer.json swapped after preparing does not match the rows: refused.
+  swapped = tmp_path / "swapped"
+  shutil.copytree(out, swapped)
+  shutil.copy(other, swapped / "tokenizer.json")
+  with pytest.raises(UserError, match="is not the tokenizer the rows .* were made with"):
+    get_task(tiny_mlm_config(corpus, **{"data.prepared": str(swapped)}), str(tmp_path / "w")).load_data()
   with pytest.raises(UserError, match="has no prepared.json"):
     get_task(tiny_mlm_config(corpus, **{"data.prepared": str(tmp_path)}), str(tmp_path / "w")).load_data()
 

@@ -8,6 +8,7 @@ inside the step, reproducibly from the seed and the step.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import jax
@@ -137,6 +138,10 @@ class MlmTask(TextTask):
                       f"seq_len={meta['seq_len']}; set --config.data.seq_len={meta['seq_len']} or "
                       "prepare again with this seq_len")
     tok_path = fs.join(fs.absolute(where), meta["tokenizer"])
+    if fs.exists(tok_path) and hashlib.sha256(fs.read_bytes(tok_path)).hexdigest() != (
+        meta["tokenizer_sha256"]):
+      raise UserError(f"{tok_path} is not the tokenizer the rows of data.prepared={where} were made "
+                      "with (its sha256 differs from prepared.json); run jembed.data.prepare again")
     tok = text.build_tokenizer((), self.vocab_size_setting(), path=tok_path)
     for other, what in ((d.get("tokenizer", ""), "data.tokenizer"),
                         (self._saved_tokenizer_path(), "the workdir's tokenizer.json")):
