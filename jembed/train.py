@@ -479,8 +479,11 @@ def _all_processes_ready(name: str, timeout_s: int = 1800) -> None:
   takes longer, so every process waits here until all have compiled."""
   if jax.process_count() == 1:
     return
-  from jax._src import distributed
-  client = distributed.global_state.client
+  try:  # the client jax.distributed.initialize() made (no public accessor in jax 0.10)
+    from jax._src import distributed
+    client = distributed.global_state.client
+  except (ImportError, AttributeError):
+    client = None
   if client is not None:
     client.wait_at_barrier(f"jembed_{name}", timeout_in_ms=timeout_s * 1000)
 
