@@ -367,3 +367,19 @@ def test_token_cache_hit_miss_and_off(corpus, tmp_path, monkeypatch):
   config = tiny_mlm_config("", **{"data.cache_dir": named})
   with pytest.raises(UserError, match="data.cache_dir=.* applies only to text files"):
     get_task(config, str(tmp_path / "w4")).load_data()
+
+
+def test_prepare_holds_out_like_split_train_eval_on_a_tiny_corpus(corpus, tmp_path):
+  """No document hashes below eval_fraction=0.001 in 40: split_train_eval then holds out the one
+  with the lowest hash, and prepare (one streaming pass) must do the same."""
+  small = tmp_path / "small.txt"
+  small.write_text("\n".join(open(corpus).read().splitlines()[:40]) + "\n")
+  config = tiny_mlm_config(str(small), **{"data.eval_fraction": 0.001})
+  train_docs, eval_docs = text.load_documents(config.data)
+  assert len(eval_docs) == 1 and not any(text.is_held_out(d, 0.001) for d in eval_docs)
+  meta = prepare.prepare(config, str(tmp_path / "prep"), shards=1, log=lambda _: None)
+  tok = text.build_tokenizer(train_docs, 512)
+  np.testing.assert_array_equal(read_shard(str(tmp_path / "prep" / meta["shards"][0]["file"])),
+                                text.pack_documents(train_docs, tok, 32))
+  np.testing.assert_array_equal(read_shard(str(tmp_path / "prep" / "eval.array_record")),
+                                text.pack_documents(eval_docs, tok, 32))
