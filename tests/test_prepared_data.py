@@ -352,6 +352,21 @@ def test_token_cache_hit_miss_and_off(corpus, tmp_path, monkeypatch):
   data = task.load_data()
   assert data.info["token_cache"].startswith("miss") and task.vocab == 300
 
+  # Records skipped by the read that filled the cache are reported again on a hit.
+  from jembed.data import pipeline
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text("".join(json.dumps({"text": d}) + "\n" for d in ref_docs[:120]) + "not json\n")
+  config_bad = tiny_mlm_config(str(bad), **{"data.on_bad_record": "skip", "data.tokenizer": other})
+  counts = []
+  for _ in range(2):
+    pipeline.reset_bad_records()
+    task = get_task(config_bad, str(tmp_path / "w_bad"))
+    how = task.load_data().info["token_cache"]
+    task.save_artifacts()
+    counts.append((how.split()[0], pipeline.bad_records()))
+  assert counts[0][0] == "miss" and counts[1][0] == "hit"
+  assert counts[0][1] == counts[1][1] and counts[0][1]["skipped"] == 1
+
   # A named cache directory is used; 'none' writes nothing.
   named = str(tmp_path / "named")
   task = get_task(tiny_mlm_config(str(src), **{"data.cache_dir": named}), str(tmp_path / "w2"))

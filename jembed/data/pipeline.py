@@ -51,6 +51,12 @@ def bad_record(config, where: str, problem: str, fix: str) -> None:
     _BAD["examples"].append(f"{where}: {problem}")
 
 
+def add_bad_records(summary: dict) -> None:
+  """Counts the records a cached read skipped (a `bad_records()` summary) as if read again."""
+  _BAD["skipped"] += int(summary.get("skipped", 0))
+  _BAD["examples"] = (_BAD["examples"] + list(summary.get("examples", [])))[:5]
+
+
 def skipped_record(where: str, problem: str) -> None:
   """A record that is always skipped whatever data.on_bad_record says (an empty document, which
   holds nothing to train on), counted and reported like the bad ones."""

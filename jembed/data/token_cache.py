@@ -60,24 +60,25 @@ class TokenCache:
   def path(self, tokenizer) -> str:
     return fs.join(self.root, f"tokens-{self.corpus}-{self.key(tokenizer)}.npz")
 
-  def load(self, tokenizer) -> tuple[np.ndarray, np.ndarray] | None:
-    """(train rows, eval rows) of a valid entry, or None (a miss; an unreadable entry is one)."""
+  def load(self, tokenizer) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """(train rows, eval rows, the bad-record summary of the read that made them) of a valid
+    entry, or None (a miss; an unreadable entry is one)."""
     path = self.path(tokenizer)
     if not fs.exists(path):
       return None
     try:
       with np.load(io.BytesIO(fs.read_bytes(path))) as z:
-        return z["train"], z["eval"]
+        return z["train"], z["eval"], json.loads(str(z["bad_records"]))
     except (OSError, ValueError, KeyError):
       return None
 
-  def save(self, tokenizer, train: np.ndarray, held: np.ndarray) -> str:
+  def save(self, tokenizer, train: np.ndarray, held: np.ndarray, bad_records: dict) -> str:
     """Writes the entry (writer process only) and deletes this corpus's stale entries."""
     path = self.path(tokenizer)
     if not fs.is_writer():
       return path
     buf = io.BytesIO()
-    np.savez(buf, train=train, eval=held)
+    np.savez(buf, train=train, eval=held, bad_records=np.asarray(json.dumps(bad_records)))
     fs.write_bytes(path, buf.getvalue())
     name = os.path.basename(path)
     for old in fs.path(self.root).glob(f"tokens-{self.corpus}-*.npz"):

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from jembed import fs
-from jembed.data import streaming, text, token_cache
+from jembed.data import pipeline, streaming, text, token_cache
 from jembed.errors import UserError
 from jembed.models.heads import MlmHead
 from jembed.models.transformer import TransformerConfig, TransformerEncoder
@@ -101,9 +101,11 @@ class MlmTask(TextTask):
       held = text.pack_documents(eval_docs, tok, self.seq_len) if eval_docs else None
       if cache is not None:
         how = "miss"
-        self._cache_pending = (cache, tok, train, held)  # written by save_artifacts
+        # Written by save_artifacts, with the records this read skipped (a hit reports them again).
+        self._cache_pending = (cache, tok, train, held, pipeline.bad_records())
     else:
-      train, held = rows
+      train, held, bad = rows
+      pipeline.add_bad_records(bad)
     if held is None or len(held) == 0:
       raise UserError("the held-out split is empty; give data.eval or raise data.eval_fraction")
     freq = text.token_frequencies(train, self.vocab, special=self.ids.values())
@@ -166,8 +168,8 @@ class MlmTask(TextTask):
     super().save_artifacts()
     pending = getattr(self, "_cache_pending", None)
     if pending is not None:
-      cache, tok, train, held = pending
-      cache.save(tok, train, held)
+      cache, tok, train, held, bad = pending
+      cache.save(tok, train, held, bad)
       self._cache_pending = None
 
   def model_spec(self):
