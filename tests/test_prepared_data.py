@@ -82,14 +82,17 @@ def test_prepare_rows_and_tokenizer_equal_the_in_memory_path(corpus, prepared):
 def test_prepare_with_explicit_eval_files_and_a_given_tokenizer(corpus, prepared, tmp_path):
   docs = open(corpus).read().splitlines()
   (tmp_path / "a.txt").write_text("\n".join(docs[:200]) + "\n")
-  (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[200:260]))
+  (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[200:260])
+                                    + "not json\n")
   (tmp_path / "held.txt").write_text("\n".join(docs[260:]) + "\n")
   config = tiny_mlm_config(f"{tmp_path}/a.txt,{tmp_path}/b.jsonl")
   config.data.eval = str(tmp_path / "held.txt")
   config.data.tokenizer = os.path.join(prepared[0], "tokenizer.json")
   config.data.seq_len = 20
+  config.data.on_bad_record = "skip"
   out = str(tmp_path / "prep")
   meta = prepare.prepare(config, out, shards=3, log=lambda _: None)
+  assert meta["skipped_records"] == 1
   tok = text.build_tokenizer((), 0, path=config.data.tokenizer)
   train_docs, eval_docs = text.load_documents(config.data)
   rows = text.pack_documents(train_docs, tok, 20)
@@ -388,11 +391,15 @@ def test_prepare_holds_out_like_split_train_eval_on_a_tiny_corpus(corpus, tmp_pa
   """No document hashes below eval_fraction=0.001 in 40: split_train_eval then holds out the one
   with the lowest hash, and prepare (one streaming pass) must do the same."""
   small = tmp_path / "small.txt"
-  small.write_text("\n".join(open(corpus).read().splitlines()[:40]) + "\n")
-  config = tiny_mlm_config(str(small), **{"data.eval_fraction": 0.001})
+  lines = open(corpus).read().splitlines()[:40]
+  # One line that is not UTF-8, skipped: counted once in prepared.json although read in two passes.
+  small.write_bytes(("\n".join(lines[:20]) + "\n").encode() + b"\xff\xfe bad\n"
+                    + ("\n".join(lines[20:]) + "\n").encode())
+  config = tiny_mlm_config(str(small), **{"data.eval_fraction": 0.001, "data.on_bad_record": "skip"})
   train_docs, eval_docs = text.load_documents(config.data)
   assert len(eval_docs) == 1 and not any(text.is_held_out(d, 0.001) for d in eval_docs)
   meta = prepare.prepare(config, str(tmp_path / "prep"), shards=1, log=lambda _: None)
+  assert meta["skipped_records"] == 1
   tok = text.build_tokenizer(train_docs, 512)
   np.testing.assert_array_equal(read_shard(str(tmp_path / "prep" / meta["shards"][0]["file"])),
                                 text.pack_documents(train_docs, tok, 32))

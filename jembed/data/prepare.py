@@ -17,6 +17,7 @@ temporary name and renamed into place: it is complete or absent.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -134,7 +135,8 @@ def prepare(config, out: str, *, shards: int = 8, overwrite: bool = False,
   pipeline.reset_bad_records()
   train_stream, eval_stream, description = text.document_streams(d)
   eval_fraction = float(d.get("eval_fraction", 0.05))
-  if eval_stream is None:
+  carved = eval_stream is None   # eval carved from the train files: one more pass over them
+  if carved:
     held = _split_rule(train_stream, eval_fraction)
     eval_stream = _filtered(train_stream, held)
     train_stream = _filtered(train_stream, lambda doc: not held(doc))
@@ -180,11 +182,12 @@ def prepare(config, out: str, *, shards: int = 8, overwrite: bool = False,
     if total < shards:
       raise UserError(f"the training split packs into {total} rows of seq_len={seq_len}, fewer than "
                       f"--shards={shards}; add data or use fewer shards")
+    bad = pipeline.bad_records()   # the train pass read every record of the train files once
     eval_writer = array_record_module.ArrayRecordWriter(os.path.join(tmp, EVAL_FILE), WRITER_OPTIONS)
     eval_packer, eval_rows = text.Packer(tok, seq_len), 0
     try:
-      for rows in [eval_packer.add(c) for c in _chunks(eval_stream())] + [eval_packer.finish()]:
-        for row in rows:
+      for chunk in itertools.chain(_chunks(eval_stream()), [None]):  # None: the last row
+        for row in (eval_packer.add(chunk) if chunk is not None else eval_packer.finish()):
           eval_writer.write(encode_row(row))
           eval_rows += 1
     finally:
@@ -195,7 +198,8 @@ def prepare(config, out: str, *, shards: int = 8, overwrite: bool = False,
       counts[i] = 0  # as text.token_frequencies: the baseline never predicts a special token
     with open(os.path.join(tmp, TOKENIZER_FILE), "rb") as f:
       tok_sha = hashlib.sha256(f.read()).hexdigest()
-    bad = pipeline.bad_records()
+    if not carved:
+      bad = pipeline.bad_records()   # plus those of the eval files
     meta = dict(format_version=FORMAT_VERSION, seq_len=seq_len, dtype="int32",
                 shards=[dict(file=n, rows=r) for n, r in zip(names, rows_in)],
                 train_rows=total, eval=dict(file=EVAL_FILE, rows=eval_rows),
