@@ -10,6 +10,12 @@ minutes and ends well above the most-frequent-token baseline. Bigger runs overri
       --config.total_steps=2000 --config.mesh.fsdp=4 --config.model.size=mini
   python -m jembed.main --config configs/mlm.py --workdir /tmp/own \
       --config.data.train='corpus/*.txt' --config.data.eval=heldout.txt
+
+A corpus too large for memory is tokenized once into shards that each host streams its share of:
+
+  python -m jembed.data.prepare --config configs/mlm.py --out /data/prep --shards 64 \
+      --config.data.train='corpus/*.jsonl'
+  python -m jembed.main --config configs/mlm.py --workdir /tmp/big --config.data.prepared=/data/prep
 """
 import ml_collections
 
@@ -63,6 +69,10 @@ def get_config() -> ml_collections.ConfigDict:
       mask_prob=0.15,
       max_predictions=0,        # 0 = ceil(mask_prob * seq_len)
       on_bad_record="error",    # error | skip (counted and reported) for undecodable or malformed records
+      cache_dir="",             # text files' packed rows are cached here ("" = WORKDIR/cache; "none" = off)
+      prepared="",              # a directory from `python -m jembed.data.prepare`: stream it from disk instead
+      streams=0,                # with prepared: shard streams (0 = one per process); fix it to keep the
+                                # data order when the number of processes changes
   ))
   c.init = init_config()       # warm start (a jembed workdir or a Hugging Face dir)
   c.peft = peft_config()       # which parameters train: full | linear_probe | lora | adapter

@@ -178,6 +178,8 @@ def abstract_batch(setup, batch: int) -> dict:
   """A global batch of `batch` examples shaped like the task's training columns."""
   import jax
   cols = setup.data.train
+  if hasattr(cols, "example_columns"):  # a source streamed from disk (data.prepared)
+    cols = cols.example_columns()
   shardings = setup.batch_shardings(cols)
   return {k: jax.ShapeDtypeStruct((batch,) + tuple(v.shape[1:]), v.dtype, sharding=shardings[k])
           for k, v in cols.items()}

@@ -355,7 +355,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   writer = fs.is_writer()
 
   # ---- state: fresh, or restored from the workdir's newest readable checkpoint ----
-  data_iter = pipeline.train_iterator(setup.data.train, config.batch_size, config.seed)
+  data_iter = pipeline.make_train_iterator(setup.data.train, config.batch_size, config.seed)
   state = setup.init_state()
   abstract = ckpt.abstract_with_sharding(state, setup.shardings)
   restored, _ = ckpt.restore_latest(workdir, abstract, data_iter, fallback=config.checkpoint_fallback,
@@ -366,6 +366,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   # ---- compile the train step (the eval step compiles on first use) ----
   setup.compile(state, setup.to_global(_peek(data_iter)))
+  _all_processes_ready("compiled")
 
   # Every check has passed: from here on the run writes into the workdir.
   if writer:
@@ -470,6 +471,21 @@ def _peek(data_iter):
   batch = next(data_iter)
   data_iter.set_state(saved)
   return batch
+
+
+def _all_processes_ready(name: str, timeout_s: int = 1800) -> None:
+  """A barrier on the coordination service (not a device collective). CPU collectives (gloo) give a
+  process 30 s to join the first collective of a program; a peer still compiling on a busy host
+  takes longer, so every process waits here until all have compiled."""
+  if jax.process_count() == 1:
+    return
+  try:  # the client jax.distributed.initialize() made (no public accessor in jax 0.10)
+    from jax._src import distributed
+    client = distributed.global_state.client
+  except (ImportError, AttributeError):
+    client = None
+  if client is not None:
+    client.wait_at_barrier(f"jembed_{name}", timeout_in_ms=timeout_s * 1000)
 
 
 def _info(text: str) -> None:

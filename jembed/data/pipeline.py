@@ -51,6 +51,12 @@ def bad_record(config, where: str, problem: str, fix: str) -> None:
     _BAD["examples"].append(f"{where}: {problem}")
 
 
+def add_bad_records(summary: dict) -> None:
+  """Counts the records a cached read skipped (a `bad_records()` summary) as if read again."""
+  _BAD["skipped"] += int(summary.get("skipped", 0))
+  _BAD["examples"] = (_BAD["examples"] + list(summary.get("examples", [])))[:5]
+
+
 def skipped_record(where: str, problem: str) -> None:
   """A record that is always skipped whatever data.on_bad_record says (an empty document, which
   holds nothing to train on), counted and reported like the bad ones."""
@@ -97,6 +103,15 @@ def train_iterator(columns: dict[str, np.ndarray], global_batch: int, seed: int,
         .map(lambda b: {k: v[idx * local:(idx + 1) * local] for k, v in b.items()}))
   read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)
   return iter(ds.to_iter_dataset(read))
+
+
+def make_train_iterator(train, global_batch: int, seed: int) -> grain.DatasetIterator:
+  """The train iterator of a task's `Data.train`: in-memory columns (`train_iterator`), or a
+  source that makes its own, such as a prepared corpus streamed from disk
+  (jembed.data.streaming.PreparedTrain)."""
+  if hasattr(train, "train_iterator"):
+    return train.train_iterator(global_batch, seed)
+  return train_iterator(train, global_batch, seed)
 
 
 def eval_batches(columns: dict[str, np.ndarray], global_batch: int, max_batches: int

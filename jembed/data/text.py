@@ -12,7 +12,7 @@ import hashlib
 import heapq
 import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import tokenizers
@@ -63,6 +63,11 @@ def _resolve_source(config: Any) -> str:
     raise UserError(
         f"unknown data.source {source!r}; use 'embedded', 'files' or 'tfds'")
   return source
+
+
+def resolve_source(config: Any) -> str:
+  """'embedded', 'files' or 'tfds': the source `load_documents` reads for `config`."""
+  return _resolve_source(config)
 
 
 def _doc_hash_unit(doc: str) -> float:
@@ -121,11 +126,15 @@ def _expand_paths(spec: str, what: str) -> list[str]:
 
 
 def _read_file(path: str, config: Any = None) -> list[str]:
-  """Documents of one .txt (one per line; blank lines are ignored) or .jsonl file. A bad record
-  (bytes that are not UTF-8, a JSON line that does not parse or lacks a string 'text' field) is an
-  error naming file:line, or skipped and counted with data.on_bad_record='skip'
-  (jembed.data.pipeline.bad_record). An empty document is always skipped, and counted."""
-  docs = []
+  return list(iter_file_documents(path, config))
+
+
+def iter_file_documents(path: str, config: Any = None) -> Iterator[str]:
+  """Documents of one .txt (one per line; blank lines are ignored) or .jsonl file, read line by
+  line (memory does not grow with the file). A bad record (bytes that are not UTF-8, a JSON line
+  that does not parse or lacks a string 'text' field) is an error naming file:line, or skipped and
+  counted with data.on_bad_record='skip' (jembed.data.pipeline.bad_record). An empty document is
+  always skipped, and counted."""
   jsonl = path.endswith(".jsonl")
   form = "each .jsonl line must be one JSON object with a non-empty string 'text' field"
   try:
@@ -141,7 +150,7 @@ def _read_file(path: str, config: Any = None) -> list[str]:
         if not line.strip():
           continue  # blank lines separate nothing; not a record
         if not jsonl:
-          docs.append(line.strip())
+          yield line.strip()
           continue
         try:
           record = json.loads(line)
@@ -154,11 +163,10 @@ def _read_file(path: str, config: Any = None) -> list[str]:
         if not record["text"].strip():
           pipeline.skipped_record(where, "an empty 'text'")  # nothing to train on, never an error
           continue
-        docs.append(record["text"].strip())
+        yield record["text"].strip()
   except OSError as e:
     raise UserError(f"cannot read {path} ({e.strerror}); check the path and permissions") \
         from None
-  return docs
 
 
 def _read_files(spec: str, what: str, config: Any = None) -> list[str]:
@@ -226,6 +234,45 @@ def load_documents(data_config: Any) -> tuple[list[str], list[str]]:
   return split_train_eval(docs, eval_fraction)
 
 
+def source_files(data_config: Any) -> tuple[list[str], list[str]]:
+  """The (train, eval) file paths of data.source='files' (eval empty when carved from train)."""
+  train_spec = str(_field(data_config, "train", "")).strip()
+  if not train_spec:
+    raise UserError("data.source='files' needs data.train, a .txt/.jsonl path or glob")
+  eval_spec = str(_field(data_config, "eval", "")).strip()
+  return _expand_paths(train_spec, "train"), (_expand_paths(eval_spec, "eval") if eval_spec else [])
+
+
+def document_streams(data_config: Any) -> tuple[Callable[[], Iterator[str]],
+                                                Callable[[], Iterator[str]] | None, dict]:
+  """What `load_documents` reads, as re-iterable streams: (train, explicit eval or None, a
+  description of the source). Files are read line by line, so a pass over them takes bounded
+  memory; the embedded corpus and TFDS splits are read whole (they fit in memory)."""
+  source = _resolve_source(data_config)
+  if source == "embedded":
+    docs = embedded_documents()
+    return (lambda: iter(docs)), None, {"source": "embedded"}
+  if source == "files":
+    train, held = source_files(data_config)
+
+    def chain(paths):
+      return lambda: (d for p in paths for d in iter_file_documents(p, data_config))
+    return chain(train), (chain(held) if held else None), {
+        "source": "files", "train": train, "eval": held}
+  split = str(_field(data_config, "tfds_split", "train")) or "train"
+  docs = _tfds_documents(data_config, split, "tfds_split")
+  eval_split = str(_field(data_config, "tfds_eval_split", "")).strip()
+  held_docs = _tfds_documents(data_config, eval_split, "tfds_eval_split") if eval_split else None
+  return ((lambda: iter(docs)), (lambda: iter(held_docs)) if held_docs is not None else None,
+          {"source": "tfds", "name": str(_field(data_config, "tfds_name", "")), "split": split,
+           "eval_split": eval_split})
+
+
+def is_held_out(doc: str, eval_fraction: float) -> bool:
+  """`split_train_eval`'s rule for one document (without its tiny-corpus fallback)."""
+  return _doc_hash_unit(doc) < eval_fraction
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 
@@ -258,6 +305,23 @@ def _word_counts(docs: Iterable[str], tok: tokenizers.Tokenizer) -> collections.
   for doc in docs:
     counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(doc)))
   return counts
+
+
+def word_counts(docs: Iterable[str]) -> collections.Counter:
+  """What `build_tokenizer` trains on: the count of each pre-tokenized, normalized word. Streams
+  `docs` (a generator is fine), so a corpus larger than memory can be counted."""
+  return _word_counts(docs, _new_wordpiece())
+
+
+def tokenizer_from_word_counts(counts: dict[str, int], vocab_size: int) -> tokenizers.Tokenizer:
+  """The WordPiece tokenizer `build_tokenizer` trains, from `word_counts` of the documents."""
+  if vocab_size <= len(SPECIAL_TOKENS):
+    raise UserError(f"data.vocab_size={vocab_size} is too small; use e.g. 8192")
+  vocab = _learn_wordpiece_vocab(counts, vocab_size)
+  tok = _new_wordpiece({t: i for i, t in enumerate(vocab)})
+  # Registered as special so they are never split and can be skipped when decoding.
+  tok.add_special_tokens(list(SPECIAL_TOKENS))
+  return tok
 
 
 def _learn_wordpiece_vocab(word_counts: dict[str, int], vocab_size: int, prefix: str = "##",
@@ -375,10 +439,7 @@ def build_tokenizer(docs: Sequence[str], vocab_size: int, path: str | None = Non
     docs = list(docs)
     if not any(d.strip() for d in docs):
       raise UserError("cannot train a tokenizer on an empty corpus; add documents")
-    vocab = _learn_wordpiece_vocab(_word_counts(docs, _new_wordpiece()), vocab_size)
-    tok = _new_wordpiece({t: i for i, t in enumerate(vocab)})
-    # Registered as special so they are never split and can be skipped when decoding.
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok = tokenizer_from_word_counts(word_counts(docs), vocab_size)
   if save_to and fs.is_writer():
     fs.write_with(save_to, tok.save)
   return tok
@@ -426,6 +487,55 @@ def pack_documents(docs: Sequence[str], tokenizer: tokenizers.Tokenizer,
     out[-1, 1 + len(tail)] = ids["sep"]
     out[-1, 2 + len(tail):] = ids["pad"]
   return out
+
+
+class Packer:
+  """`pack_documents` over a stream of documents in bounded memory: feed documents in chunks with
+  `add` (it returns the rows completed so far), then `finish` (the short last row, if kept). The
+  rows, in order, are exactly those `pack_documents` gives for all the documents at once."""
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, seq_len: int):
+    if seq_len < 3:
+      raise UserError(f"seq_len={seq_len} is too short; need room for [CLS], a token and [SEP]")
+    self.ids = special_ids(tokenizer)
+    self.tokenizer = encode.plain(tokenizer)
+    self.seq_len, self.body = seq_len, seq_len - 2
+    self.pending = np.zeros(0, np.int32)   # tokens of the stream not yet in a row
+    self.started = False
+
+  def add(self, docs: Iterable[str]) -> np.ndarray:
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+      return np.zeros((0, self.seq_len), np.int32)
+    parts = [self.pending]
+    sep = np.asarray([self.ids["sep"]], np.int32)
+    for enc in self.tokenizer.encode_batch(docs, add_special_tokens=False):
+      if self.started:  # [SEP] goes between documents
+        parts.append(sep)
+      parts.append(np.asarray(enc.ids, np.int32))
+      self.started = True
+    stream = np.concatenate(parts)
+    n = len(stream) // self.body
+    self.pending = stream[n * self.body:].copy()
+    return self._frame(stream[:n * self.body].reshape(n, self.body))
+
+  def finish(self) -> np.ndarray:
+    tail, self.pending = self.pending, np.zeros(0, np.int32)
+    if len(tail) < min(MIN_LAST_ROW_TOKENS, self.body):
+      return np.zeros((0, self.seq_len), np.int32)
+    row = np.full(self.body, self.ids["pad"], np.int32)
+    row[:len(tail)] = tail
+    out = self._frame(row[None])
+    out[0, 1 + len(tail)] = self.ids["sep"]
+    out[0, 2 + len(tail):] = self.ids["pad"]
+    return out
+
+  def _frame(self, content: np.ndarray) -> np.ndarray:
+    out = np.empty((content.shape[0], self.seq_len), np.int32)
+    out[:, 0] = self.ids["cls"]
+    out[:, 1:-1] = content
+    out[:, -1] = self.ids["sep"]
+    return out
 
 
 def token_frequencies(rows: np.ndarray, vocab_size: int,

@@ -20,8 +20,10 @@ from jembed import init as init_lib
 
 @dataclasses.dataclass
 class Data:
-  """In-memory columns (name -> array with examples on axis 0) for the train and eval splits."""
-  train: dict[str, np.ndarray]
+  """In-memory columns (name -> array with examples on axis 0) for the train and eval splits; or,
+  for train, a source that makes its own iterator (`train_iterator(global_batch, seed)`, e.g. a
+  prepared corpus streamed from disk: jembed.data.streaming.PreparedTrain)."""
+  train: Any
   eval: dict[str, np.ndarray] | None
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
 

@@ -8,6 +8,7 @@ inside the step, reproducibly from the seed and the step.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import jax
@@ -16,7 +17,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jembed.data import text
+from jembed import fs
+from jembed.data import pipeline, streaming, text, token_cache
 from jembed.errors import UserError
 from jembed.models.heads import MlmHead
 from jembed.models.transformer import TransformerConfig, TransformerEncoder
@@ -81,16 +83,94 @@ class MlmTask(TextTask):
 
   def load_data(self) -> Data:
     d = self.config.data
-    train_docs, eval_docs = text.load_documents(d)
-    tok = self.resolve_tokenizer(train_docs)
-    train = text.pack_documents(train_docs, tok, self.seq_len)
-    held = text.pack_documents(eval_docs, tok, self.seq_len) if eval_docs else None
+    if d.get("streams", 0) and not d.get("prepared", ""):
+      raise UserError(f"data.streams={d.streams} applies only to data.prepared (a corpus made by "
+                      "jembed.data.prepare); set data.prepared or leave data.streams at 0")
+    if d.get("prepared", ""):
+      return self._load_prepared()
+    cache, how = self._token_cache()
+    rows = None
+    if cache is not None and not self.tokenizer_needs_texts():
+      tok = self.resolve_tokenizer()
+      rows = cache.load(tok)
+      how = "hit" if rows is not None else "miss"
+    if rows is None:
+      train_docs, eval_docs = text.load_documents(d)
+      tok = self.resolve_tokenizer(train_docs)
+      train = text.pack_documents(train_docs, tok, self.seq_len)
+      held = text.pack_documents(eval_docs, tok, self.seq_len) if eval_docs else None
+      if cache is not None:
+        how = "miss"
+        # Written by save_artifacts, with the records this read skipped (a hit reports them again).
+        self._cache_pending = (cache, tok, train, held, pipeline.bad_records())
+    else:
+      train, held, bad = rows
+      pipeline.add_bad_records(bad)
     if held is None or len(held) == 0:
       raise UserError("the held-out split is empty; give data.eval or raise data.eval_fraction")
     freq = text.token_frequencies(train, self.vocab, special=self.ids.values())
     self.most_frequent = int(np.argmax(freq))
-    return Data(train={"tokens": train}, eval={"tokens": held},
-                info={"train_sequences": len(train), "eval_sequences": len(held), "vocab_size": self.vocab})
+    info = {"train_sequences": len(train), "eval_sequences": len(held), "vocab_size": self.vocab}
+    if how:
+      info["token_cache"] = how if cache is None else f"{how} ({cache.root})"
+    return Data(train={"tokens": train}, eval={"tokens": held}, info=info)
+
+  def _token_cache(self):
+    """(the token cache of a files corpus, or None; how it was used, for the log line)."""
+    d = self.config.data
+    if text.resolve_source(d) != "files":
+      if d.get("cache_dir", ""):
+        raise UserError(f"data.cache_dir={d.cache_dir!r} applies only to text files (data.train); "
+                        "leave it empty")
+      return None, ""
+    root = token_cache.cache_root(d, self.workdir)
+    if root is None:
+      return None, "off"
+    train_files, eval_files = text.source_files(d)
+    return token_cache.TokenCache(root, train_files, eval_files, d), ""
+
+  def _load_prepared(self) -> Data:
+    """The corpus of jembed.data.prepare: training rows streamed from its shards (this process's
+    only), the held-out rows in memory, the tokenizer and baseline from its metadata."""
+    d = self.config.data
+    where = d.prepared
+    meta, train = streaming.open_prepared(where, int(d.get("streams", 0)))
+    if int(meta["seq_len"]) != self.seq_len:
+      raise UserError(f"data.seq_len={self.seq_len} but data.prepared={where} holds rows of "
+                      f"seq_len={meta['seq_len']}; set --config.data.seq_len={meta['seq_len']} or "
+                      "prepare again with this seq_len")
+    tok_path = fs.join(fs.absolute(where), meta["tokenizer"])
+    if fs.exists(tok_path) and hashlib.sha256(fs.read_bytes(tok_path)).hexdigest() != (
+        meta["tokenizer_sha256"]):
+      raise UserError(f"{tok_path} is not the tokenizer the rows of data.prepared={where} were made "
+                      "with (its sha256 differs from prepared.json); run jembed.data.prepare again")
+    tok = text.build_tokenizer((), self.vocab_size_setting(), path=tok_path)
+    for other, what in ((d.get("tokenizer", ""), "data.tokenizer"),
+                        (self._saved_tokenizer_path(), "the workdir's tokenizer.json")):
+      if other and text.build_tokenizer((), 0, path=other).to_str() != tok.to_str():
+        raise UserError(f"{what} ({other}) differs from the tokenizer of data.prepared={where}; "
+                        "prepare the corpus with that tokenizer (--config.data.tokenizer) or drop it")
+    if self.init is not None and self.init.tokenizer is not None and (
+        self.init.tokenizer.get_vocab() != tok.get_vocab()):
+      raise UserError(f"the warm-start source {self.init.description} has another vocabulary than "
+                      f"data.prepared={where}; prepare the corpus with its tokenizer.json "
+                      "(--config.data.tokenizer)")
+    self.tokenizer, self.ids, self.vocab = tok, text.special_ids(tok), tok.get_vocab_size()
+    max_eval = self.config.eval_batches * self.config.batch_size
+    held = streaming.read_eval_rows(where, meta, max_eval)
+    self.most_frequent = int(meta["most_frequent"])
+    return Data(train=train, eval={"tokens": held},
+                info={"train_sequences": len(train), "eval_sequences": int(meta["eval"]["rows"]),
+                      "vocab_size": self.vocab, "prepared": where,
+                      "streams": train.stream_count(jax.process_count())})
+
+  def save_artifacts(self) -> None:
+    super().save_artifacts()
+    pending = getattr(self, "_cache_pending", None)
+    if pending is not None:
+      cache, tok, train, held, bad = pending
+      cache.save(tok, train, held, bad)
+      self._cache_pending = None
 
   def model_spec(self):
     return self.text_spec(pooling=self.config.model.get("pooling", "mean"), normalize=False,

@@ -23,12 +23,27 @@ class TextTask(Task):
 
   backbone = "encoder"
 
+  def _saved_tokenizer_path(self) -> str:
+    saved = fs.join(self.workdir, TOKENIZER_FILE)
+    return saved if fs.exists(saved) else ""
+
+  def _tokenizer_path(self) -> str:
+    path = self.config.data.get("tokenizer", "")
+    if not path and self.init is None:
+      path = self._saved_tokenizer_path()  # a resumed run keeps its vocabulary
+    return path
+
+  def vocab_size_setting(self) -> int:
+    return int(self.config.data.get("vocab_size", 8192))
+
+  def tokenizer_needs_texts(self) -> bool:
+    """Whether `resolve_tokenizer` trains a tokenizer (so needs the texts): no tokenizer file, no
+    warm-start tokenizer and none saved in the workdir."""
+    return not self._tokenizer_path() and (self.init is None or self.init.tokenizer is None)
+
   def resolve_tokenizer(self, train_texts: Sequence[str] = ()):
     d = self.config.data
-    path = d.get("tokenizer", "")
-    if not path and self.init is None:
-      saved = fs.join(self.workdir, TOKENIZER_FILE)
-      path = saved if fs.exists(saved) else ""  # a resumed run keeps its vocabulary
+    path = self._tokenizer_path()
     if path or self.init is None or self.init.tokenizer is None:
       tok = text_lib.build_tokenizer(train_texts, int(d.get("vocab_size", 8192)), path=path or None)
     else:
