@@ -1,58 +1,35 @@
-"""Two JAX processes (4 CPU devices each, gloo collectives over loopback) run `jembed.main` as a
-multi-host job would, and log the same losses as one process with 8 devices."""
-import json
-import os
-import socket
-import subprocess
-import sys
+"""Multi-process input of the in-memory pipeline: every process walks the same seeded global order
+and takes its slice of each global batch, so the processes' local batches, concatenated, are the
+one-process global batch.
 
+The real two-process job (`jembed.main` in two JAX processes over loopback, gloo collectives) is
+`tests/test_prepared_data.py::test_two_processes_on_a_prepared_corpus_match_one_with_two_streams`:
+it checks their losses against one 8-device process."""
+import jax
 import numpy as np
 
-from jembed import train
-from spine_helpers import ROOT, tiny_mlm_config, write_corpus
-
-SETTINGS = dict(total_steps=4, log_every=1, eval_every=4, checkpoint_every=2, learning_rate=0.01,
-                warmup_steps=1)
-MODEL = {"model.num_layers": 1, "model.hidden_size": 32, "model.num_heads": 2, "model.mlp_dim": 64,
-         "model.max_position": 64, "data.vocab_size": 512, "data.seq_len": 32,
-         "data.eval_fraction": 0.1, "batch_size": 16, "eval_batches": 2, "async_checkpointing": False}
+from jembed.data import pipeline
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+def batches(columns, monkeypatch, count, index, steps=5):
+  with monkeypatch.context() as m:
+    m.setattr(jax, "process_count", lambda: count)
+    m.setattr(jax, "process_index", lambda: index)
+    it = pipeline.train_iterator(columns, 8, seed=3, prefetch=0)
+    train = [next(it)["x"] for _ in range(steps)]
+    held = [b["x"] for b in pipeline.eval_batches(columns, 8, 0)]
+  return train, held
 
 
-def train_losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [r["loss"] for r in map(json.loads, f) if r["split"] == "train"]
-
-
-def test_two_processes_match_one(tmp_path):
-  corpus = write_corpus(str(tmp_path))
-  workdir = str(tmp_path / "multihost")
-  flags = [f"--config.{k}={v}" for k, v in {**SETTINGS, **MODEL, "data.train": corpus}.items()]
-  port = free_port()
-  procs = []
-  for pid in range(2):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-    cmd = [sys.executable, "-m", "jembed.main", f"--config={ROOT}/configs/mlm.py", f"--workdir={workdir}",
-           "--distributed=true", *flags]
-    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True))
-  outs = []
-  for p in procs:
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
-    outs.append(out)
-  # One job over both processes: 8 global devices, and only process 0 reports.
-  assert "devices=8" in outs[0] and "[train] step 4" in outs[0]
-  assert "[train]" not in outs[1]
-  assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
-
-  single = str(tmp_path / "single")
-  config = tiny_mlm_config(corpus, **SETTINGS)
-  train.train_and_evaluate(config, single)   # this process: 8 devices, one host
-  np.testing.assert_allclose(train_losses(workdir), train_losses(single), rtol=1e-5)
+def test_process_shares_are_disjoint_and_make_the_global_batch(monkeypatch):
+  columns = {"x": np.arange(24 * 3).reshape(24, 3)}  # whole batches per epoch
+  whole, whole_eval = batches(columns, monkeypatch, 1, 0)
+  parts = [batches(columns, monkeypatch, 2, i) for i in range(2)]
+  for step, global_batch in enumerate(whole):
+    a, b = parts[0][0][step], parts[1][0][step]
+    assert len(a) == len(b) == 4
+    assert not set(a[:, 0]) & set(b[:, 0])                  # disjoint shares
+    np.testing.assert_array_equal(np.concatenate([a, b]), global_batch)
+  for step, global_batch in enumerate(whole_eval):
+    np.testing.assert_array_equal(np.concatenate([parts[0][1][step], parts[1][1][step]]), global_batch)
+  assert len(whole_eval) == 3

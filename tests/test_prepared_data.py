@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -234,6 +235,12 @@ def test_prepared_task_reads_the_corpus_metadata(corpus, prepared, tmp_path):
 # ------------------------------------------------------------------------------ training on it
 
 
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
 def losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [(r["step"], r["loss"]) for r in map(json.loads, f) if r["split"] == "train"]
@@ -272,7 +279,6 @@ def test_resume_on_a_prepared_corpus_equals_an_uninterrupted_run(corpus, prepare
 
 def test_two_processes_on_a_prepared_corpus_match_one_with_two_streams(corpus, prepared,
                                                                        one_process_run, tmp_path):
-  from test_multihost import free_port
   workdir = str(tmp_path / "two")
   settings = dict(RUN, **{"model.num_layers": 1, "model.hidden_size": 32, "model.num_heads": 2,
                           "model.mlp_dim": 64, "model.max_position": 64, "data.vocab_size": 512,
@@ -295,7 +301,10 @@ def test_two_processes_on_a_prepared_corpus_match_one_with_two_streams(corpus, p
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
     outs.append(out)
-  assert "streams=2" in outs[0] and "devices=8" in outs[0]
+  # One job over both processes: 8 global devices, only process 0 reports and writes.
+  assert "streams=2" in outs[0] and "devices=8" in outs[0] and "[train] step 4" in outs[0]
+  assert "[train]" not in outs[1]
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
   got, want = losses(workdir), losses(one_process_run)
   assert [s for s, _ in got] == [s for s, _ in want]
   np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-5)
