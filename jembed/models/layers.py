@@ -76,15 +76,21 @@ class Conv(nnx.Module):
     return conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride)
 
 
+# conv2d's k x k convolutions with fewer input channels stay native on a CPU too (see conv2d).
+IM2COL_MIN_CHANNELS = 128
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
   """lax.conv_general_dilated(x, kernel, (stride, stride), padding k // 2, NHWC/HWIO), as matmuls.
 
   A 1x1 convolution is a matmul over channels (a strided one reads every stride-th pixel first).
-  On a CPU a k x k one is one matmul too, over the k*k shifted windows of the padded input
-  concatenated on channels ("im2col"): XLA:CPU's own convolutions, the kernel gradient above all,
-  measured 1.2-5x slower over ResNet-50's layers and up to 75x on the small-image, wide ones
-  (`python benchmarks/conv_forms.py`). Elsewhere k x k stays a native convolution: GPUs and TPUs
-  run those well, and the window matrix would hold k*k copies of the input.
+  On a CPU a k x k one with 128 or more input channels is one matmul too, over the k*k shifted
+  windows of the padded input concatenated on channels ("im2col"): XLA:CPU's own convolution is
+  very slow on those when the output is small (3x3, 512 channels, 2x2 output: 1.2-1.8 s against
+  24 ms forward and backward at batch 16, `python benchmarks/conv_forms.py`) and slower at most
+  other such shapes; on narrow inputs (the RGB stem, 64 channels) it was as fast or faster
+  (16x16x64 3x3: 76 against 140 ms, one thread). GPUs and TPUs keep the native k x k convolution:
+  they run it well, and the window matrix would hold k*k copies of the input.
   """
   k, _, cin, cout = kernel.shape
   if k == 1:
@@ -92,7 +98,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
       x = x[:, ::stride, ::stride, :]
     return jnp.dot(x, kernel[0, 0])
   pad = ((k // 2, k // 2), (k // 2, k // 2))
-  if jax.default_backend() != "cpu":
+  if jax.default_backend() != "cpu" or cin < IM2COL_MIN_CHANNELS:
     return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pad,
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
   return jnp.dot(jnp.concatenate(_windows(x, k, stride, pad), axis=-1), kernel.reshape(k * k * cin, cout))
