@@ -5,13 +5,15 @@
 ResNet-50 v1.5 with the ImageNet stem and a 1000-way linear head, BatchNorm in train mode,
 AdamW, cross-entropy on random labels. The default resolution is 64x64 (not 224) so a CPU run
 takes seconds per step; MFU uses the XLA cost analysis of the compiled step (the same FLOP count
-is used for torch, same shapes) over `jembed.metrics.peak_flops_total()`. The last line printed
-is one JSON object with the figures.
+is used for torch, same shapes) over `jembed.metrics.peak_flops_total()`. The two steps take
+turns and each figure is the median over --steps, so that their ratio holds on a shared machine
+whose load changes. The last line printed is one JSON object with the figures.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import jax
@@ -32,7 +34,8 @@ class _Net(nnx.Module):
     return self.head(self.backbone(x))
 
 
-def bench_jax(batch: int, res: int, steps: int) -> dict:
+def setup_jax(batch: int, res: int):
+  """The compiled step as a closure that runs one step and waits for it, and its FLOP count."""
   model = _Net(nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   # Plain dicts, as the trainer uses: merge then builds fresh variables inside each trace.
@@ -53,20 +56,16 @@ def bench_jax(batch: int, res: int, steps: int) -> dict:
 
   compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(params, rest, opt, x, y).compile()
   flops = metrics_lib.compiled_flops(compiled) / jax.device_count()  # one device runs it here
-  for _ in range(2):  # warm-up
-    params, rest, opt, loss = compiled(params, rest, opt, x, y)
-  loss.block_until_ready()
-  t = time.perf_counter()
-  for _ in range(steps):
-    params, rest, opt, loss = compiled(params, rest, opt, x, y)
-  loss.block_until_ready()
-  dt = (time.perf_counter() - t) / steps
-  peak = metrics_lib.peak_flops_total(jax.devices()[:1])
-  return {"step_s": dt, "images_per_s": batch / dt, "flops_per_step": flops,
-          "mfu": flops / dt / peak if peak else None, "peak_flops": peak}
+  state = [params, rest, opt]
+
+  def run():
+    state[0], state[1], state[2], loss = compiled(*state, x, y)
+    loss.block_until_ready()
+  return run, flops
 
 
-def bench_torch(batch: int, res: int, steps: int, flops: float, peak: float | None) -> dict | None:
+def setup_torch(batch: int, res: int):
+  """torchvision's step as a closure, or None without torch/torchvision."""
   try:
     import torch
     import torchvision
@@ -86,14 +85,22 @@ def bench_torch(batch: int, res: int, steps: int, flops: float, peak: float | No
     opt.step()
     return loss
 
-  for _ in range(2):
-    step()
-  t = time.perf_counter()
+  return step
+
+
+def time_interleaved(runs: dict, steps: int) -> dict:
+  """Seconds per step of each closure, median over `steps`, the closures taking turns step by step
+  so that a change in the load of a shared machine hits them alike."""
+  for run in runs.values():  # warm-up
+    run()
+    run()
+  times = {name: [] for name in runs}
   for _ in range(steps):
-    step()
-  dt = (time.perf_counter() - t) / steps
-  return {"step_s": dt, "images_per_s": batch / dt, "mfu": flops / dt / peak if peak else None,
-          "torch": torch.__version__, "threads": torch.get_num_threads()}
+    for name, run in runs.items():
+      t = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - t)
+  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -102,15 +109,30 @@ def main() -> None:
   parser.add_argument("--resolution", type=int, default=64)
   parser.add_argument("--steps", type=int, default=5)
   args = parser.parse_args()
-  jx = bench_jax(args.batch, args.resolution, args.steps)
+  peak = metrics_lib.peak_flops_total(jax.devices()[:1])
+  run_jax, flops = setup_jax(args.batch, args.resolution)
+  runs = {"jax": run_jax}
+  step_torch = setup_torch(args.batch, args.resolution)
+  if step_torch is not None:
+    runs["torch"] = step_torch
+  dt = time_interleaved(runs, args.steps)
+
+  def figures(step_s):
+    return {"step_s": step_s, "images_per_s": args.batch / step_s,
+            "mfu": flops / step_s / peak if peak else None}
+  jx = {**figures(dt["jax"]), "flops_per_step": flops, "peak_flops": peak}
   print(f"jembed ResNet-50 {args.resolution}x{args.resolution} batch {args.batch}: "
         f"{jx['images_per_s']:.1f} images/s, {jx['step_s']:.3f} s/step, MFU {jx['mfu']:.3f}")
-  tv = bench_torch(args.batch, args.resolution, args.steps, jx["flops_per_step"], jx["peak_flops"])
-  if tv is None:
+  tv = None
+  if step_torch is None:
     print("torchvision: not installed (pip install torch torchvision to compare)")
   else:
+    import torch
+    tv = {**figures(dt["torch"]), "torch": torch.__version__, "threads": torch.get_num_threads(),
+          "jax_over_torch_speed": dt["torch"] / dt["jax"]}
     print(f"torchvision ResNet-50 same shape: {tv['images_per_s']:.1f} images/s, {tv['step_s']:.3f} s/step, "
-          f"MFU {tv['mfu']:.3f} (torch {tv['torch']}, {tv['threads']} threads)")
+          f"MFU {tv['mfu']:.3f} (torch {tv['torch']}, {tv['threads']} threads); "
+          f"jembed/torchvision speed {tv['jax_over_torch_speed']:.2f}x")
   print(json.dumps({"model": "resnet50", "batch": args.batch, "resolution": args.resolution,
                     "platform": jax.devices()[0].platform, "jax": jx, "torchvision": tv}))
 

@@ -57,6 +57,63 @@ class Dense(nnx.Module):
     return y
 
 
+class Conv(nnx.Module):
+  """2-D convolution without bias: NHWC input, an HWIO kernel (k, k, in, out) with logical names
+  `axes`, stride `stride` and symmetric zero padding k // 2 (as torchvision's ResNets).
+
+  The parameter is the one nnx.Conv keeps (`kernel`, same shape, init and random draw), so
+  checkpoints, LoRA on conv kernels and sharding rules see no difference; `conv2d` says how it runs.
+  """
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
+               axes: tuple = (None, None, "conv_in", "conv_out"), dtype=jnp.float32, kernel_init,
+               rngs: nnx.Rngs):
+    self.kernel = param(rngs, kernel_init, (kernel_size, kernel_size, in_features, out_features), axes)
+    self.stride = stride
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride)
+
+
+# conv2d's k x k convolutions with fewer input channels stay native on a CPU too (see conv2d).
+IM2COL_MIN_CHANNELS = 128
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+  """lax.conv_general_dilated(x, kernel, (stride, stride), padding k // 2, NHWC/HWIO), as matmuls.
+
+  A 1x1 convolution is a matmul over channels (a strided one reads every stride-th pixel first).
+  On a CPU a k x k one with 128 or more input channels is one matmul too, over the k*k shifted
+  windows of the padded input concatenated on channels ("im2col"): XLA:CPU's own convolution is
+  very slow on those when the output is small (3x3, 512 channels, 2x2 output: 1.2-1.8 s against
+  24 ms forward and backward at batch 16, `python benchmarks/conv_forms.py`) and slower at most
+  other such shapes; on narrow inputs (the RGB stem, 64 channels) it was as fast or faster
+  (16x16x64 3x3: 76 against 140 ms, one thread). GPUs and TPUs keep the native k x k convolution:
+  they run it well, and the window matrix would hold k*k copies of the input.
+  """
+  k, _, cin, cout = kernel.shape
+  if k == 1:
+    if stride > 1:
+      x = x[:, ::stride, ::stride, :]
+    return jnp.dot(x, kernel[0, 0])
+  pad = ((k // 2, k // 2), (k // 2, k // 2))
+  if jax.default_backend() != "cpu" or cin < IM2COL_MIN_CHANNELS:
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pad,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jnp.dot(jnp.concatenate(_windows(x, k, stride, pad), axis=-1), kernel.reshape(k * k * cin, cout))
+
+
+def _windows(x: jax.Array, k: int, stride: int, pad) -> list[jax.Array]:
+  """The k*k strided windows of the zero-padded input, each (B, Ho, Wo, C), in kernel (i, j) order."""
+  xp = jnp.pad(x, ((0, 0), *pad, (0, 0)))
+  b, h, w, c = xp.shape
+  ho, wo = (h - k) // stride + 1, (w - k) // stride + 1
+  return [jax.lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
+                        (1, stride, stride, 1))
+          for i in range(k) for j in range(k)]
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm computed in float32 (BERT uses eps 1e-12)."""
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jembed.errors import UserError
-from jembed.models.layers import compute_dtype, logical
+from jembed.models.layers import Conv, compute_dtype, logical
 
 # (block type, blocks per stage) per depth.
 _DEPTHS = {
@@ -31,15 +31,11 @@ _NORMS = ("batch", "group")
 _CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _conv(cin: int, cout: int, k: int, stride: int, dtype, rngs: nnx.Rngs) -> nnx.Conv:
-  # Explicit symmetric padding k//2 matches torchvision; "SAME" pads asymmetrically
-  # for strided even-sized inputs and would shift the receptive field.
-  pad = k // 2
-  return nnx.Conv(
-      cin, cout, (k, k), strides=stride, padding=((pad, pad), (pad, pad)),
-      use_bias=False, dtype=dtype, kernel_init=_CONV_INIT,
-      kernel_metadata=logical(None, None, "conv_in", "conv_out"),
-      rngs=rngs)
+def _conv(cin: int, cout: int, k: int, stride: int, dtype, rngs: nnx.Rngs) -> Conv:
+  # Symmetric padding k//2 matches torchvision; "SAME" pads asymmetrically for strided
+  # even-sized inputs and would shift the receptive field.
+  return Conv(cin, cout, k, stride=stride, axes=(None, None, "conv_in", "conv_out"), dtype=dtype,
+              kernel_init=_CONV_INIT, rngs=rngs)
 
 
 def _group_count(channels: int) -> int:
