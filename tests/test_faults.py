@@ -190,6 +190,23 @@ def test_deleted_checkpoint_file_is_refused_or_falls_back(corpus, reference, tmp
   assert_same_run(workdir, reference)
 
 
+def test_no_readable_checkpoint_is_one_error_and_every_one_is_kept(corpus, reference, tmp_path):
+  # Every checkpoint damaged: there is nothing to fall back to, so the run refuses in one line rather
+  # than starting again from scratch over the user's checkpoints, and deletes none of them.
+  workdir = copy_of(reference, tmp_path)
+  for step in (2, 4, 6, 8):
+    for path in state_files(workdir, step):
+      if "manifest" in path or os.path.basename(os.path.dirname(path)) == "d":
+        with open(path, "wb") as f:
+          f.write(b"garbage")
+  with pytest.raises(UserError, match="cannot be restored"):
+    train.train_and_evaluate(config(corpus), workdir)
+  kept = set(checkpoint.all_steps(workdir))
+  aside = os.path.join(workdir, "unreadable_checkpoints")
+  kept |= {int(d) for d in os.listdir(aside)} if os.path.isdir(aside) else set()
+  assert kept == {2, 4, 6, 8}
+
+
 def test_keep_checkpoints_never_removes_the_only_good_one(corpus, reference, tmp_path):
   # keep_checkpoints=1 and the latest unreadable: the run resumes from 6 and keeps it until the new
   # step-8 checkpoint is committed.
