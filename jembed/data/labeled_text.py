@@ -19,7 +19,6 @@ import glob
 import hashlib
 import importlib
 import inspect
-import json
 import os
 from typing import Any
 
@@ -143,28 +142,15 @@ def _paths(spec: str, what: str) -> list[str]:
   return paths
 
 
-def _decoded_lines(path: str, config):
-  """(line number, text) of each line; bytes that are not UTF-8 are a bad record."""
-  with open(path, "rb") as f:
-    for line_no, raw in enumerate(f, start=1):
-      try:
-        yield line_no, raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        pipeline.bad_record(config, f"{path}:{line_no}", f"bytes that are not UTF-8 ({e.reason})",
-                            "re-encode the file as UTF-8")
-
-
 def _read_jsonl(path: str, text_key: str, label_key: str, config=None):
   texts, labels = [], []
   form = f'each line must be one object like {{"{text_key}": "...", "{label_key}": ...}}'
-  for line_no, line in _decoded_lines(path, config):
+  for line_no, line in pipeline.decoded_lines(path, config):
     where = f"{path}:{line_no}"
     if not line.strip():
       continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      pipeline.bad_record(config, where, f"not valid JSON ({e.msg})", form)
+    record = pipeline.json_line(config, where, line, form)
+    if record is None:
       continue
     if not isinstance(record, dict) or not isinstance(record.get(text_key), str) \
         or label_key not in record:
@@ -180,7 +166,7 @@ def _read_jsonl(path: str, text_key: str, label_key: str, config=None):
 
 
 def _read_csv(path: str, text_key: str, label_key: str, config=None):
-  numbered = list(_decoded_lines(path, config))
+  numbered = list(pipeline.decoded_lines(path, config))
   reader = csv.DictReader((line for _, line in numbered))
   if not reader.fieldnames or text_key not in reader.fieldnames or label_key not in reader.fieldnames:
     raise UserError(f"{path}: the header must name '{text_key}' and '{label_key}' columns, got "

@@ -2,6 +2,7 @@
 batched, prefetched and checkpointable (the iterator state is saved with the train state)."""
 from __future__ import annotations
 
+import json
 from typing import Iterator
 
 import grain
@@ -63,6 +64,28 @@ def skipped_record(where: str, problem: str) -> None:
   _BAD["skipped"] += 1
   if len(_BAD["examples"]) < 5:
     _BAD["examples"].append(f"{where}: {problem}")
+
+
+def decoded_lines(path: str, config) -> Iterator[tuple[int, str]]:
+  """(line number, text) of each line of a file, read as it goes; a line whose bytes are not UTF-8
+  is a bad record (an error, or skipped and counted)."""
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, start=1):
+      try:
+        yield line_no, raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        bad_record(config, f"{path}:{line_no}", f"bytes that are not UTF-8 ({e.reason} at byte {e.start})",
+                   "re-encode the file as UTF-8")
+
+
+def json_line(config, where: str, line: str, form: str):
+  """The JSON value on one .jsonl line, or None once a line that does not parse is reported as a bad
+  record (`form` says what a good line looks like)."""
+  try:
+    return json.loads(line)
+  except json.JSONDecodeError as e:
+    bad_record(config, where, f"not valid JSON ({e.msg})", form)
+    return None
 
 
 def on_bad_record(config) -> str:

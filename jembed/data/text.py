@@ -10,7 +10,6 @@ import collections
 import glob
 import hashlib
 import heapq
-import json
 import os
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -138,32 +137,23 @@ def iter_file_documents(path: str, config: Any = None) -> Iterator[str]:
   jsonl = path.endswith(".jsonl")
   form = "each .jsonl line must be one JSON object with a non-empty string 'text' field"
   try:
-    with open(path, "rb") as f:
-      for line_no, raw in enumerate(f, start=1):
-        where = f"{path}:{line_no}"
-        try:
-          line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-          pipeline.bad_record(config, where, f"bytes that are not UTF-8 ({e.reason} at byte {e.start})",
-                              "re-encode the file as UTF-8")
-          continue
-        if not line.strip():
-          continue  # blank lines separate nothing; not a record
-        if not jsonl:
-          yield line.strip()
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          pipeline.bad_record(config, where, f"not valid JSON ({e.msg})", form)
-          continue
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-          pipeline.bad_record(config, where, "no string 'text' field", form)
-          continue
-        if not record["text"].strip():
-          pipeline.skipped_record(where, "an empty 'text'")  # nothing to train on, never an error
-          continue
-        yield record["text"].strip()
+    for line_no, line in pipeline.decoded_lines(path, config):
+      where = f"{path}:{line_no}"
+      if not line.strip():
+        continue  # blank lines separate nothing; not a record
+      if not jsonl:
+        yield line.strip()
+        continue
+      record = pipeline.json_line(config, where, line, form)
+      if record is None:
+        continue
+      if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        pipeline.bad_record(config, where, "no string 'text' field", form)
+        continue
+      if not record["text"].strip():
+        pipeline.skipped_record(where, "an empty 'text'")  # nothing to train on, never an error
+        continue
+      yield record["text"].strip()
   except OSError as e:
     raise UserError(f"cannot read {path} ({e.strerror}); check the path and permissions") \
         from None
