@@ -16,3 +16,21 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import jax  # noqa: E402
 
 assert jax.device_count() == 8, "tests need 8 fake CPU devices; set XLA_FLAGS before importing jax"
+
+
+def _torchvision_model_code_only() -> None:
+  """PyPI's torchvision wheels are built against CUDA torch. With the CPU torch wheel this project's
+  machines install, its compiled detection ops (nms, roi_align) cannot load and `import torchvision`
+  raises, which also breaks transformers (it imports torchvision whenever it is installed). The
+  model code the parity tests use (torchvision.models.resnet*) is pure Python: stand in an empty
+  module for the one that registers the compiled ops' meta kernels. Tests only; jembed never
+  imports torch."""
+  import importlib.util
+  import sys
+  import types
+  if importlib.util.find_spec("torchvision") is not None:
+    sys.modules.setdefault("torchvision._meta_registrations",
+                           types.ModuleType("torchvision._meta_registrations"))
+
+
+_torchvision_model_code_only()
