@@ -60,3 +60,145 @@ def validate(c) -> None:
   on_bad = c.data.get("on_bad_record", "error")
   _check(on_bad in ("error", "skip"),
          f"config.data.on_bad_record='{on_bad}' is unknown; use 'error' or 'skip'")
+
+
+# ----------------------------------------------------------------------------- the fields of a config
+
+
+def load_file(path: str) -> ml_collections.ConfigDict:
+  """The ConfigDict a configs/*.py file returns (`FILE:arg` passes `arg` to get_config)."""
+  import importlib.util
+  import os
+  file, _, arg = path.partition(":")
+  if not os.path.isfile(file):
+    raise UserError(f"config file {file} does not exist; pass one of configs/*.py "
+                    "(e.g. configs/mlm.py)")
+  spec = importlib.util.spec_from_file_location("_jembed_config_file", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def fields(config, prefix: str = "") -> list[tuple[str, object]]:
+  """Every leaf of `config` as (dotted name, value), in definition order."""
+  out = []
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      out.extend(fields(value, name + "."))
+    else:
+      out.append((name, value))
+  return out
+
+
+def _names(config, prefix: str = "") -> list[str]:
+  """Every dotted name, sections included."""
+  out = []
+  for key, value in config.items():
+    out.append(f"{prefix}{key}")
+    if isinstance(value, ml_collections.ConfigDict):
+      out.extend(_names(value, f"{prefix}{key}."))
+  return out
+
+
+def unknown_key(config, overrides: list[str], path: str = "CONFIG_FILE") -> str | None:
+  """The first `--config.a.b=v` override naming a field `config` lacks, as one line with the full
+  dotted name and the closest existing one; None when every override names a field."""
+  import difflib
+  for flag in overrides:
+    dotted = flag[len("--config."):].split("=", 1)[0]
+    node, parts = config, dotted.split(".")
+    for i, part in enumerate(parts):
+      if isinstance(node, ml_collections.ConfigDict) and part in node:
+        node = node[part]
+        continue
+      known = _names(config)
+      # Suggest among the names at this depth first (a typo rarely changes the section).
+      here = [n for n in known if n.count(".") == i and n.startswith(".".join(parts[:i]))]
+      close = (difflib.get_close_matches(dotted, known, n=1, cutoff=0.75)
+               or difflib.get_close_matches(".".join(parts[:i + 1]), here, n=1, cutoff=0.7))
+      hint = f"did you mean '{close[0]}'? " if close else ""
+      return (f"unknown config key '{dotted}' ({flag.split('=', 1)[0]}); {hint}list the fields with "
+              f"python -m jembed.config {path}")
+  return None
+
+
+def comments(path: str) -> dict[tuple[str, str], str]:
+  """(section, field name) -> the comment on the line that sets it, from the config file and the
+  shared sections it builds on (configs/common.py, jembed/config.py): what `python -m jembed.config`
+  shows. The section is the top-level one being built (`c.model = ...`, `def peft_config`), "" for
+  top-level fields."""
+  import io
+  import os
+  import re
+  import tokenize
+  file = path.partition(":")[0]
+  files = [file, os.path.join(os.path.dirname(os.path.abspath(file)), "common.py"), __file__]
+  setter = re.compile(r"(?:^|[\s(,.])([A-Za-z_]\w*)\s*=[^=]")
+  opens = re.compile(r"^\s*c\.(\w+)\s*=\s*(?:ml_collections\.ConfigDict|\w+_config\()")
+  top = re.compile(r"^\s*c\.(\w+)\s*=")
+  builder = re.compile(r"^def (?:vision_)?(\w+?)_config\(")
+  found: dict[tuple[str, str], str] = {}
+  for file in files:
+    if not os.path.isfile(file):
+      continue
+    with open(file, encoding="utf-8") as f:
+      source = f.read()
+    lines = source.splitlines()
+    sections, section = [], None
+    for line in lines:
+      if m := builder.match(line):
+        section = "" if m.group(1) == "base" else m.group(1)
+      elif line.startswith("def "):
+        section = None
+      elif m := opens.match(line):
+        section = m.group(1)
+      elif top.match(line):
+        section = ""
+      sections.append(section)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+      if tok.type != tokenize.COMMENT:
+        continue
+      row = tok.start[0] - 1
+      names = setter.findall(lines[row][:tok.start[1]])
+      if names and sections[row] is not None:
+        found.setdefault((sections[row] if not top.match(lines[row]) else "", names[-1]),
+                         tok.string.lstrip("#").strip())
+  return found
+
+
+def _comment(notes: dict[tuple[str, str], str], dotted: str) -> str:
+  parts = dotted.split(".")
+  section = parts[0] if len(parts) > 1 else ""
+  return notes.get((section, parts[-1]), "")
+
+
+def describe(path: str) -> str:
+  """Every field of a config file: `dotted.name = value  # comment`, one a line."""
+  config = load_file(path)
+  notes = comments(path)
+  rows = [(name, repr(value), _comment(notes, name)) for name, value in fields(config)]
+  width = max(len(n) + len(v) + 3 for n, v, _ in rows)
+  return "\n".join(f"{f'{n} = {v}':<{width}}  # {c}" if c else f"{n} = {v}" for n, v, c in rows)
+
+
+def _main(argv=None) -> int:
+  import argparse
+  from jembed.errors import run_cli
+  parser = argparse.ArgumentParser(
+      prog="python -m jembed.config",
+      description="List every field of a config file with its value and comment; override any of "
+                  "them with --config.NAME=VALUE on python -m jembed.main.")
+  parser.add_argument("config", help="a configs/*.py file (FILE:arg passes arg to get_config)")
+  parser.add_argument("--grep", default="", help="only fields whose name or comment contains this")
+  def action(args):
+    text = describe(args.config)
+    if args.grep:
+      text = "\n".join(l for l in text.splitlines() if args.grep.lower() in l.lower())
+    return text
+  return run_cli(parser, action)(argv)
+
+
+if __name__ == "__main__":
+  import sys
+  sys.exit(_main())

@@ -139,11 +139,9 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
-    # config_flags reports a key the locked config does not have this way.
-    key = str(e).strip("\"'")
-    given = [a for a in argv[1:] if a.startswith("--config.") and key in a]
-    _fail(f"unknown config key '{key}' in {given[0] if given else 'the overrides'}; "
-          "see the config file for the fields it has (print them with --config=FILE --helpfull)")
+    # config_flags reports a key the locked config does not have this way (its message spans
+    # lines and names only the last part): name the whole dotted key and the closest field.
+    _fail(_unknown_key_message(e, argv))
   except (flags.Error, ValueError, TypeError) as e:
     if "Error whilst parsing config file" in str(e) or "loading config file" in str(e):
       _fail(_config_error(e, argv))
@@ -151,6 +149,22 @@ def _parse_flags(argv):
   except Exception as e:  # pylint: disable=broad-except
     # The config file itself failed (a syntax error, an exception in get_config, no such file).
     _fail(_config_error(e, argv))
+
+
+def _unknown_key_message(e: BaseException, argv) -> str:
+  from jembed import config as config_lib
+  from jembed.errors import UserError
+  overrides = [a for a in argv[1:] if a.startswith("--config.")]
+  try:
+    message = config_lib.unknown_key(config_lib.load_file(_config_path(argv)), overrides,
+                                     _config_path(argv))
+  except (UserError, Exception):  # pylint: disable=broad-except
+    message = None
+  if message:
+    return message
+  key = (str(e).strip().splitlines() or ["?"])[0].strip("\"'")
+  return (f"unknown config key '{key}'; list the fields with python -m jembed.config "
+          f"{_config_path(argv)}")
 
 
 def run() -> None:

@@ -23,7 +23,7 @@ def cli(workdir, *flags):
 @pytest.mark.parametrize("flag, words", [
     ("--config.no_such_key=1", "no_such_key"),
     ("--config.total_steps=many", "total_steps"),
-    ("--config.model.no_such_field=3", "no_such_field"),
+    ("--config.model.no_such_field=3", "'model.no_such_field'"),
 ])
 def test_cli_refuses_bad_flags_in_one_line(tmp_path, flag, words):
   workdir = tmp_path / "run"
@@ -88,3 +88,35 @@ def test_empty_corpus_is_refused(tmp_path):
   with pytest.raises(UserError, match="empty"):
     train.train_and_evaluate(tiny_mlm_config(str(empty)), str(workdir))
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("flag, line", [
+    ("--config.totl_steps=3", "unknown config key 'totl_steps' (--config.totl_steps); did you mean "
+                              "'total_steps'?"),
+    ("--config.peft.methd=lora", "unknown config key 'peft.methd' (--config.peft.methd); did you mean "
+                                 "'peft.method'?"),
+])
+def test_mistyped_key_names_the_whole_dotted_key_and_the_closest_field(flag, line):
+  from jembed import config as config_lib
+  config = config_lib.load_file(f"{ROOT}/configs/finetune_text.py")
+  message = config_lib.unknown_key(config, [flag], "configs/finetune_text.py")
+  assert message.startswith(line), message
+  assert message.endswith("python -m jembed.config configs/finetune_text.py")
+  assert "\n" not in message
+  assert config_lib.unknown_key(config, ["--config.peft.method=lora", "--config.total_steps=3"]) is None
+
+
+def test_config_listing_shows_every_field_with_its_section_comment():
+  from jembed import config as config_lib
+  path = f"{ROOT}/configs/finetune_text.py"
+  text = config_lib.describe(path)
+  lines = {l.split(" = ", 1)[0]: l for l in text.splitlines()}
+  assert set(lines) == {n for n, _ in config_lib.fields(config_lib.load_file(path))}
+  assert "full | linear_probe | lora | adapter" in lines["peft.method"]
+  assert "global, in examples" in lines["batch_size"]
+  # A comment belongs to its section: the LoRA dropout note is not shown for the model's dropout.
+  assert "LoRA" in lines["peft.dropout"] and "LoRA" not in lines["model.dropout"]
+  proc = subprocess.run([sys.executable, "-m", "jembed.config", path, "--grep", "peft."],
+                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert proc.returncode == 0 and proc.stdout.splitlines()[0].startswith("peft."), proc.stderr
+  assert all(l.startswith("peft.") for l in proc.stdout.splitlines())
