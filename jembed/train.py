@@ -46,8 +46,21 @@ class TrainState:
 # ---------------------------------------------------------------------------------------------------
 # Optimizer
 # ---------------------------------------------------------------------------------------------------
+def warmup_steps(config) -> tuple[int, str]:
+  """(warm-up steps, a note for the log). A warm-up as long as the run would leave it entirely inside
+  warm-up (never reaching the learning rate it asks for): it is scaled to a tenth of the run, and
+  the note says so."""
+  asked, total = int(config.warmup_steps), int(config.total_steps)
+  if asked < total or asked == 0:
+    return asked, ""
+  scaled = total // 10
+  return scaled, (f"warmup_steps={asked} >= total_steps={total}: warming up over the first {scaled} "
+                  "steps (a tenth of the run) instead; set --config.warmup_steps below total_steps to "
+                  "choose")
+
+
 def learning_rate_schedule(config) -> optax.Schedule:
-  warmup = min(config.warmup_steps, config.total_steps)
+  warmup, _ = warmup_steps(config)
   decay_steps = max(config.total_steps - warmup, 1)
   peak, end = config.learning_rate, config.learning_rate * config.end_lr_fraction
   if config.schedule == "cosine":
@@ -386,11 +399,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
               f"data: {', '.join(f'{k}={v}' for k, v in setup.data.info.items())}")
   if setup.sharding_report:
     logger.info(setup.sharding_report)
+  if warmup_steps(config)[1]:
+    logger.info(warmup_steps(config)[1])
   bad = pipeline.bad_records()
   if bad["skipped"]:
     logger.info(f"data: skipped {bad['skipped']} bad record(s) (data.on_bad_record='skip'), e.g. "
                 f"{bad['examples'][0]}")
-  logger.write(start, "data", {"skipped_records": bad["skipped"]})
+    logger.write(start, "data", {"skipped_records": bad["skipped"]})
   if start:
     logger.info(f"resumed from {ckpt.checkpoint_dir(workdir)}/{start}")
   elif task.init is not None:

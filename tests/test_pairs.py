@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jembed.data import pairs as P
+from jembed.data import pipeline
 from jembed.errors import UserError
 from jembed.retrieval import retrieval_metrics
 
@@ -159,9 +160,13 @@ def test_load_pair_splits_from_config(tmp_path):
   assert (train, held) == P.embedded_pairs(0.15) and skipped == 0
   records = [{"q": f"query {i}", "d": f"document {i}"} for i in range(200)] + ["{oops"]
   path = _jsonl(tmp_path / "t.jsonl", records)
+  pipeline.reset_bad_records()
   train, held, skipped = P.load_pair_splits(cfg(train=path, anchor_key="q", positive_key="d",
                                                 on_bad_record="skip", eval_fraction=0.25))
   assert skipped == 1 and len(train) + len(held) == 200
+  # The loop's one counter (its header, log line and metrics row) says the same.
+  assert pipeline.bad_records()["skipped"] == 1
+  assert pipeline.bad_records()["examples"][0].startswith(f"{path}:201:")
   assert 25 < len(held) < 75 and not {p.anchor for p in train} & {p.anchor for p in held}
   with pytest.raises(UserError, match=r"t\.jsonl:201"):
     P.load_pair_splits(cfg(train=path, anchor_key="q", positive_key="d"))

@@ -30,6 +30,7 @@ import warnings
 from typing import Any, Iterator
 
 from jembed.data import labeled_text
+from jembed.data import pipeline
 from jembed.errors import UserError
 
 ON_BAD_RECORD = ("error", "skip")
@@ -134,6 +135,8 @@ def _read(spec: str, required: tuple[str, ...], parse, on_bad_record: str, what:
             raise UserError(f"{path}:{line_no}: {e}; fix the record or skip bad records "
                             "(on_bad_record='skip')") from None
           skipped += 1
+          # The one counter the loop reports (header, log line and metrics row alike).
+          pipeline.skipped_record(f"{path}:{line_no}", str(e))
     except UnicodeDecodeError:
       raise UserError(f"{path} is not UTF-8 text; re-encode it as UTF-8") from None
     except OSError as e:

@@ -70,8 +70,6 @@ class ContrastiveTextTask(TextTask):
     columns = self._columns(train)
     info = {"train_pairs": len(train), "eval_pairs": len(held), "hard_negatives": self.num_negatives,
             "vocab_size": self.vocab}
-    if self.skipped:
-      info["skipped_records"] = self.skipped
     # The held-out loss needs full batches shaped like training's (same number of negatives);
     # retrieval metrics are computed on every held-out pair regardless.
     fits = (len(held) >= int(self.config.batch_size)
