@@ -21,7 +21,8 @@ Retrieval and similarity of any text model (a jembed workdir or export, a Huggin
 A pairs file (anchor, positive, optional negative) gives recall@1, recall@10, MRR@10 and nDCG@10
 (BEIR definitions: each anchor's relevant document is its positive; the corpus is every positive and
 negative in the file); a scored-pairs file gives the Spearman correlation of cosine similarity with
-the scores. The figures are printed and written to retrieval.json beside the model (or --output).
+the scores. The figures are printed and written to --output (default: retrieval.json in a jembed
+workdir given as the model, else in the current directory; never into a downloaded model).
 """
 from __future__ import annotations
 
@@ -253,6 +254,16 @@ def _first_record(path: str) -> dict:
   raise UserError(f"pairs file '{path}' is empty; give held-out pairs")
 
 
+def default_retrieval_output(model: str) -> str:
+  """Into the model only when it is a jembed workdir (the run's own report); any other model
+  directory (an export, a Hugging Face download, one inside site-packages) is left untouched and
+  the metrics go to the current directory."""
+  from jembed import fs, modelspec
+  if fs.exists(fs.join(model, modelspec.MODEL_FILE)) and fs.exists(fs.join(model, "config.json")):
+    return fs.join(model, "retrieval.json")
+  return "retrieval.json"
+
+
 def main(argv=None) -> int:
   import argparse
 
@@ -264,7 +275,8 @@ def main(argv=None) -> int:
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   parser.add_argument("--model", help="a text model: jembed workdir or export, or Hugging Face dir")
   parser.add_argument("--retrieval", help="held-out pairs (.jsonl/.csv) or scored pairs (text1, text2, score)")
-  parser.add_argument("--output", help="where to write the metrics JSON (default: MODEL/retrieval.json)")
+  parser.add_argument("--output", help="where to write the metrics JSON (default: MODEL/retrieval.json "
+                      "for a jembed workdir, else ./retrieval.json)")
   parser.add_argument("--batch-size", type=int, default=64)
   try:
     args = parser.parse_args(argv)
@@ -275,7 +287,7 @@ def main(argv=None) -> int:
       if not (args.model and args.retrieval):
         raise UserError("--model and --retrieval go together: give the model and the pairs file")
       metrics = evaluate_retrieval(args.model, args.retrieval, batch_size=args.batch_size)
-      out = args.output or os.path.join(args.model, "retrieval.json")
+      out = args.output or default_retrieval_output(args.model)
       from jembed import fs
       fs.write_json(out, dict(metrics, model=args.model, file=args.retrieval))
       print(f"retrieval evaluation of {args.model} on {args.retrieval}")

@@ -99,3 +99,14 @@ def test_frozen_eval_reports_random_beside_pretrained():
   assert out["random_knn_acc"] < 0.6
   table = evaluate.format_table(out)
   assert "random init" in table and "probe_acc_5shot" in table
+
+
+def test_retrieval_metrics_go_into_a_jembed_workdir_but_never_into_a_downloaded_model(tmp_path):
+  from jembed import evaluate as evaluate_lib
+  hf_dir, workdir = tmp_path / "all-MiniLM-L6-v2", tmp_path / "run"
+  hf_dir.mkdir(), workdir.mkdir()
+  (hf_dir / "config.json").write_text("{}")
+  (workdir / "config.json").write_text("{}")
+  (workdir / "model.json").write_text("{}")
+  assert evaluate_lib.default_retrieval_output(str(hf_dir)) == "retrieval.json"
+  assert evaluate_lib.default_retrieval_output(str(workdir)) == str(workdir / "retrieval.json")
