@@ -1,33 +1,27 @@
-"""Classification report: per-class precision/recall/F1, averages and confusion matrix.
-
-Numbers match ``sklearn.metrics.classification_report(..., zero_division=0)``, computed
-with NumPy so evaluation does not depend on scikit-learn.
+"""Classification report: scikit-learn's per-class precision / recall / F1 and averages, with the
+class names, plus the confusion matrix; saved as JSON (scikit-learn's keys) and a PNG.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 import numpy as np
+from sklearn import metrics as sk_metrics
 
 from jembed import fs
 from jembed.errors import UserError
 
-_HEADERS = ("precision", "recall", "f1-score", "support")  # text table columns
-_KEYS = ("precision", "recall", "f1", "support")
-
-
-def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-  """num / den with 0 where den == 0 (sklearn's zero_division=0)."""
-  num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
-  return np.divide(num, den, out=np.zeros_like(num), where=den != 0)
+_ROW = ("precision", "recall", "f1-score", "support")
 
 
 def classification_report(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
-                          class_names: list[str] | None = None) -> dict[str, Any]:
-  """Report dict (plain Python numbers, JSON-serialisable).
+                          class_names: list[str] | None = None, digits: int = 4) -> dict[str, Any]:
+  """The report as a JSON-able dict: `per_class` {name: {precision, recall, f1-score, support}},
+  `macro avg`, `weighted avg` (scikit-learn's rows, zero_division=0), `accuracy`, `macro_f1`,
+  `confusion_matrix` (rows true, columns predicted), `labels`, and `text` (scikit-learn's table).
 
-  With ``class_names``, labels are 0..len(class_names)-1 (classes absent from both
-  arrays still get a row with support 0); otherwise the sorted labels that occur.
+  With `class_names`, labels are 0..len(class_names)-1 (classes absent from both arrays still get
+  a row with support 0); otherwise the sorted labels that occur.
   """
   y_true, y_pred = np.asarray(y_true).ravel(), np.asarray(y_pred).ravel()
   if y_true.shape != y_pred.shape:
@@ -45,54 +39,25 @@ def classification_report(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[i
   else:
     labels = np.union1d(y_true, y_pred)
     names = [str(l) for l in labels.tolist()]
-  n = len(labels)
-  t_idx, p_idx = np.searchsorted(labels, y_true), np.searchsorted(labels, y_pred)
-  cm = np.zeros((n, n), np.int64)
-  np.add.at(cm, (t_idx, p_idx), 1)
-
-  tp = np.diag(cm).astype(np.float64)
-  predicted, support = cm.sum(axis=0), cm.sum(axis=1)
-  precision, recall = _div(tp, predicted), _div(tp, support)
-  f1 = _div(2 * tp, predicted + support)  # == 2PR/(P+R), and 0 when tp == 0
-
-  total = int(support.sum())
-  avg = lambda w: [float(np.average(v, weights=w)) if np.sum(w) > 0 else 0.0
-                   for v in (precision, recall, f1)]
-  per_class = {name: {"precision": float(p), "recall": float(r), "f1": float(f),
-                      "support": int(s)}
-               for name, p, r, f, s in zip(names, precision, recall, f1, support)}
-  macro = dict(zip(_KEYS, avg(np.ones(n)) + [total]))
-  weighted = dict(zip(_KEYS, avg(support) + [total]))
-  accuracy = float(np.mean(y_true == y_pred))
+  kwargs = dict(labels=labels.tolist(), target_names=names, zero_division=0)
+  rows = sk_metrics.classification_report(y_true, y_pred, output_dict=True, **kwargs)
+  as_row = lambda r: {k: (int(r[k]) if k == "support" else float(r[k])) for k in _ROW}
   return {
-      "accuracy": accuracy,
-      "macro_f1": macro["f1"],
-      "per_class": per_class,
-      "macro avg": macro,
-      "weighted avg": weighted,
-      "support": total,
-      "confusion_matrix": cm.tolist(),
+      "accuracy": float(np.mean(y_true == y_pred)),
+      "macro_f1": float(rows["macro avg"]["f1-score"]),
+      "per_class": {name: as_row(rows[name]) for name in names},
+      "macro avg": as_row(rows["macro avg"]),
+      "weighted avg": as_row(rows["weighted avg"]),
+      "support": int(y_true.size),
+      "confusion_matrix": sk_metrics.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
       "labels": labels.tolist(),
+      "text": sk_metrics.classification_report(y_true, y_pred, digits=digits, **kwargs),
   }
 
 
-def format_report(report: dict[str, Any], digits: int = 2) -> str:
-  """Text table in the layout of sklearn's classification_report."""
-  names = list(report["per_class"])
-  width = max([len(n) for n in names] + [len("weighted avg"), digits])
-  row = "{:>{w}s} " + " {:>9.{d}f}" * 3 + " {:>9}\n"
-  text = ("{:>{w}s} " + " {:>9}" * 4).format("", *_HEADERS, w=width) + "\n\n"
-  for name, r in report["per_class"].items():
-    text += row.format(name, r["precision"], r["recall"], r["f1"], r["support"],
-                       w=width, d=digits)
-  text += "\n"
-  text += ("{:>{w}s} " + " {:>9.{d}}" * 2 + " {:>9.{d}f} {:>9}\n").format(
-      "accuracy", "", "", report["accuracy"], report["support"], w=width, d=digits)
-  for key in ("macro avg", "weighted avg"):
-    r = report[key]
-    text += row.format(key, r["precision"], r["recall"], r["f1"], r["support"],
-                       w=width, d=digits)
-  return text
+def format_report(report: dict[str, Any]) -> str:
+  """scikit-learn's text table of the report."""
+  return report["text"]
 
 
 def _plot_confusion(report: dict[str, Any], path: str) -> None:

@@ -160,8 +160,8 @@ def test_final_report_matches_sklearn_and_lora_exports(lora_runs, tmp_path):
                   output_dict=True, zero_division=0)
   assert ours["accuracy"] == pytest.approx(ref["accuracy"])
   for name in names:
-    for key, sk_key in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score")):
-      assert ours["per_class"][name][key] == pytest.approx(ref[name][sk_key])
+    for key in ("precision", "recall", "f1-score"):
+      assert ours["per_class"][name][key] == pytest.approx(ref[name][key])
     assert ours["per_class"][name]["support"] == ref[name]["support"]
   assert ours["macro_f1"] == pytest.approx(ref["macro avg"]["f1-score"])
   assert os.path.getsize(tmp_path / "confusion_matrix.png") > 0

@@ -77,7 +77,7 @@ class ClassificationTask(Task):
     if jax.process_index() == 0:
       report_lib.save_report(report, self.workdir)
     logger.info(f"classification report on the whole eval split ({len(preds)} examples, "
-                f"peft.method={method}):\n{report_lib.format_report(report, digits=4)}"
+                f"peft.method={method}):\n{report_lib.format_report(report)}"
                 f"accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}; saved "
                 f"{os.path.join(self.workdir, 'classification_report.json')} and confusion_matrix.png")
 
