@@ -54,8 +54,9 @@ def setup_jax(batch: int, res: int):
     u, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, u), new_rest, opt, loss
 
-  compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(params, rest, opt, x, y).compile()
-  flops = metrics_lib.compiled_flops(compiled) / jax.device_count()  # one device runs it here
+  lowered = jax.jit(step, donate_argnums=(0, 1, 2)).lower(params, rest, opt, x, y)
+  compiled = lowered.compile()
+  flops = metrics_lib.step_flops(lowered)
   state = [params, rest, opt]
 
   def run():

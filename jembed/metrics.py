@@ -72,18 +72,20 @@ def peak_flops_total(devices=None) -> float | None:
   return None
 
 
-def compiled_flops(compiled) -> float | None:
-  """FLOPs of one call of a compiled function, from XLA's cost analysis."""
+def step_flops(lowered) -> float | None:
+  """FLOPs of one call of a jitted function over all devices, from XLA's cost analysis of the
+  lowered (not yet partitioned) program: the global computation, counted once. (A compiled SPMD
+  program reports one device's share, and multiplying that by the device count would count
+  replicated work, such as a data-parallel optimizer update, once per device.)"""
   try:
-    cost = compiled.cost_analysis()
+    cost = lowered.cost_analysis()
   except Exception:  # some backends do not implement it
     return None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
   if not cost or "flops" not in cost:
     return None
-  # Cost analysis reports one device's share of a partitioned program.
-  return float(cost["flops"]) * jax.device_count()
+  return float(cost["flops"])
 
 
 class ProgressBar:

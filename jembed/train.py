@@ -315,8 +315,9 @@ class Setup:
   def compile(self, state: TrainState, batch):
     """AOT-compiles the train step; the eval step compiles on first use."""
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      self.compiled_train = self.jit_train_step(batch).lower(state, batch).compile()
-    self.step_flops = metrics_lib.compiled_flops(self.compiled_train)
+      lowered = self.jit_train_step(batch).lower(state, batch)
+      self.compiled_train = lowered.compile()
+    self.step_flops = metrics_lib.step_flops(lowered)
     rep = sharding.replicated(self.mesh)
     self._eval_fn = jax.jit(functools.partial(eval_step, self.ctx),
                             in_shardings=(self.shardings, self.batch_shardings(batch), rep),

@@ -1,5 +1,6 @@
 """A sharded MLM run gives the same losses and parameters as a single-device run."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -50,3 +51,19 @@ def test_sharded_matches_single_device(corpus, single, mesh):
   # Adam moments follow their parameters' sharding.
   mu = state.opt_state[1][0].mu["encoder"]["layers"][0]["mlp"]["wi"]["kernel"]
   assert mu.sharding.spec == kernel.sharding.spec
+
+
+def test_step_flops_count_the_global_computation_once_however_it_is_sharded():
+  """MFU's FLOPs: a data-parallel matmul counts 2*M*N*K whether sharded or not, and replicated work
+  (here the whole product of replicated operands) is counted once, not once per device."""
+  from jax.sharding import NamedSharding, PartitionSpec
+  from jembed import metrics as metrics_lib
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+  x, w = jnp.ones((64, 32)), jnp.ones((32, 16))
+  f = jax.jit(lambda x, w: x @ w)
+  flat = metrics_lib.step_flops(f.lower(x, w))
+  sharded = metrics_lib.step_flops(f.lower(jax.device_put(x, NamedSharding(mesh, PartitionSpec("d"))),
+                                           jax.device_put(w, NamedSharding(mesh, PartitionSpec()))))
+  replicated = metrics_lib.step_flops(f.lower(jax.device_put(x, NamedSharding(mesh, PartitionSpec())),
+                                              jax.device_put(w, NamedSharding(mesh, PartitionSpec()))))
+  assert flat == sharded == replicated == 2 * 64 * 32 * 16

