@@ -123,6 +123,20 @@ def unknown_key(config, overrides: list[str], path: str = "CONFIG_FILE") -> str 
   return None
 
 
+def unknown_key_line(error: BaseException, argv: list[str], path: str) -> str:
+  """The one line for config_flags' unknown-key error (whose own message spans lines and names
+  only the last part of the key)."""
+  overrides = [a for a in argv[1:] if a.startswith("--config.")]
+  try:
+    message = unknown_key(load_file(path), overrides, path)
+  except Exception:  # pylint: disable=broad-except
+    message = None  # the file itself is broken: fall back to what config_flags said
+  if message:
+    return message
+  key = (str(error).strip().splitlines() or ["?"])[0].strip("\"'")
+  return f"unknown config key '{key}'; list the fields with python -m jembed.config {path}"
+
+
 def comments(path: str) -> dict[tuple[str, str], str]:
   """(section, field name) -> the comment on the line that sets it, from the config file and the
   shared sections it builds on (configs/common.py, jembed/config.py): what `python -m jembed.config`

@@ -141,7 +141,8 @@ def _parse_flags(argv):
   except (AttributeError, KeyError) as e:
     # config_flags reports a key the locked config does not have this way (its message spans
     # lines and names only the last part): name the whole dotted key and the closest field.
-    _fail(_unknown_key_message(e, argv))
+    from jembed import config as config_lib
+    _fail(config_lib.unknown_key_line(e, argv, _config_path(argv)))
   except (flags.Error, ValueError, TypeError) as e:
     if "Error whilst parsing config file" in str(e) or "loading config file" in str(e):
       _fail(_config_error(e, argv))
@@ -149,22 +150,6 @@ def _parse_flags(argv):
   except Exception as e:  # pylint: disable=broad-except
     # The config file itself failed (a syntax error, an exception in get_config, no such file).
     _fail(_config_error(e, argv))
-
-
-def _unknown_key_message(e: BaseException, argv) -> str:
-  from jembed import config as config_lib
-  from jembed.errors import UserError
-  overrides = [a for a in argv[1:] if a.startswith("--config.")]
-  try:
-    message = config_lib.unknown_key(config_lib.load_file(_config_path(argv)), overrides,
-                                     _config_path(argv))
-  except (UserError, Exception):  # pylint: disable=broad-except
-    message = None
-  if message:
-    return message
-  key = (str(e).strip().splitlines() or ["?"])[0].strip("\"'")
-  return (f"unknown config key '{key}'; list the fields with python -m jembed.config "
-          f"{_config_path(argv)}")
 
 
 def run() -> None:

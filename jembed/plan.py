@@ -391,6 +391,9 @@ def main(argv) -> None:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     check_accelerator(_ACCELERATOR.value)
+    if _DEVICES.value is None:
+      raise UserError("--devices is required: how many accelerators to plan for (e.g. --devices 64 "
+                      "for a v5e-64 slice); fake CPU devices stand in for them")
     if _DEVICES.value < 1:
       raise UserError(f"--devices={_DEVICES.value} must be a positive number of devices")
     if _CONFIG.value is None:
@@ -426,15 +429,29 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+def _parse_flags(argv):
+  """absl's flag errors are one line here too (a mistyped config key names its dotted name)."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    from jembed import config as config_lib
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+                argv[argv.index("--config") + 1] if "--config" in argv[:-1] else "?")
+    _fail(config_lib.unknown_key_line(e, argv, path))
+  except (flags.Error, ValueError, TypeError) as e:
+    _fail((str(e).strip().splitlines() or [type(e).__name__])[0])
+
+
 if __name__ == "__main__":
   from absl import app, flags
   from ml_collections import config_flags
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                             lock_config=True)
   _DEVICES = flags.DEFINE_integer("devices", None, "How many accelerators to plan for (fake CPU "
-                                  "devices stand in for them).", required=True)
+                                  "devices stand in for them).")
   _ACCELERATOR = flags.DEFINE_string("accelerator", "tpu-v5e", "Whose memory to plan against: "
                                      + ", ".join(ACCELERATORS))
   _BATCH = flags.DEFINE_integer("batch", 0, "Global batch to compile first (0 = the config's "
                                 "batch_size, rounded up to a multiple of the batch shards).")
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

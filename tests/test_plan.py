@@ -99,6 +99,8 @@ def _cli(*args):
 @pytest.mark.parametrize("args, words", [
     (("--devices", "6", "--config.mesh.data=4"), "mesh"),
     (("--devices", "8", "--accelerator", "tpu-v9"), "tpu-v9"),
+    ((), "--devices is required"),
+    (("--devices", "2", "--config.totl_steps=3"), "did you mean 'total_steps'"),
 ])
 def test_bad_input_is_one_line(args, words):
   r = _cli(*args)
