@@ -206,6 +206,30 @@ def restore_latest(workdir: str, abstract_state, data_iter=None, *, fallback: bo
   return None, None
 
 
+def config_changes(workdir: str, config) -> list[str]:
+  """`field: old -> new` for every field in which `config` differs from the config.json that the
+  workdir's earlier run saved (empty when there is none)."""
+  import json
+  path = fs.join(workdir, "config.json")
+  if not fs.exists(path):
+    return []
+  try:
+    old = json.loads(fs.read_text(path))
+  except (OSError, ValueError):
+    return []
+  new = json.loads(config.to_json_best_effort())
+
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+  old, new = flat(old), flat(new)
+  return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
 def _move_aside(workdir: str, step: int, log) -> None:
   if not fs.is_writer():
     return

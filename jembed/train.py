@@ -372,8 +372,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   data_iter = pipeline.make_train_iterator(setup.data.train, config.batch_size, config.seed)
   state = setup.init_state()
   abstract = ckpt.abstract_with_sharding(state, setup.shardings)
-  restored, _ = ckpt.restore_latest(workdir, abstract, data_iter, fallback=config.checkpoint_fallback,
-                                    log=_info, legacy=_legacy_restore(abstract))
+  try:
+    restored, _ = ckpt.restore_latest(workdir, abstract, data_iter, fallback=config.checkpoint_fallback,
+                                      log=_info, legacy=_legacy_restore(abstract))
+  except UserError as e:
+    changes = ckpt.config_changes(workdir, config)
+    if not changes:
+      raise
+    more = f" and {len(changes) - 4} more" if len(changes) > 4 else ""
+    raise UserError(f"{workdir} holds checkpoints of a run with another config ({'; '.join(changes[:4])}"
+                    f"{more}) that do not fit this one: rerun with the old values to resume it, or "
+                    "train into a new --workdir (the checkpoints were left untouched)") from e
   if restored is not None:
     state = restored
   start = int(jax.device_get(state.step))

@@ -1,4 +1,5 @@
 """Bad input gets one clear line, a non-zero exit and nothing written."""
+import os
 import subprocess
 import sys
 
@@ -120,3 +121,15 @@ def test_config_listing_shows_every_field_with_its_section_comment():
                         capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert proc.returncode == 0 and proc.stdout.splitlines()[0].startswith("peft."), proc.stderr
   assert all(l.startswith("peft.") for l in proc.stdout.splitlines())
+
+
+def test_rerun_with_a_changed_model_names_the_differing_field(corpus, tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_mlm_config(corpus, total_steps=1, checkpoint_every=1), workdir)
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  with pytest.raises(UserError) as e:
+    train.train_and_evaluate(tiny_mlm_config(corpus, total_steps=2, checkpoint_every=1,
+                                             **{"model.mlp_dim": 48}), workdir)
+  line = str(e.value)
+  assert "\n" not in line and "model.mlp_dim: 64 -> 48" in line and "new --workdir" in line, line
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before  # nothing moved or lost
