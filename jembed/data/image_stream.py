@@ -148,9 +148,9 @@ class LoadImage:
         if not self.view.skip_bad:
           raise RuntimeError(f"{_USER_ERROR}{e}; fix or remove the file, or set "
                              "--config.data.on_bad_record=skip to skip such images") from None
-        bad.append(str(e))
+        bad.append((name, str(e)))
         i = self._next_in_shard(int(i))
-    raise RuntimeError(f"{_USER_ERROR}no image of this split could be decoded (e.g. {bad[0]}); "
+    raise RuntimeError(f"{_USER_ERROR}no image of this split could be decoded (e.g. {bad[0][1]}); "
                        "check the data")
 
 
@@ -165,8 +165,8 @@ def _count_bad(batch: dict) -> dict:
   """Main process: adds the batch's skipped images to the bad-record counters (each file once, so
   a peeked or re-read batch and later epochs do not count it again) and drops them from the batch."""
   from jembed.data import pipeline  # pylint: disable=import-outside-toplevel
-  for message in batch.pop("bad", ()):
-    pipeline.skipped_once(message)
+  for name, message in batch.pop("bad", ()):
+    pipeline.skipped_once(name, message)
   return batch
 
 
@@ -310,6 +310,18 @@ class ImageStream:
     idx = np.concatenate([np.arange(b * global_batch + p * local, b * global_batch + (p + 1) * local)
                           for b in range(n)])
     return _closing(_iterate(self._eval_dataset(idx, local), self.workers))
+
+  def take(self, indices: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images, labels) of the records `indices` in the evaluation view, in memory (for the
+    frozen-feature probes, which the caller bounds with frozen_eval.max_train)."""
+    images, labels = [], []
+    if len(indices):
+      for b in _closing(_iterate(self._eval_dataset(np.asarray(indices), batch), self.workers)):
+        images.append(b["image"])
+        labels.append(b["label"])
+    if not images:
+      return np.zeros((0,) + self.image_shape, np.uint8), np.zeros((0,), np.int32)
+    return np.concatenate(images), np.concatenate(labels)
 
   def batches(self, batch: int) -> Iterator[dict[str, np.ndarray]]:
     """The whole split in order, `batch` at a time (the last batch may be short)."""

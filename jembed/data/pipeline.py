@@ -67,11 +67,11 @@ def skipped_record(where: str, problem: str) -> None:
     _BAD["examples"].append(f"{where}: {problem}")
 
 
-def skipped_once(message: str) -> None:
+def skipped_once(key: str, message: str) -> None:
   """A bad record found while streaming (jembed.data.image_stream), counted the first time its
-  message is seen: a stream meets the same bad file again every epoch and after a rewind."""
-  if message not in _BAD["seen"]:
-    _BAD["seen"].add(message)
+  `key` (the file) is seen: a stream meets the same bad file again every epoch and after a rewind."""
+  if key not in _BAD["seen"]:
+    _BAD["seen"].add(key)
     skipped_record("data.on_bad_record=skip", message)
 
 
