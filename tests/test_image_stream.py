@@ -305,3 +305,23 @@ def test_classification_from_a_folder(folder, tmp_path):
   spec = json.load(open(tmp_path / "model.json"))
   assert spec["image_shape"] == [16, 16, 3] and spec["preprocess"]["size"] == 16
   assert spec["class_names"] == ["cat", "dog"]
+
+
+def test_pil_views_equal_the_numpy_transforms():
+  """The workers' PIL path (image_transforms.eval_view / train_view) gives image_transforms'
+  eval_transform / train_transform pixel for pixel, same random draws."""
+  rng = np.random.default_rng(0)
+  for k in range(24):
+    c = (1, 3)[k % 2]
+    a = rng.integers(0, 255, tuple(int(v) for v in rng.integers(5, 60, 2)) + (c,), dtype=np.uint8)
+    pil = Image.fromarray(a[..., 0] if c == 1 else a)
+    size = int(rng.integers(4, 40))
+    for pp in (image_transforms.plain(size, c),
+               image_transforms.Preprocess(size=size, crop_pct=0.875, channels=c, mean=(0.0,) * c,
+                                           std=(1.0,) * c, interpolation="bicubic")):
+      np.testing.assert_array_equal(image_transforms.eval_view(pil, pp),
+                                    image_transforms.eval_transform(a, pp))
+      seed = int(rng.integers(1000))
+      np.testing.assert_array_equal(
+          image_transforms.train_view(pil, pp, np.random.default_rng(seed)),
+          image_transforms.train_transform(a, pp, np.random.default_rng(seed)))

@@ -137,12 +137,11 @@ class LoadImage:
       try:
         if data is None:
           raise T.BadImage(f"cannot read image {name}: {why}")
-        img = T.decode(data, self.view.pp.channels, name)
+        img = T.open_image(data, self.view.pp.channels, name)
         if self.view.train:
-          img = T.train_transform(img, self.view.pp, rng, scale=self.view.crop_scale,
-                                  flip=self.view.flip)
+          img = T.train_view(img, self.view.pp, rng, scale=self.view.crop_scale, flip=self.view.flip)
         else:
-          img = T.eval_transform(img, self.view.pp)
+          img = T.eval_view(img, self.view.pp)
         return {"image": img, "label": np.int32(label), "bad": tuple(bad)}
       except T.BadImage as e:
         if not self.view.skip_bad:
