@@ -115,6 +115,10 @@ def test_crop_scale_and_flip_are_applied(folder):
   assert flips == {True, False}
   small = loader(crop_scale=(0.1, 0.1), flip=False)(0, rng())["image"]
   assert not np.array_equal(small, full)
+  # data.crop_scale / data.flip reach the training view the workers run (and not the eval view).
+  stream = image_stream.open_splits(_cfg(train=str(folder / "tree"), crop_scale=(0.5, 0.9), flip=False))[0]
+  assert stream.view(True) == image_stream.View(stream.pp, True, (0.5, 0.9), False, False)
+  assert not stream.view(False).train
   with pytest.raises(UserError, match="crop_scale"):
     image_stream.open_splits(_cfg(train=str(folder / "tree"), crop_scale=(0.5, 2.0)))
 
@@ -147,16 +151,25 @@ def test_process_shards_are_disjoint_cover_and_reshuffle(folder):
     assert set(epochs[p][1]) == first[p] and epochs[p][1] != epochs[p][0]  # reshuffled per epoch
 
 
-def test_resume_is_exact(folder):
+def test_resume_is_exact(folder, tmp_path):
+  """Batches k..n after a restore from jembed's checkpoint (train state + iterator) equal those of
+  an uninterrupted stream."""
+  from jembed import checkpoint as ckpt
+  import jax.numpy as jnp
   train = image_stream.open_splits(_cfg(train=str(folder / "tree")))[0]
   it = train.train_iterator(4, seed=5)
   uninterrupted = [next(it) for _ in range(9)]
   it = train.train_iterator(4, seed=5)
   for _ in range(4):
     next(it)
-  state = json.loads(json.dumps(it.get_state()))  # what the checkpoint stores
+  state = {"step": jnp.asarray(4, jnp.int32)}
+  saver = ckpt.Checkpointer(str(tmp_path), async_save=False)
+  saver.save(4, state, it)
+  saver.close()
   resumed = train.train_iterator(4, seed=5)
-  resumed.set_state(state)
+  next(resumed)  # a fresh run's iterator, elsewhere in the stream: the restore must move it
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  ckpt.restore(str(tmp_path), 4, abstract, resumed)
   for want in uninterrupted[4:]:
     got = next(resumed)
     np.testing.assert_array_equal(got["image"], want["image"])
