@@ -93,11 +93,20 @@ def jembed_rate(folder: str, workers: int, batch: int, batches: int, size: int) 
   train = time_batches(it, batches)
   if hasattr(it, "close"):
     it.close()
-  it = iter(stream.eval_batches(batch, batches + 1))
-  evals = time_batches(it, batches)
+  n_eval = eval_count(len(stream), batch, batches)
+  it = iter(stream.eval_batches(batch, n_eval + 1))
+  evals = time_batches(it, n_eval)
   for _ in it:  # let the generator close its workers
     pass
-  return {"train": batch * batches / train, "eval": batch * batches / evals}
+  return {"train": batch * batches / train, "eval": batch * n_eval / evals}
+
+
+def eval_count(images: int, batch: int, batches: int) -> int:
+  """Timed eval batches: one pass over the folder at most (the first batch is not timed)."""
+  n = min(batches, images // batch - 1)
+  if n < 1:
+    raise SystemExit(f"--images {images} holds fewer than 2 batches of {batch}; raise --images")
+  return n
 
 
 # ----------------------------------------------------------------------------- torchvision
@@ -121,17 +130,23 @@ def torch_loader(folder: str, workers: int, batch: int, size: int, train: bool):
   else:
     tf = T.Compose([T.Resize(int(size / 0.875 + 0.5)), T.CenterCrop(size), T.PILToTensor()])
   ds = torchvision.datasets.ImageFolder(folder, transform=tf)
+  # Workers kept across epochs, as jembed's stream keeps its own.
   return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=train, num_workers=workers,
-                                     drop_last=True, persistent_workers=False)
+                                     drop_last=True, persistent_workers=workers > 0)
+
+
+def endless(loader):
+  while True:
+    yield from loader
 
 
 def torch_rate(folder: str, workers: int, batch: int, batches: int, size: int) -> dict:
   out = {}
   for name, train in (("train", True), ("eval", False)):
     loader = torch_loader(folder, workers, batch, size, train)
-    it = iter(loader)
-    out[name] = batch * batches / time_batches(it, batches)
-    del it
+    n = batches if train else eval_count(len(loader.dataset), batch, batches)
+    out[name] = batch * n / time_batches(endless(loader) if train else iter(loader), n)
+    del loader
   return out
 
 
@@ -167,7 +182,7 @@ def rss_child(kind: str, folder: str, workers: int, batch: int, batches: int, si
   if kind == "jembed":
     it = jembed_stream(folder, workers, size).train_iterator(batch, seed=0)
   else:
-    it = iter(torch_loader(folder, workers, batch, size, True))
+    it = endless(torch_loader(folder, workers, batch, size, True))
   for _ in range(batches):
     next(it)
   main = _hwm_mib()

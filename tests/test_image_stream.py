@@ -297,6 +297,7 @@ def test_vision_tasks_bound_frozen_eval_memory(folder, tmp_path):
   task = RotationTask(c, str(tmp_path))
   data = task.load_data()
   assert isinstance(data.train, image_stream.ImageStream) and task.image_shape == (16, 16, 3)
+  assert task.model_spec()["preprocess"] == image_transforms.plain(16, 3).to_dict()
   (tr_x, tr_y), (te_x, te_y) = task._eval_split()
   assert tr_x.shape == (5, 16, 16, 3) and te_x.shape == (4, 16, 16, 3) and len(te_y) == 4
 

@@ -133,8 +133,10 @@ class VisionTask(Task):
 
   def model_spec(self):
     source = self.init.spec.get("backbone") if self.init is not None else None
+    stream = getattr(self, "train_stream", None)
+    extra = {"preprocess": stream.pp.to_dict()} if stream is not None else {}
     return dict(task=self.config.task, backbone=resolve_backbone(self.config.model.to_dict(), source),
-                image_shape=list(self.image_shape), **self.head_spec())
+                image_shape=list(self.image_shape), **extra, **self.head_spec())
 
   def head_spec(self) -> dict:
     """What the task's heads add to the model description."""
