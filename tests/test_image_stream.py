@@ -344,3 +344,14 @@ def test_pil_views_equal_the_numpy_transforms():
       np.testing.assert_array_equal(
           image_transforms.train_view(pil, pp, np.random.default_rng(seed)),
           image_transforms.train_transform(a, pp, np.random.default_rng(seed)))
+
+
+def test_eval_batches_split_each_global_batch_over_processes(folder):
+  """Each process reads its contiguous slice of every global eval batch (as
+  jax.make_array_from_process_local_data expects); together they are the single-process batches."""
+  held = image_stream.open_splits(_cfg(train=str(folder / "tree")))[0]
+  whole = _values(held.eval_batches(8, 0, process_count=1, process_index=0))
+  parts = [list(held.eval_batches(8, 0, process_count=2, process_index=p)) for p in range(2)]
+  assert len(whole) == 16 and all(len(b["label"]) == 4 for p in parts for b in p)
+  joined = [v for b0, b1 in zip(*parts) for v in _values([b0]) + _values([b1])]
+  assert joined == whole == list(range(16))
