@@ -309,19 +309,28 @@ def test_vision_tasks_bound_frozen_eval_memory(folder, tmp_path):
 
 def test_classification_from_a_folder(folder, tmp_path):
   """A short fine-tuning run from a folder through jembed's train loop: trains from the stream,
-  evaluates the streamed eval split, prints the report and records the preprocessing."""
+  evaluates the streamed eval split, prints the report, records the preprocessing, and reports the
+  image it skipped in metrics.jsonl."""
+  import shutil
   from spine_helpers import load_config_file
   from jembed import train
+  data = tmp_path / "data"
+  shutil.copytree(folder / "tree", data)
+  (data / "dog" / "zz_broken.jpg").write_bytes(b"not a jpeg")
   c = load_config_file("finetune_image")
-  c.data.update(dict(train=str(folder / "tree"), image_size=16, workers=0, eval_fraction=0.4))
+  c.data.update(dict(train=str(data), image_size=16, workers=0, eval_fraction=0.4,
+                     on_bad_record="skip"))
   c.model.resnet.update(dict(width=4, num_stages=1))
   c.update(dict(batch_size=8, total_steps=2, eval_every=2, eval_batches=0, warmup_steps=0,
                 checkpoint_every=2, async_checkpointing=False))
-  metrics = train.train_and_evaluate(c, str(tmp_path))
+  workdir = tmp_path / "run"
+  metrics = train.train_and_evaluate(c, str(workdir))
   assert 0.0 <= metrics["accuracy"] <= 1.0
-  report = json.load(open(tmp_path / "classification_report.json"))
+  report = json.load(open(workdir / "classification_report.json"))
   assert report["support"] == 8  # the whole streamed eval split, not eval_batches' share
-  spec = json.load(open(tmp_path / "model.json"))
+  rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  assert max(r.get("skipped_records", 0) for r in rows) == 1  # met while streaming, reported once
+  spec = json.load(open(workdir / "model.json"))
   assert spec["image_shape"] == [16, 16, 3] and spec["preprocess"]["size"] == 16
   assert spec["class_names"] == ["cat", "dog"]
 
