@@ -47,19 +47,23 @@ def vision_model_config() -> ml_collections.ConfigDict:
 
 
 def vision_data_config(**overrides) -> ml_collections.ConfigDict:
-  """`config.data`: the labelled image source (jembed/data/images.py)."""
+  """`config.data`: the labelled image source. Folders, list files and TFDS are streamed from disk
+  per host (jembed/data/image_stream.py); the embedded digits are read in memory (jembed/data/images.py)."""
   c = ml_collections.ConfigDict(dict(
       source="",                # "" = inferred: folder if data.train, tfds if data.tfds_name, else embedded digits
-      train="",                 # folder with one sub-folder of images per class
+      train="",                 # folder with one sub-folder of images per class, or a .csv / .jsonl list of path,label
       eval="",                  # the same for held-out images; empty = a stratified eval_fraction of train
       eval_fraction=0.2,
       tfds_name="",
       tfds_split="train",
       tfds_eval_split="test",
       data_dir="",
-      image_size=0,             # 0 = native size (or the pretraining run's); N resizes to NxN
+      image_size=0,             # the NxN square the model sees; 0 = the warm-start model's, else the native size
       channels=0,               # 0 = native (or the pretraining run's); 1 or 3 converts
       on_bad_record="error",    # error | skip (counted and reported) for images that fail to decode
+      workers=-1,               # streamed sources: decoding processes per host; -1 = min(8, CPUs - 1), 0 = in-process
+      crop_scale=(0.08, 1.0),   # streamed training view: random-resized crop area fraction (min, max)
+      flip=True,                # streamed training view: random horizontal flip
   ))
   c.update(overrides)
   return c

@@ -416,6 +416,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     logger.info(f"data: skipped {bad['skipped']} bad record(s) (data.on_bad_record='skip'), e.g. "
                 f"{bad['examples'][0]}")
     logger.write(start, "data", {"skipped_records": bad["skipped"]})
+  bad_seen = bad["skipped"]
   if start:
     logger.info(f"resumed from {ckpt.checkpoint_dir(workdir)}/{start}")
   elif task.init is not None:
@@ -454,6 +455,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         row["mfu"] = (setup.step_flops / dt / peak) if (setup.step_flops and peak) else float("nan")
         row["skipped_steps"] = record["skipped"]
         logger.write(step, "train", row)
+        bad_seen = _report_bad_records(logger, step, bad_seen)
         t_last, steps_since = time.perf_counter(), 0
       if step % config.eval_every == 0 or last:
         eval_metrics = evaluate(setup, state)
@@ -479,6 +481,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       if not eval_metrics:
         eval_metrics = evaluate(setup, state)
       task.final_summary(setup.model_from(state), eval_metrics, logger)
+      _report_bad_records(logger, step, bad_seen)
       if jax.process_index() == 0:
         setup.tuning.export(workdir, state)
   finally:
@@ -488,6 +491,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     finally:
       logger.close()
   return eval_metrics
+
+
+def _report_bad_records(logger, step: int, seen: int) -> int:
+  """Bad records a streamed source (jembed.data.image_stream) met since the last report: one log
+  line and a "data" row; returns the count so far."""
+  bad = pipeline.bad_records()
+  if bad["skipped"] > seen:
+    logger.info(f"data: skipped {bad['skipped']} bad record(s) so far (data.on_bad_record='skip'), "
+                f"e.g. {bad['examples'][-1]}")
+    logger.write(step, "data", {"skipped_records": bad["skipped"]})
+  return bad["skipped"]
 
 
 def _peek(data_iter):

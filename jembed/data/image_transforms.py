@@ -108,20 +108,28 @@ def torchvision_imagenet(size: int = 224) -> Preprocess:
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode(data: bytes | str, channels: int = 3, name: str = "") -> np.ndarray:
-  """Encoded bytes (or a local path) -> uint8 (H, W, channels); BadImage names the file.
-  channels 0 keeps one channel for grayscale files and makes everything else RGB."""
+def open_image(data: bytes | str, channels: int = 3, name: str = "") -> Image.Image:
+  """Encoded bytes (or a local path) -> a decoded PIL image in mode "L" or "RGB" (channels 1 or 3;
+  0 keeps one channel for grayscale files); BadImage names the file."""
   label = name or (data if isinstance(data, str) else "<bytes>")
   try:
     with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data) as img:
       img.load()
       if channels == 1 or (channels == 0 and img.mode in _GRAY_MODES):
-        img = img.convert("L")
-      else:
-        img = img.convert("RGB")
-      array = np.asarray(img, np.uint8)
+        return img.convert("L")
+      return img.convert("RGB")
   except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     raise BadImage(f"cannot decode image {label}: {type(e).__name__}: {e}") from e
+
+
+def decode(data: bytes | str, channels: int = 3, name: str = "") -> np.ndarray:
+  """Encoded bytes (or a local path) -> uint8 (H, W, channels); BadImage names the file.
+  channels 0 keeps one channel for grayscale files and makes everything else RGB."""
+  return _array(open_image(data, channels, name))
+
+
+def _array(img: Image.Image) -> np.ndarray:
+  array = np.asarray(img, np.uint8)
   return array[..., None] if array.ndim == 2 else array
 
 
@@ -216,6 +224,43 @@ def train_transform(img: np.ndarray, pp: Preprocess, rng: np.random.Generator, *
   img = to_channels(img, pp.channels)
   top, left, h, w = random_resized_crop_box(rng, img.shape[0], img.shape[1], scale, ratio)
   out = resize(img[top:top + h, left:left + w], pp.size, pp.size, pp.interpolation)
+  if flip and rng.random() < 0.5:
+    out = out[:, ::-1]
+  return np.ascontiguousarray(out)
+
+
+# ----------------------------------------------------------------------------- on PIL images
+# The same views as `eval_transform` / `train_transform` (pixel for pixel), computed on the decoded
+# PIL image so a large photo is never copied into NumPy and back before it is shrunk: what the
+# streamed input (jembed.data.image_stream) runs in its workers.
+
+
+def eval_view(img: Image.Image, pp: Preprocess) -> np.ndarray:
+  """A decoded image in pp's channels ("L" / "RGB") -> uint8 (size, size, channels)."""
+  if pp.resize == "squash":
+    return _array(img.resize((pp.size, pp.size), INTERPOLATIONS[pp.interpolation]))
+  w, h = img.size
+  s = pp.eval_resize
+  nh, nw = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+  if (nh, nw) != (h, w):
+    img = img.resize((nw, nh), INTERPOLATIONS[pp.interpolation])
+  if nh < pp.size or nw < pp.size:
+    return center_crop(_array(img), pp.size)  # padded as torchvision does
+  top, left = int(round((nh - pp.size) / 2.0)), int(round((nw - pp.size) / 2.0))
+  return _array(img.crop((left, top, left + pp.size, top + pp.size)))
+
+
+def train_view(img: Image.Image, pp: Preprocess, rng: np.random.Generator, *,
+               scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+               flip: bool = True) -> np.ndarray:
+  """A decoded image -> uint8 (size, size, channels): `train_transform`'s random-resized crop and
+  flip, with the same random draws."""
+  w, h = img.size
+  top, left, ch, cw = random_resized_crop_box(rng, h, w, scale, ratio)
+  img = img.crop((left, top, left + cw, top + ch))
+  if (ch, cw) != (pp.size, pp.size):
+    img = img.resize((pp.size, pp.size), INTERPOLATIONS[pp.interpolation])
+  out = _array(img)
   if flip and rng.random() < 0.5:
     out = out[:, ::-1]
   return np.ascontiguousarray(out)

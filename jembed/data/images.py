@@ -1,5 +1,9 @@
 """Labelled image sources held in memory: bundled digits, a class-per-folder tree, or TFDS.
 
+The image tasks read only the digits through here; folders, list files and TFDS are streamed from
+disk by jembed/data/image_stream.py (this module's folder / TFDS loaders remain for callers that want
+a small source as one array).
+
 Every source yields uint8 (N, H, W, C) arrays with one size and channel count, so batches
 can be sliced straight from NumPy. Anything inconsistent is reported as a UserError that
 names the offending files and the config field that fixes it.

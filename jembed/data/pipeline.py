@@ -30,11 +30,12 @@ class ColumnSource:
 # Bad records: the loaders either raise (data.on_bad_record='error') or skip and count them here;
 # the loop reports the count in its log and in metrics.jsonl.
 # ---------------------------------------------------------------------------------------------------
-_BAD = {"skipped": 0, "examples": []}
+_BAD = {"skipped": 0, "examples": [], "seen": set()}
 
 
 def reset_bad_records() -> None:
   _BAD["skipped"], _BAD["examples"] = 0, []
+  _BAD["seen"] = set()
 
 
 def bad_records() -> dict:
@@ -64,6 +65,14 @@ def skipped_record(where: str, problem: str) -> None:
   _BAD["skipped"] += 1
   if len(_BAD["examples"]) < 5:
     _BAD["examples"].append(f"{where}: {problem}")
+
+
+def skipped_once(key: str, message: str) -> None:
+  """A bad record found while streaming (jembed.data.image_stream), counted the first time its
+  `key` (the file) is seen: a stream meets the same bad file again every epoch and after a rewind."""
+  if key not in _BAD["seen"]:
+    _BAD["seen"].add(key)
+    skipped_record("data.on_bad_record=skip", message)
 
 
 def decoded_lines(path: str, config) -> Iterator[tuple[int, str]]:
@@ -139,7 +148,14 @@ def make_train_iterator(train, global_batch: int, seed: int) -> grain.DatasetIte
 
 def eval_batches(columns: dict[str, np.ndarray], global_batch: int, max_batches: int
                  ) -> Iterator[dict[str, np.ndarray]]:
-  """Fixed, unshuffled held-out batches (this process's share); the remainder is dropped."""
+  """Fixed, unshuffled held-out batches (this process's share); the remainder is dropped. A split
+  streamed from disk (jembed.data.image_stream.ImageStream) reads its own."""
+  if hasattr(columns, "eval_batches"):
+    return columns.eval_batches(global_batch, max_batches)
+  return _column_eval_batches(columns, global_batch, max_batches)
+
+
+def _column_eval_batches(columns, global_batch, max_batches):
   n_proc, idx = jax.process_count(), jax.process_index()
   local = global_batch // n_proc
   n = len(ColumnSource(columns)) // global_batch
@@ -151,5 +167,7 @@ def eval_batches(columns: dict[str, np.ndarray], global_batch: int, max_batches:
 
 
 def num_eval_batches(columns: dict[str, np.ndarray], global_batch: int, max_batches: int) -> int:
+  if hasattr(columns, "num_eval_batches"):
+    return columns.num_eval_batches(global_batch, max_batches)
   n = len(ColumnSource(columns)) // global_batch
   return min(n, max_batches) if max_batches else n

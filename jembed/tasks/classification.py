@@ -69,9 +69,13 @@ class ClassificationTask(Task):
       preds.append(np.asarray(jax.device_get(self._predict(graphdef, state, chunk)))[:real])
     return np.concatenate(preds)
 
+  def eval_predictions(self, model) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, predicted classes) of the whole eval split."""
+    return self.eval_columns["label"], self.predict(model, self.eval_columns)
+
   def final_summary(self, model, eval_metrics, logger) -> None:
-    preds = self.predict(model, self.eval_columns)
-    report = report_lib.classification_report(self.eval_columns["label"], preds, self.class_names)
+    labels, preds = self.eval_predictions(model)
+    report = report_lib.classification_report(labels, preds, self.class_names)
     method = self.config.get("peft", {}).get("method", "full")
     report["method"] = method
     if jax.process_index() == 0:

@@ -14,6 +14,7 @@ from flax import nnx
 
 from jembed import evaluate as evaluate_lib
 from jembed import modelspec
+from jembed.data import image_stream
 from jembed.data import images as images_lib
 from jembed.errors import UserError
 from jembed.models import resnet, vit
@@ -85,6 +86,8 @@ class VisionTask(Task):
 
   # -- data --
   def load_data(self) -> Data:
+    if image_stream.is_streamed(self.config.data):
+      return self._stream_data()
     train, held = images_lib.load_image_splits(self.config.data)
     if len(train) == 0:
       raise UserError("the training split has no images; check config.data")
@@ -95,10 +98,45 @@ class VisionTask(Task):
             "image_shape": "x".join(map(str, self.image_shape)), "classes": train.num_classes}
     return Data(train={"image": train.images, "label": train.labels}, eval=eval_cols, info=info)
 
+  def _stream_data(self) -> Data:
+    """Folders, lists and TFDS streamed from disk (jembed/data/image_stream.py). The probes of the
+    frozen-feature evaluation read at most frozen_eval.max_train images of each split into memory
+    (in the evaluation view), when they first run."""
+    enabled = bool(self._eval_cfg().get("enabled", True))
+    if enabled and not int(self._eval_cfg().get("max_train", 0)):
+      raise UserError("frozen_eval.max_train=0 would read the whole streamed training split into memory "
+                      "for the probes; set --config.frozen_eval.max_train=N (e.g. 10000) or "
+                      "--config.frozen_eval.enabled=False")
+    spec = self.init.spec if self.init is not None else None
+    train, held = image_stream.open_splits(self.config.data, spec)
+    self.train_stream, self.eval_stream = train, held
+    self.train_ds = self.eval_ds = None  # read on first use by `_eval_split`
+    self.image_shape = train.image_shape
+    info = {"train_images": len(train), "eval_images": len(held),
+            "image_shape": "x".join(map(str, self.image_shape)), "classes": len(train.class_names),
+            "workers": train.workers}
+    return Data(train=train, eval=held if len(held) else None, info=info)
+
+  def _probe_data(self) -> None:
+    """The capped in-memory probe splits of a streamed source (a random max_train of the training
+    split, the first max_train held-out images)."""
+    if self.train_ds is not None:
+      return
+    cap = int(self._eval_cfg().get("max_train", 0))
+    tr, ev = self.train_stream, self.eval_stream
+    idx = np.arange(len(tr))
+    if len(tr) > cap:
+      idx = np.sort(np.random.default_rng(0).permutation(len(tr))[:cap])
+    names = list(tr.class_names)
+    self.train_ds = images_lib.ImageDataset(*tr.take(idx), names)
+    self.eval_ds = images_lib.ImageDataset(*ev.take(np.arange(min(len(ev), cap))), names)
+
   def model_spec(self):
     source = self.init.spec.get("backbone") if self.init is not None else None
+    stream = getattr(self, "train_stream", None)
+    extra = {"preprocess": stream.pp.to_dict()} if stream is not None else {}
     return dict(task=self.config.task, backbone=resolve_backbone(self.config.model.to_dict(), source),
-                image_shape=list(self.image_shape), **self.head_spec())
+                image_shape=list(self.image_shape), **extra, **self.head_spec())
 
   def head_spec(self) -> dict:
     """What the task's heads add to the model description."""
@@ -120,6 +158,8 @@ class VisionTask(Task):
 
   def _eval_split(self):
     """Labelled (train, test) images for the probes; the train side capped at max_train."""
+    if getattr(self, "train_stream", None) is not None:
+      self._probe_data()
     cap = int(self._eval_cfg().get("max_train", 0))
     train, test = self.train_ds, self.eval_ds
     if len(test) == 0:
