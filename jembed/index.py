@@ -318,13 +318,15 @@ def build(model_path: str, input_path: str, output: str, *, id_field: str = "id"
   """Embeds every record of `input_path` with the model and writes the index directory `output`
   (atomically: it appears complete or not at all). Returns its index.json."""
   from jembed.embed import check_options
+  _check_output(output, overwrite)
+  if dtype not in STORE_DTYPES:
+    raise UserError(f"dtype '{dtype}' is not supported for an index; use one of {', '.join(STORE_DTYPES)}")
   model = model if model is not None else _load_model(model_path)
   check_options(batch_size=batch_size, dtype="float32", dim=None, width=model.dim)
   meta = _new_meta(model.dim, dtype, model.normalize, model, model_path, id_field, text_field)
   items = lambda: read_items(input_path, modality=model.modality, id_field=id_field,  # noqa: E731
                              text_field=text_field)
   n = _check_ids(items(), set(), input_path)
-  _check_output(output, overwrite)
 
   def fill(tmp: str) -> None:
     nonlocal meta
@@ -646,12 +648,9 @@ def _search_cli(args, t0: float) -> str:
   if (args.query is None) == (args.queries is None):
     raise UserError("give exactly one of --query TEXT and --queries FILE")
   meta = read_meta(args.index)
-  model = None
-  if args.model:
-    model = _load_model(args.model)
-  index = Index.load(args.index, model)
   queries = ([(None, args.query)] if args.query is not None
              else read_queries(args.queries, args.id_field, args.text_field))
+  index = Index.load(args.index, _load_model(args.model) if args.model else None)
   vectors = index.query_vectors([t for _, t in queries], batch_size=args.batch_size)
   hits = index.search(vectors, args.k, recall_target=args.recall_target)
   lines = "".join(json.dumps({"id": qid, "hits": h}, ensure_ascii=False, default=str) + "\n"

@@ -59,7 +59,8 @@ def _reference(rows, queries, k, exclude=None):
 
 
 # --- the search kernel -----------------------------------------------------------------------------
-@pytest.mark.parametrize("n, dim, k, chunk", [(1000, 16, 10, 64), (20, 8, 15, 8192), (5, 8, 10, 8192)])
+# Many chunks per device; and k past both the rows a device holds and the rows there are.
+@pytest.mark.parametrize("n, dim, k, chunk", [(1000, 16, 10, 64), (20, 8, 25, 8192)])
 def test_sharded_search_equals_numpy_and_single_device(n, dim, k, chunk):
   rng = np.random.default_rng(n)
   rows = rng.standard_normal((n, dim)).astype(np.float32)
@@ -150,7 +151,7 @@ def test_similar_and_recommend_exclude_themselves(vec_index):
 
 
 # --- indexes of a model's embeddings ---------------------------------------------------------------
-def test_build_cli_search_cli_and_python(built, model, tmp_path):
+def test_build_cli_search_cli_and_python(built, model, tmp_path, capsys):
   meta = json.load(open(os.path.join(built, "index.json")))
   assert meta["count"] == len(DOCS) and meta["metric"] == "dot"   # this MLM model does not normalise
   assert meta["model"]["fingerprint"] == index_lib.model_fingerprint(model)
@@ -161,7 +162,8 @@ def test_build_cli_search_cli_and_python(built, model, tmp_path):
   queries.write_text("".join(json.dumps(q) + "\n" for q in qs))
   out = tmp_path / "hits.jsonl"
   assert index_lib.main(["search", "--index", built, "--queries", str(queries), "--k", "3",
-                         "--output", str(out)]) == 0
+                         "--output", str(out), "--recall-target", "0.9"]) == 0
+  assert "recall@3 vs exact 1.0000 on 2 queries" in capsys.readouterr().out  # CPU: exact fallback
   lines = [json.loads(line) for line in out.read_text().splitlines()]
   assert [line["id"] for line in lines] == ["qa", 7]
   want = _reference(vecs, model.embed([q["text"] for q in qs]), 3)
@@ -208,10 +210,20 @@ def test_txt_and_parquet_inputs(workdir, model, tmp_path):
   assert [h["id"] for h in hits] == [[10, 20, 30][j] for j in want]
   assert {h["id"]: h["tag"] for h in hits} == {10: "a", 20: "b", 30: "c"}
   (tmp_path / "docs.txt").write_text("first\nsecond\n")
-  index_lib.build(workdir, str(tmp_path / "docs.txt"), str(tmp_path / "t.index"), model=model,
-                  progress=False)
-  idx = index_lib.Index.load(str(tmp_path / "t.index"))
+  out = str(tmp_path / "t.index")
+  index_lib.build(workdir, str(tmp_path / "docs.txt"), out, model=model, progress=False)
+  idx = index_lib.Index.load(out)
   assert idx.ids == [1, 2] and idx.fields(1) == {"text": "second"}
+  # --overwrite replaces an index (here with the parquet's rows, stored as float16).
+  (tmp_path / "docs.txt").write_text("only\n")
+  index_lib.build(workdir, str(tmp_path / "docs.txt"), out, model=model, progress=False,
+                  overwrite=True, dtype="float16")
+  assert sorted(os.listdir(out)) == ["fields.jsonl", "fields.offsets", "ids.jsonl", "index.json",
+                                     "vectors.f16"]
+  idx = index_lib.Index.load(out)
+  assert idx.ids == [1] and idx.vectors.dtype == np.float16
+  np.testing.assert_allclose(np.asarray(idx.vectors, np.float32), model.embed(["only"]), rtol=1e-3,
+                             atol=1e-3)
 
 
 def test_image_folder_index(tmp_path):
