@@ -9,8 +9,8 @@ each) are then merged into the global top-k. Memory is (queries x chunk) scores 
 `recall_target` switches the per-chunk top-k to `jax.lax.approx_max_k` (TPU-KNN, Chern et al. 2022):
 on TPU it trades recall for speed with an expected-recall guarantee; on other backends JAX falls
 back to an exact sort, so results there equal the exact search. Queries are padded to a few batch
-sizes and compiled functions are cached per (query batch, k, recall target), so repeated searches
-never recompile.
+sizes and compiled functions are cached per (rows geometry, query batch, k, recall target), so
+repeated searches, and an index loaded again, never recompile.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ AXIS = "rows"
 # few shapes, few compiles.
 QUERY_BATCHES = (8, 64, 256)
 CHUNK_ROWS = 8192        # rows scored together on one device (per scan step)
+_FUNCTIONS: dict[tuple, object] = {}   # compiled searches, by geometry, query batch, k, recall target
+TRACES = 0               # search functions traced so far (tests check that repeats reuse them)
 
 
 class Searcher:
@@ -56,8 +58,6 @@ class Searcher:
       return out
 
     self.rows = jax.make_array_from_callback((total, self.dim), sharding, shard)
-    self._fns: dict[tuple, object] = {}
-    self.compiles = 0     # how many search functions were traced (tests check that repeats reuse them)
 
   def search(self, queries: np.ndarray, k: int, *, recall_target: float | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
@@ -86,10 +86,14 @@ class Searcher:
     return scores, ids
 
   def _function(self, batch: int, k: int, recall_target: float | None):
-    key = (batch, k, recall_target)
-    if key not in self._fns:
-      self._fns[key] = self._compile(k, recall_target)
-    return self._fns[key]
+    # Shared by every Searcher of the same geometry (an index loaded again, a server's reload).
+    key = (tuple(self.mesh.devices.flat), self.count, self.dim, self.chunk, self.per_dev,
+           str(self.rows.dtype), batch, k, recall_target)
+    if key not in _FUNCTIONS:
+      if len(_FUNCTIONS) >= 64:   # indexes reloaded after many adds: forget old geometries
+        _FUNCTIONS.clear()
+      _FUNCTIONS[key] = self._compile(k, recall_target)
+    return _FUNCTIONS[key]
 
   def _compile(self, k: int, recall_target: float | None):
     chunk, per_dev, count = self.chunk, self.per_dev, self.count
@@ -130,13 +134,15 @@ class Searcher:
 
     mapped = jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(AXIS, None), P()),
                            out_specs=(P(None, AXIS), P(None, AXIS)))
+    mesh = self.mesh
 
     @jax.jit
     def fn(rows, queries):
-      self.compiles += 1   # runs while tracing only
+      global TRACES
+      TRACES += 1   # runs while tracing only
       s, i = mapped(rows, queries)            # (Q, n_dev * k_dev): every device's list
-      s = jax.sharding.reshard(s, NamedSharding(self.mesh, P()))
-      i = jax.sharding.reshard(i, NamedSharding(self.mesh, P()))
+      s = jax.sharding.reshard(s, NamedSharding(mesh, P()))
+      i = jax.sharding.reshard(i, NamedSharding(mesh, P()))
       best, where = jax.lax.top_k(s, k)
       return best, jnp.take_along_axis(i, where, axis=1)
 

@@ -82,11 +82,13 @@ def test_sharded_search_equals_numpy_and_single_device(n, dim, k, chunk):
 def test_compiled_search_is_reused():
   rows = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
   s = knn.Searcher(rows, chunk_rows=16)
+  before = knn.TRACES
   s.search(rows[:5], 3)
   s.search(rows[:7], 3)              # same padded batch (8), same k: no new trace
-  assert s.compiles == 1
+  knn.Searcher(rows, chunk_rows=16).search(rows[:2], 3)   # the same rows loaded again: neither
+  assert knn.TRACES == before + 1
   s.search(rows[:5], 4)
-  assert s.compiles == 2
+  assert knn.TRACES == before + 2
 
 
 # --- indexes of vectors (no model) -----------------------------------------------------------------
@@ -171,6 +173,9 @@ def test_build_cli_search_cli_and_python(built, model, tmp_path, capsys):
     assert [h["id"] for h in line["hits"]] == [DOCS[j]["id"] for j in row]
     h = line["hits"][0]
     assert (h["text"], h["lang"], h["n"]) == (DOCS[row[0]]["text"], "en", row[0])
+  assert index_lib.main(["search", "--index", built, "--query", "a lazy fox", "--k", "2"]) == 0
+  one = json.loads(capsys.readouterr().out)        # no --output: JSONL on stdout
+  assert one["id"] is None and one["hits"] == lines[1]["hits"][:2]
   # Python, with the model passed in (as the server does): the same hits.
   idx = index_lib.Index.load(built, model=model)
   assert idx.search([q["text"] for q in qs], k=3) == [line["hits"] for line in lines]
@@ -258,6 +263,9 @@ def test_fingerprint_refuses_another_model(built, workdir, model, tmp_path, caps
   assert index_lib.model_fingerprint(load(workdir)) == index_lib.model_fingerprint(model)  # stable
   with pytest.raises(UserError, match="is not the model index"):
     index_lib.Index.load(built, model=other)
+  (tmp_path / "new.txt").write_text("new\n")
+  with pytest.raises(UserError, match="is not the model index"):   # nor may it add rows
+    index_lib.add(built, str(tmp_path / "new.txt"), model=other, progress=False)
   # The CLI: an index whose recorded fingerprint is another model's refuses this model's queries.
   copy = str(tmp_path / "copy.index")
   shutil.copytree(built, copy)
