@@ -16,6 +16,7 @@ An index is a directory on a local disk:
     ids.jsonl       one JSON id a line (a string or an integer)
     fields.jsonl    one JSON object a line: what a hit returns besides id and score
     fields.offsets  int64 byte offset of each fields.jsonl line (random access for hits)
+    .lock           held (flock) by the one process writing to the index
 The files are only ever appended to; index.json, written atomically last, says how much of each is
 the index. A build fills a temporary directory that is renamed into place only when complete, and an
 interrupted `add` leaves extra bytes that index.json does not count (the next `add` cuts them), so a
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import fcntl
 import hashlib
 import json
 import os
@@ -208,6 +210,19 @@ class _Writer:
     }
     self.files = {}
     try:
+      # One writer at a time: an advisory lock the OS drops when the process dies, so a crash never
+      # leaves a stale lock behind.
+      self.files[".lock"] = builtins.open(os.path.join(directory, ".lock"), "a+b")
+      try:
+        fcntl.flock(self.files[".lock"].fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        self.close()
+        raise UserError(f"another process is adding to index '{directory}'; wait for it to finish "
+                        "and run this again") from None
+      if os.path.exists(os.path.join(directory, INDEX_FILE)) and read_meta(directory) != meta:
+        self.close()   # an add committed after `meta` was read: its ids were not checked against
+        raise UserError(f"index '{directory}' changed while this add was reading its input; run "
+                        "it again")
       for name, size in self.committed.items():
         f = builtins.open(os.path.join(directory, name), "a+b")
         f.truncate(size)   # bytes an interrupted add left past the committed end
@@ -247,7 +262,7 @@ class _Writer:
 
   def close(self) -> None:
     for name, f in self.files.items():
-      if self.committed is not None:   # not committed: cut back what this writer appended
+      if self.committed is not None and name in self.committed:   # not committed: cut back
         try:
           f.truncate(self.committed[name])
         except OSError:

@@ -193,6 +193,12 @@ def test_add_appends_and_refuses_duplicates(built, model, tmp_path, capsys):
   hit = idx.search(model.embed(["another one"]), k=len(idx))[0]
   assert idx.fields(len(DOCS) + 1) == {"text": "another one"}
   assert {h["id"] for h in hit} == set(idx.ids)
+  # One writer at a time.
+  holder = index_lib._Writer(copy, index_lib.read_meta(copy))
+  (tmp_path / "fresh.jsonl").write_text(json.dumps({"id": "fresh", "text": "x"}) + "\n")
+  with pytest.raises(UserError, match="another process is adding"):
+    index_lib.add(copy, str(tmp_path / "fresh.jsonl"), model=model, progress=False)
+  holder.close()
   # Adding the same lines again: their ids are taken. Refused before anything is written.
   assert index_lib.main(["add", "--index", copy, "--input", str(more)]) == 2
   err = capsys.readouterr().err.strip()
@@ -223,8 +229,8 @@ def test_txt_and_parquet_inputs(workdir, model, tmp_path):
   (tmp_path / "docs.txt").write_text("only\n")
   index_lib.build(workdir, str(tmp_path / "docs.txt"), out, model=model, progress=False,
                   overwrite=True, dtype="float16")
-  assert sorted(os.listdir(out)) == ["fields.jsonl", "fields.offsets", "ids.jsonl", "index.json",
-                                     "vectors.f16"]
+  assert sorted(os.listdir(out)) == [".lock", "fields.jsonl", "fields.offsets", "ids.jsonl",
+                                     "index.json", "vectors.f16"]
   idx = index_lib.Index.load(out)
   assert idx.ids == [1] and idx.vectors.dtype == np.float16
   np.testing.assert_allclose(np.asarray(idx.vectors, np.float32), model.embed(["only"]), rtol=1e-3,
