@@ -165,7 +165,7 @@ def _image_items(path: str) -> Iterator[tuple[Any, str, dict]]:
 def _check_ids(items: Iterable[tuple[Any, str, dict]], taken: set, where: str) -> int:
   """A first pass over the input (before anything is embedded or written): every id a string or an
   integer, none repeated and none already in the index. Returns the record count."""
-  n = 0
+  n, seen = 0, set()
   for ident, _, _ in items:
     n += 1
     if isinstance(ident, bool) or not isinstance(ident, (str, int)):
@@ -173,7 +173,10 @@ def _check_ids(items: Iterable[tuple[Any, str, dict]], taken: set, where: str) -
     if ident in taken:
       raise UserError(f"id {ident!r} (record {n} of {where}) is already in the index; ids must be "
                       "unique: drop or rename the duplicate")
-    taken.add(ident)
+    if ident in seen:
+      raise UserError(f"id {ident!r} appears twice in {where} (again at record {n}); ids must be "
+                      "unique: drop or rename the duplicate")
+    seen.add(ident)
   if n == 0:
     raise UserError(f"input '{where}' holds no records; give a non-empty file")
   return n
