@@ -33,10 +33,11 @@ TRACES = 0               # search functions traced so far (tests check that repe
 
 
 class Searcher:
-  """Rows (N, D) placed on `devices` (sharded by rows), searched by inner product."""
+  """Rows (N, D) placed on `devices` (default: the local ones; sharded by rows), searched by inner
+  product."""
 
   def __init__(self, rows: np.ndarray, *, devices: Sequence | None = None, chunk_rows: int = CHUNK_ROWS):
-    devices = list(devices or jax.devices())
+    devices = list(devices or jax.local_devices())   # each process searches its own copy
     self.count, self.dim = int(rows.shape[0]), int(rows.shape[1])
     self.mesh = jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Explicit,),
                               devices=devices)
