@@ -413,7 +413,8 @@ def read_meta(directory: str) -> dict:
 def _read_ids(directory: str, meta: dict) -> list:
   with builtins.open(os.path.join(directory, "ids.jsonl"), "rb") as f:
     data = f.read(meta["bytes"]["ids"])
-  return [json.loads(line) for line in data.splitlines()]
+  # One parse of all lines as a JSON array: several times faster than a json.loads per id.
+  return json.loads(b"[" + data.rstrip(b"\n").replace(b"\n", b",") + b"]") if data else []
 
 
 def _model_path(meta: dict, directory: str) -> str:
