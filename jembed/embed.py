@@ -317,26 +317,31 @@ def _count(path: str, field: str, id_field: str) -> tuple[int, bool]:
 
 def read_images(path: str, image_shape) -> tuple[list[str], np.ndarray]:
   """Every image file under the folder `path` (sorted by path), converted to the model's shape."""
-  from PIL import Image, UnidentifiedImageError
   if not os.path.isdir(path):
     raise UserError(f"image folder '{path}' does not exist; fix --input")
-  h, w, c = image_shape
   names, arrays = [], []
   for root, _, files in sorted(os.walk(path)):
     for name in sorted(files):
       if os.path.splitext(name)[1].lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"):
         continue
       full = os.path.join(root, name)
-      try:
-        img = Image.open(full).convert("L" if c == 1 else "RGB").resize((w, h))
-      except (UnidentifiedImageError, OSError):
-        raise UserError(f"{full} is not a readable image; remove it or fix it") from None
-      arr = np.asarray(img, np.uint8)
-      arrays.append(arr[..., None] if c == 1 else arr)
+      arrays.append(load_image(full, image_shape))
       names.append(os.path.relpath(full, path))
   if not arrays:
     raise UserError(f"no images under '{path}'; give a folder of .png/.jpg files")
   return names, np.stack(arrays)
+
+
+def load_image(full: str, image_shape) -> np.ndarray:
+  """One image file as a uint8 (H, W, C) array of the model's shape (also used by jembed.index)."""
+  from PIL import Image, UnidentifiedImageError
+  h, w, c = image_shape
+  try:
+    img = Image.open(full).convert("L" if c == 1 else "RGB").resize((w, h))
+  except (UnidentifiedImageError, OSError):
+    raise UserError(f"{full} is not a readable image; remove it or fix it") from None
+  arr = np.asarray(img, np.uint8)
+  return arr[..., None] if c == 1 else arr
 
 
 # ---------------------------------------------------------------------------------------------------
