@@ -290,8 +290,8 @@ def _vit(sd, path, fmt, hf_cfg, timm_cfg, pre_cfg, npz_heads) -> ImportedImageMo
   cfg, shape = vit_io.infer(sd, heads=heads, eps=eps, hidden_act=act, pooling=pooling, source=path)
   backbone, head = vit_io.to_jembed(sd, cfg, path)
   size = shape[0]
-  if pre_cfg:
-    pp = preprocess_from_hf(pre_cfg, size, shape[2])
+  if pre_cfg or hf_cfg:  # without preprocessor_config.json: ViTImageProcessor's defaults
+    pp = preprocess_from_hf(pre_cfg or {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}, size, shape[2])
   elif fmt == "big_vision":  # big_vision: pixels to [-1, 1], resized straight to the input size
     pp = image_transforms.Preprocess(size=size, crop_pct=1.0, resize="squash", interpolation="bilinear",
                                      mean=(0.5,) * 3, std=(0.5,) * 3, channels=shape[2])

@@ -103,9 +103,9 @@ class ViT(nnx.Module):
     # Patches replace the token tables: drop them so no unused (and weight-decayed) parameters remain.
     self.encoder.embeddings = None
     # timm's avg-pool ViTs normalise the pooled vector (`fc_norm`) rather than every token.
-    self.fc_norm = None
+    self.fc_norm = nnx.data(self.encoder.final_norm if fc_norm else None)
     if fc_norm:
-      self.fc_norm, self.encoder.final_norm = self.encoder.final_norm, None
+      self.encoder.final_norm = None
     self.out_features = d
     self.dropout = Dropout(cfg.dropout, rngs=rngs)
     self.dtype = cfg.dtype
