@@ -177,8 +177,9 @@ def preprocess_from_hf(pre: dict, default_size: int, channels: int) -> image_tra
   interp = _RESAMPLE.get(int(pre.get("resample", 2)), "bilinear")
   if isinstance(size, dict) and "shortest_edge" in size:
     edge = int(size["shortest_edge"])
-    crop = float(pre.get("crop_pct") or 1.0) if edge < 384 else 1.0
-    return image_transforms.Preprocess(size=edge, crop_pct=crop, resize="shorter", interpolation=interp,
+    # ConvNextImageProcessor crops only below 384 px; from there it resizes straight to edge x edge.
+    mode, crop = ("shorter", float(pre.get("crop_pct") or 1.0)) if edge < 384 else ("squash", 1.0)
+    return image_transforms.Preprocess(size=edge, crop_pct=crop, resize=mode, interpolation=interp,
                                        mean=mean, std=std, channels=channels)
   side = int(size.get("height", default_size)) if isinstance(size, dict) else int(size)
   return image_transforms.Preprocess(size=side, crop_pct=1.0, resize="squash", interpolation=interp,
