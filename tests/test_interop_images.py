@@ -464,3 +464,26 @@ def test_hf_vits_and_vit_export(tmp_path):
   back = open_image_model(str(tmp_path / "out"))
   a, b = tree.flatten(imp.params), tree.flatten(back.params)
   assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_each_vit_option_changes_the_features():
+  """layer_norm_eps, hidden_act, class_token, pooling and fc_norm are read (none is a no-op)."""
+  base_cfg = dict(vit_model.DEFAULTS, size="", patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
+                  mlp_dim=64)
+  x = jnp.asarray(np.random.RandomState(6).rand(2, 16, 16, 3), jnp.float32)
+
+  def features(**options):
+    m = vit_model.vit_from_config(dict(base_cfg, **options), image_shape=(16, 16, 3), rngs=nnx.Rngs(7))
+    state = nnx.state(m, nnx.Param)
+    # Non-trivial norms and [CLS] so every option shows in the output.
+    rng = np.random.RandomState(8)
+    nnx.update(m, jax.tree.map(lambda v: v + 0.5 * rng.randn(*v.shape).astype(np.float32), state))
+    return np.asarray(m(x))
+
+  base = features()
+  for options in (dict(layer_norm_eps=0.5), dict(hidden_act="gelu_new"), dict(pooling="mean"),
+                  dict(fc_norm=True, pooling="mean"), dict(class_token=False, pooling="mean")):
+    other = features(**options)
+    assert other.shape == base.shape and _max_diff(other, base) > 1e-5, options
+  with pytest.raises(UserError, match="needs model.vit.class_token=True"):
+    features(class_token=False)
