@@ -252,7 +252,7 @@ def finetuned(tiny_resnet, tmp_path_factory):
   c.total_steps, c.batch_size, c.warmup_steps = 2, 16, 1
   c.eval_every = c.checkpoint_every = 2
   c.async_checkpointing = False
-  c.data.image_size, c.data.channels = 32, 3
+  c.data.image_size, c.data.channels = 16, 3  # 16 px: the stride-32 ResNet still ends at 1x1
   workdir = str(root / "run")
   import contextlib
   printed = io.StringIO()
@@ -267,8 +267,8 @@ def finetuned(tiny_resnet, tmp_path_factory):
 def test_finetune_from_pretrained_and_export_round_trip(finetuned, tiny_resnet):
   workdir, out, log = finetuned
   spec = modelspec.read(workdir)
-  assert spec["backbone"]["resnet"]["width"] == 8 and spec["image_shape"] == [32, 32, 3]
-  assert spec["preprocess"]["mean"] == [0.485, 0.456, 0.406] and spec["preprocess"]["size"] == 32
+  assert spec["backbone"]["resnet"]["width"] == 8 and spec["image_shape"] == [16, 16, 3]
+  assert spec["preprocess"]["mean"] == [0.485, 0.456, 0.406] and spec["preprocess"]["size"] == 16
   assert "(torchvision resnet); classifier head restored from the source (10 classes)" in log
   assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
   assert oct(os.stat(os.path.join(out, "model.safetensors")).st_mode & 0o777) == "0o644"

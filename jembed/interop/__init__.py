@@ -189,8 +189,10 @@ def preprocess_from_hf(pre: dict, default_size: int, channels: int) -> image_tra
 def preprocess_from_timm(pcfg: dict, default: image_transforms.Preprocess) -> image_transforms.Preprocess:
   size = pcfg.get("input_size") or [default.channels, default.size, default.size]
   interp = pcfg.get("interpolation", default.interpolation)
+  squash = pcfg.get("crop_mode") == "squash"  # timm's squash: straight to size x size
   return image_transforms.Preprocess(
-      size=int(size[-1]), crop_pct=float(pcfg.get("crop_pct", default.crop_pct)), resize="shorter",
+      size=int(size[-1]), crop_pct=1.0 if squash else float(pcfg.get("crop_pct", default.crop_pct)),
+      resize="squash" if squash else "shorter",
       interpolation=interp if interp in image_transforms.INTERPOLATIONS else "bicubic",
       mean=pcfg.get("mean", default.mean), std=pcfg.get("std", default.std), channels=int(size[0]))
 
