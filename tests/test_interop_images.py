@@ -61,11 +61,16 @@ def _check(path, logits_ref, features_ref):
 def tiny_resnet(tmp_path_factory):
   """A ResNet-18 of width 8 written torch-free in torchvision's layout (non-trivial BN statistics,
   a 10-class head), as .safetensors."""
-  m = ResNet(depth=18, width=8, stem="imagenet", num_stages=4, rngs=nnx.Rngs(0))
+  # Shapes only (no eager init): weights drawn with NumPy, He-scaled so activations stay O(1).
+  m = nnx.eval_shape(lambda: ResNet(depth=18, width=8, stem="imagenet", num_stages=4, rngs=nnx.Rngs(0)))
   rng = np.random.RandomState(1)
-  params = tree.flatten(nnx.to_pure_dict(nnx.state(m, nnx.Param)))
-  params = {k: np.asarray(v) + (0.1 * rng.randn(*v.shape).astype(np.float32) if "norm" in k else 0)
-            for k, v in params.items()}
+
+  def draw(path, leaf):
+    if path.endswith("kernel"):
+      return (rng.randn(*leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))).astype(np.float32)
+    return (float(path.endswith("scale")) + 0.1 * rng.randn(*leaf.shape)).astype(np.float32)
+
+  params = {k: draw(k, v) for k, v in tree.flatten(nnx.to_pure_dict(nnx.state(m, nnx.Param))).items()}
   stats = {k: rng.rand(*v.shape).astype(np.float32) + (0.5 if k.endswith("var") else -0.5)
            for k, v in tree.flatten(nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))).items()}
   head = (0.1 * rng.randn(64, 10).astype(np.float32), 0.1 * rng.randn(10).astype(np.float32))

@@ -279,10 +279,10 @@ def _vit(sd, path, fmt, hf_cfg, timm_cfg, pre_cfg, npz_heads) -> ImportedImageMo
   eps, act, heads, pooling = 1e-6, "gelu", npz_heads, ""
   if fmt == "big_vision":
     act = "gelu_new"  # flax's nn.gelu, which big_vision's MlpBlock uses, is the tanh approximation
-  if hf_cfg:
-    eps = float(hf_cfg.get("layer_norm_eps", 1e-12))
-    act = str(hf_cfg.get("hidden_act", "gelu"))
-    heads = int(hf_cfg.get("num_attention_heads", 0))
+  if fmt == "hf":  # HF ViT names (a bare file too): ViTConfig's defaults where config.json is absent
+    eps = float((hf_cfg or {}).get("layer_norm_eps", 1e-12))
+    act = str((hf_cfg or {}).get("hidden_act", "gelu"))
+    heads = int((hf_cfg or {}).get("num_attention_heads", 0))
     pooling = "cls"
   if timm_cfg:
     heads = int((timm_cfg.get("model_args") or {}).get("num_heads", 0))
@@ -293,7 +293,7 @@ def _vit(sd, path, fmt, hf_cfg, timm_cfg, pre_cfg, npz_heads) -> ImportedImageMo
   cfg, shape = vit_io.infer(sd, heads=heads, eps=eps, hidden_act=act, pooling=pooling, source=path)
   backbone, head = vit_io.to_jembed(sd, cfg, path)
   size = shape[0]
-  if pre_cfg or hf_cfg:  # without preprocessor_config.json: ViTImageProcessor's defaults
+  if pre_cfg or fmt == "hf":  # without preprocessor_config.json: ViTImageProcessor's defaults
     pp = preprocess_from_hf(pre_cfg or {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}, size, shape[2])
   elif fmt == "big_vision":  # big_vision: pixels to [-1, 1], resized straight to the input size
     pp = image_transforms.Preprocess(size=size, crop_pct=1.0, resize="squash", interpolation="bilinear",
