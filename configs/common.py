@@ -35,6 +35,9 @@ def init_config(**overrides) -> ml_collections.ConfigDict:
       checkpoint="",            # a jembed --workdir (its latest checkpoint, or `step`)
       step=0,                   # 0 = the latest
       hf="",                    # or a Hugging Face / sentence-transformers directory (text models)
+      pretrained="",            # or a pretrained image model (image tasks): a torchvision/timm .pth or
+                                # .safetensors, a HF/timm ResNet or ViT directory, a big_vision .npz;
+                                # architecture, preprocessing and (same class count) head come from it
   ))
   c.update(overrides)
   return c

@@ -1,8 +1,15 @@
-"""Image classification fine-tuning: a vision backbone (from a rotation / SimCLR run) plus a fresh head.
+"""Image classification fine-tuning: a vision backbone (from a rotation / SimCLR run, or a pretrained
+torchvision / timm / Hugging Face / big_vision model) plus a classifier head.
 
   python -m jembed.main --config configs/rotation.py --workdir /tmp/rot
   python -m jembed.main --config configs/finetune_image.py --workdir /tmp/ft_img \
       --config.init.checkpoint=/tmp/rot --config.peft.method=full
+  python -m jembed.main --config configs/finetune_image.py --workdir /tmp/ft_r18 \
+      --config.init.pretrained=resnet18.pth --config.data.train=DIR --config.data.eval=DIR
+
+With init.pretrained the architecture, the preprocessing (model.json `preprocess`) and, when the data
+has as many classes, the source's classifier head come from the source (jembed/interop); images
+are resized to the source's input size unless data.image_size says otherwise.
 
 With no data given it fine-tunes on the embedded scikit-learn 8x8 digits (10 classes, a fixed
 stratified 20% held out), so it runs anywhere without a download. Your own images:
@@ -12,7 +19,7 @@ classification report and writes WORKDIR/classification_report.json and WORKDIR/
 
 peft.method: full | linear_probe (backbone frozen, BatchNorm in inference mode) | lora (conv and dense
 kernels, with BatchNorm scale/bias and the head trained in full) | adapter (ViT backbones only).
-With init.checkpoint, the backbone architecture comes from that run: leave the model fields at
+With init.checkpoint / init.pretrained, the backbone architecture comes from that source: leave the model fields at
 0/"" to take them from it; a field you set must match the checkpoint.
 """
 import ml_collections

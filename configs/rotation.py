@@ -41,6 +41,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = vision_model_config()
   c.data = vision_data_config()
   c.frozen_eval = frozen_eval_config()
-  c.init = init_config()       # warm start (a jembed workdir or a Hugging Face dir)
+  c.init = init_config()       # warm start (a jembed workdir, or init.pretrained: a pretrained image model)
   c.peft = peft_config()       # which parameters train: full | linear_probe | lora | adapter
   return c

@@ -231,8 +231,11 @@ class _Progress:
 # ---------------------------------------------------------------------------------------------------
 def load(path: str, *, max_seq_length: int | None = None, step: int | None = None):
   """A TextEmbedder or ImageEmbedder for a jembed workdir, a jembed export or a Hugging Face /
-  sentence-transformers directory."""
-  from jembed import modelspec
+  sentence-transformers directory, or a pretrained image model (jembed.interop: a torchvision / timm
+  .pth or .safetensors, a HF / timm ResNet or ViT directory, a big_vision .npz)."""
+  from jembed import interop, modelspec
+  if interop.is_image_source(path):
+    return _load_image_source(path)
   if not os.path.isdir(path):
     raise UserError(f"model '{path}' does not exist; give a jembed workdir or a Hugging Face "
                     "model directory")
@@ -248,6 +251,14 @@ def load(path: str, *, max_seq_length: int | None = None, step: int | None = Non
                         source=path)
   raise UserError(f"'{path}' is not a model directory: it has neither a jembed model.json nor a "
                   "Hugging Face config.json")
+
+
+def _load_image_source(path: str):
+  """An ImageEmbedder over a pretrained image model's backbone (read without torch)."""
+  from jembed import interop
+  imported = interop.open_image_model(path)
+  model = imported.build()
+  return ImageEmbedder(model.backbone, imported.spec["image_shape"], source=imported.description)
 
 
 def _load_workdir(path: str, max_seq_length: int | None, step: int | None):

@@ -6,7 +6,9 @@ The directory holds a torch-layout `model.safetensors`, `config.json` (model_typ
 tokenizer files and sentence-transformers' modules (pooling, normalisation), so
 `transformers.AutoModel.from_pretrained` and `sentence_transformers.SentenceTransformer` load it and
 compute the same outputs. LoRA runs are exported with their adapters merged into the weights; an MLM
-run's head goes along (transformers' `cls.predictions`).
+run's head goes along (transformers' `cls.predictions`). An image classifier (ResNet or ViT) becomes
+a `ResNetForImageClassification` / `ViTForImageClassification` directory with `id2label` and
+`preprocessor_config.json` (jembed/interop/hf_image.py).
 """
 from __future__ import annotations
 
@@ -27,6 +29,11 @@ def export(model_dir: str, output: str, *, step: int | None = None) -> str:
     raise UserError(f"'{model_dir}' is not a jembed workdir (no {modelspec.MODEL_FILE}); give the "
                     "--workdir of a jembed run")
   spec, model, step = modelspec.load_model(model_dir, step)
+  if spec.get("modality") == "image" or "image_shape" in spec:
+    from jembed.interop import hf_image
+    hf_image.save_dir(output, spec, nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                      nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+    return f"exported {model_dir} (step {step}) to {output}"
   if "encoder" not in spec:
     raise UserError(f"'{model_dir}' holds an image model ({spec['task']}); Hugging Face export is for "
                     "text encoders")

@@ -2,6 +2,8 @@
 
     --config.init.checkpoint=runs/mlm        a jembed workdir (its latest checkpoint, or init.step)
     --config.init.hf=path/to/all-MiniLM-L6-v2  a transformers / sentence-transformers directory
+    --config.init.pretrained=resnet18.pth    a pretrained image model: torchvision / timm / Hugging
+                                             Face ResNet or ViT, big_vision .npz (jembed/interop)
 
 A source is resolved before any data is read: it brings the model description it was trained with
 (so a task takes the architecture, tokenizer and pooling from it) and, when the loop asks, its
@@ -27,12 +29,16 @@ from jembed.errors import UserError
 
 @dataclasses.dataclass
 class Source:
-  kind: str                        # "workdir" | "hf"
+  kind: str                        # "workdir" | "hf" | "pretrained"
   path: str
   spec: dict[str, Any]             # the source model's description (modelspec), task included
   load: Callable[[], tuple[dict, dict]]   # -> (params, model_state) of the source's task model
   tokenizer: Any = None            # a tokenizers.Tokenizer, when the source has one
   description: str = ""
+  # (path, value, target shape) -> value for a parameter whose shape legitimately differs (a ViT's
+  # position table at another image size); None: a differing shape is an architecture mismatch.
+  adapt: Callable[[str, np.ndarray, tuple], np.ndarray] | None = None
+  note: str = ""                   # what warm_start did with the source's head, for the run log
 
   @property
   def task(self) -> str:
@@ -52,9 +58,19 @@ def source_from_config(config) -> Source | None:
   if init is None:
     return None
   checkpoint, hf_dir = str(init.get("checkpoint", "") or ""), str(init.get("hf", "") or "")
-  if checkpoint and hf_dir:
-    raise UserError("config.init.checkpoint and config.init.hf are both set; a run warm-starts from one "
-                    "source: clear one of them")
+  pretrained = str(init.get("pretrained", "") or "")
+  named = [k for k, v in (("checkpoint", checkpoint), ("hf", hf_dir), ("pretrained", pretrained)) if v]
+  if len(named) > 1:
+    raise UserError(f"config.init.{named[0]} and config.init.{named[1]} are both set; a run warm-starts "
+                    "from one source: clear one of them")
+  if pretrained:
+    image_task = config.get("task", "") in ("rotation", "simclr") or (
+        config.get("task", "") == "classification"
+        and config.get("data", {}).get("modality", "text") == "image")
+    if not image_task:
+      raise UserError("config.init.pretrained is for image tasks (rotation, simclr, image "
+                      "classification); warm-start a text model with config.init.hf")
+    return open_pretrained(pretrained)
   if checkpoint:
     return open_workdir(checkpoint, int(init.get("step", 0) or 0) or None)
   if hf_dir:
@@ -112,11 +128,49 @@ def open_hf(path: str) -> Source:
                 description=f"{path} (Hugging Face directory)")
 
 
+def open_pretrained(path: str) -> Source:
+  """A pretrained image model (jembed/interop): its architecture, preprocessing and head come along."""
+  from jembed import interop
+  imported = interop.open_image_model(path)
+  spec = imported.spec
+  backbone = spec["backbone"]
+
+  def adapt(name: str, value: np.ndarray, shape: tuple) -> np.ndarray:
+    if backbone["backbone"] != "vit" or not name.endswith("backbone/position"):
+      return value
+    from jembed.models import vit as vit_model
+    cls = int(bool(backbone["vit"].get("class_token", True)))
+    old, new = value.shape[1] - cls, shape[1] - cls
+    og, ng = int(round(np.sqrt(old))), int(round(np.sqrt(new)))
+    if ng * ng != new:
+      raise UserError(f"{path}: position embeddings can be resampled to square images only; set "
+                      "data.image_size=N")
+    return vit_model.resample_position(value, (og, og), (ng, ng), bool(cls))
+
+  return Source("pretrained", path, spec, lambda: (imported.params, imported.model_state),
+                description=imported.description, adapt=adapt)
+
+
+def _head_note(source: Source, src_params: dict, params: dict) -> str:
+  """Whether the pretrained source's classifier head was restored, in words for the log."""
+  theirs = tree.flatten(src_params.get("head") or {})
+  ours = tree.flatten(params.get("head") or {}) if isinstance(params, dict) else {}
+  if not theirs:
+    return "the source has no classifier head: the head starts fresh"
+  n_src = len(source.spec.get("class_names") or [])
+  if ours and all(k in ours and tuple(ours[k].shape) == tuple(v.shape) for k, v in theirs.items()):
+    return f"classifier head restored from the source ({n_src} classes)"
+  return f"fresh classifier head (the source has {n_src} classes, this run a different head)"
+
+
 def warm_start(source: Source, params: dict, model_state: dict, *, backbone: str, same_task: bool,
                allow_missing: str | None = None) -> tuple[dict, dict]:
   """`params` / `model_state` with the source's values copied in, each placed with the sharding of
   the leaf it replaces."""
   src_params, src_state = source.load()
+  if source.kind == "pretrained":
+    source.note = (_head_note(source, src_params, params) if same_task
+                   else "backbone only (the source's head is for another task)")
   params = _copy(params, src_params, source, backbone, same_task, allow_missing, "parameter")
   if model_state:
     model_state = _copy(model_state, src_state, source, backbone, same_task, None,
@@ -145,6 +199,8 @@ def _copy(target: dict, source_tree: dict, source: Source, backbone: str, same_t
       raise UserError(f"architecture mismatch: {what} '{path}' {tuple(leaf.shape)} is not in "
                       f"{source.description}; use the source's model settings")
     value = np.asarray(jax.device_get(have[path]))
+    if value.shape != tuple(leaf.shape) and source.adapt is not None:
+      value = source.adapt(path, value, tuple(leaf.shape))
     if value.shape != tuple(leaf.shape):
       if not path.startswith(prefix):
         continue  # a head of another size (e.g. other classes): trained afresh

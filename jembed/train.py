@@ -420,7 +420,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if start:
     logger.info(f"resumed from {ckpt.checkpoint_dir(workdir)}/{start}")
   elif task.init is not None:
-    logger.info(f"warm start from {task.init.description}")
+    logger.info(f"warm start from {task.init.description}"
+                + (f"; {task.init.note}" if task.init.note else ""))
 
   # ---- loop ----
   items_per_batch = config.batch_size * task.items_per_example()

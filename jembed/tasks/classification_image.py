@@ -10,6 +10,7 @@ from flax import nnx
 import numpy as np
 
 from jembed.data import image_stream
+from jembed.data import image_transforms
 from jembed.data import images as images_lib
 from jembed.errors import UserError
 from jembed.models.heads import Classifier
@@ -19,13 +20,22 @@ from jembed.tasks.classification import ClassificationTask
 
 
 class ImageClassifier(nnx.Module):
+  """images -> logits. uint8 images are normalised on device as `preprocess` declares (None: /255);
+  float images are taken as already normalised. With num_classes None (a pretrained source without
+  a classifier head) there is no head and the model returns the pooled features."""
 
-  def __init__(self, backbone: dict, image_shape, num_classes: int, *, rngs: nnx.Rngs):
+  def __init__(self, backbone: dict, image_shape, num_classes: int | None, *, rngs: nnx.Rngs,
+               preprocess: dict | None = None):
     self.backbone, features = vision.build_backbone(backbone, image_shape, rngs)
-    self.head = Classifier(features, num_classes, rngs=rngs)
+    self.head = Classifier(features, num_classes, rngs=rngs) if num_classes is not None else None
+    self.preprocess = image_transforms.Preprocess.from_dict(preprocess) if preprocess else None
+
+  def features(self, images):
+    return vision.backbone_features(self.backbone, vision.model_input(images, self.preprocess))
 
   def __call__(self, images):
-    return self.head(vision.backbone_features(self.backbone, vision.to_float(images)))
+    features = self.features(images)
+    return features if self.head is None else self.head(features)
 
 
 class ImageClassificationTask(ClassificationTask):
@@ -86,12 +96,17 @@ class ImageClassificationTask(ClassificationTask):
     return dict(task="classification", modality="image",
                 backbone=vision.resolve_backbone(self.config.model.to_dict(), source),
                 image_shape=list(self.image_shape), class_names=list(self.class_names),
-                **({"preprocess": self.preprocess.to_dict()} if self.preprocess else {}))
+                preprocess=(self.preprocess.to_dict() if self.preprocess else
+                            vision.spec_preprocess(self.image_shape,
+                                                   self.init.spec if self.init else None)))
 
   @classmethod
   def build_model(cls, spec, rngs):
-    return ImageClassifier(spec["backbone"], tuple(spec["image_shape"]), len(spec["class_names"]),
-                           rngs=rngs)
+    # A spec without class_names is a headless pretrained backbone (jembed/interop).
+    names = spec.get("class_names")
+    return ImageClassifier(spec["backbone"], tuple(spec["image_shape"]),
+                           None if names is None else len(names), rngs=rngs,
+                           preprocess=spec.get("preprocess"))
 
   def logits(self, model, batch):
     return model(batch["image"])

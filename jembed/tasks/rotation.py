@@ -13,7 +13,8 @@ from flax import nnx
 from jembed.data import augment
 from jembed.errors import UserError
 from jembed.models.heads import Classifier
-from jembed.tasks.vision import VisionTask, backbone_features, build_backbone, to_float
+from jembed.tasks.vision import (VisionTask, backbone_features, build_backbone, preprocess_of,
+                                 standardize, to_float)
 
 NUM_ROTATIONS = 4
 
@@ -21,8 +22,9 @@ NUM_ROTATIONS = 4
 class RotationModel(nnx.Module):
   """backbone -> pooled features -> `head` (4 logits)."""
 
-  def __init__(self, backbone: dict, image_shape, *, rngs: nnx.Rngs):
+  def __init__(self, backbone: dict, image_shape, *, rngs: nnx.Rngs, preprocess=None):
     self.backbone, dim = build_backbone(backbone, image_shape, rngs)
+    self.preprocess = preprocess  # mean / std the rotated [0, 1] images are standardised with
     self.head = Classifier(dim, NUM_ROTATIONS, rngs=rngs)
 
   def __call__(self, images):
@@ -34,7 +36,8 @@ class RotationTask(VisionTask):
 
   @classmethod
   def build_model(cls, spec, rngs):
-    return RotationModel(spec["backbone"], tuple(spec["image_shape"]), rngs=rngs)
+    return RotationModel(spec["backbone"], tuple(spec["image_shape"]), rngs=rngs,
+                         preprocess=preprocess_of(spec))
 
   def items_per_example(self) -> int:
     return 1  # throughput counts source images; each is seen 4 times
@@ -46,7 +49,7 @@ class RotationTask(VisionTask):
       # Crops make the angle harder to read off low-level cues, so the backbone learns more shape.
       images = augment.simclr_augment(rng, images, **dict(aug))
     images, labels = augment.rotate_batch(images)
-    logits = model(images).astype(jnp.float32)
+    logits = model(standardize(images, model.preprocess)).astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     accuracy = (logits.argmax(-1) == labels).mean()
     return loss, {"loss": loss, "accuracy": accuracy}

@@ -14,14 +14,17 @@ from flax import nnx
 from jembed.data import augment
 from jembed.losses import nt_xent
 from jembed.models.heads import ProjectionHead
-from jembed.tasks.vision import VisionTask, backbone_features, build_backbone, to_float
+from jembed.tasks.vision import (VisionTask, backbone_features, build_backbone, preprocess_of,
+                                 standardize, to_float)
 
 
 class SimclrModel(nnx.Module):
   """backbone -> pooled features -> `projection` (the MLP whose output NT-Xent compares)."""
 
-  def __init__(self, backbone: dict, image_shape, projection: dict, *, rngs: nnx.Rngs):
+  def __init__(self, backbone: dict, image_shape, projection: dict, *, rngs: nnx.Rngs,
+               preprocess=None):
     self.backbone, dim = build_backbone(backbone, image_shape, rngs)
+    self.preprocess = preprocess  # mean / std the augmented [0, 1] views are standardised with
     self.projection = ProjectionHead(dim, int(projection["hidden"] or dim), int(projection["dim"]),
                                      int(projection["layers"]), rngs=rngs)
 
@@ -37,13 +40,14 @@ class SimclrTask(VisionTask):
 
   @classmethod
   def build_model(cls, spec, rngs):
-    return SimclrModel(spec["backbone"], tuple(spec["image_shape"]), spec["projection"], rngs=rngs)
+    return SimclrModel(spec["backbone"], tuple(spec["image_shape"]), spec["projection"], rngs=rngs,
+                       preprocess=preprocess_of(spec))
 
   def loss(self, model, batch, rng, train):
     v1, v2 = augment.two_views(rng, to_float(batch["image"]), **self.augment_kwargs())
     b = v1.shape[0]
     # One backbone call for both views: BatchNorm statistics come from all 2B views together.
-    z = model(jnp.concatenate([v1, v2], axis=0))
+    z = model(standardize(jnp.concatenate([v1, v2], axis=0), model.preprocess))
     loss, accuracy = nt_xent(z[:b], z[b:], float(self.config.temperature))
     return loss, {"loss": loss, "accuracy": accuracy}
 

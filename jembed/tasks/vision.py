@@ -15,6 +15,7 @@ from flax import nnx
 from jembed import evaluate as evaluate_lib
 from jembed import modelspec
 from jembed.data import image_stream
+from jembed.data import image_transforms
 from jembed.data import images as images_lib
 from jembed.errors import UserError
 from jembed.models import resnet, vit
@@ -51,6 +52,40 @@ def to_float(images: jax.Array) -> jax.Array:
   if jnp.issubdtype(images.dtype, jnp.integer):
     return images.astype(jnp.float32) / 255.0
   return images.astype(jnp.float32)
+
+
+def preprocess_of(spec: dict) -> image_transforms.Preprocess | None:
+  """The model's declared preprocessing (model.json `preprocess`); None for runs older than it."""
+  pp = spec.get("preprocess")
+  return image_transforms.Preprocess.from_dict(pp) if pp else None
+
+
+def spec_preprocess(image_shape, source_spec: dict | None = None) -> dict:
+  """model.json's `preprocess` for a run on (H, W, C) images: the warm-start source's (its size set
+  to this run's) or, from scratch, plain [0, 1] pixels."""
+  size, channels = int(image_shape[0]), int(image_shape[-1])
+  if source_spec and source_spec.get("preprocess"):
+    pp = dict(source_spec["preprocess"], size=size)
+    if int(pp.get("channels", 3)) != channels:
+      raise UserError(f"the warm-start source takes {pp.get('channels', 3)}-channel images but the "
+                      f"data has {channels}; set data.channels={pp.get('channels', 3)}")
+    return image_transforms.Preprocess.from_dict(pp).to_dict()
+  return image_transforms.plain(size, channels).to_dict()
+
+
+def model_input(images: jax.Array, preprocess: image_transforms.Preprocess | None) -> jax.Array:
+  """What a backbone takes: uint8 pixels normalised as the model declares ((x/255 - mean) / std;
+  only /255 without a declaration); float input is taken as already normalised."""
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    return image_transforms.normalize(images, preprocess)
+  return images.astype(jnp.float32)
+
+
+def standardize(images01: jax.Array, preprocess: image_transforms.Preprocess | None) -> jax.Array:
+  """Float images in [0, 1] (after on-device augmentation) -> (x - mean) / std."""
+  if preprocess is None:
+    return images01
+  return image_transforms.normalize(images01, preprocess)
 
 
 def build_backbone(backbone: dict, image_shape: tuple[int, int, int], rngs: nnx.Rngs
@@ -134,9 +169,11 @@ class VisionTask(Task):
   def model_spec(self):
     source = self.init.spec.get("backbone") if self.init is not None else None
     stream = getattr(self, "train_stream", None)
-    extra = {"preprocess": stream.pp.to_dict()} if stream is not None else {}
     return dict(task=self.config.task, backbone=resolve_backbone(self.config.model.to_dict(), source),
-                image_shape=list(self.image_shape), **extra, **self.head_spec())
+                image_shape=list(self.image_shape),
+                preprocess=(stream.pp.to_dict() if stream is not None else
+                            spec_preprocess(self.image_shape, self.init.spec if self.init else None)),
+                **self.head_spec())
 
   def head_spec(self) -> dict:
     """What the task's heads add to the model description."""
@@ -151,8 +188,9 @@ class VisionTask(Task):
     graphdef, state = nnx.split(backbone)
     if self._features_fn is None:
       # One compiled function for pretrained and random-init backbones (same graph, new weights).
+      pp = preprocess_of(self.model_spec())
       self._features_fn = jax.jit(
-          lambda g, s, x: backbone_features(nnx.merge(g, s), to_float(x)), static_argnums=0)
+          lambda g, s, x: backbone_features(nnx.merge(g, s), model_input(x, pp)), static_argnums=0)
     batch = int(self._eval_cfg().get("batch", 256))
     return evaluate_lib.extract_features(lambda x: self._features_fn(graphdef, state, x), images, batch)
 
