@@ -359,6 +359,8 @@ def test_batcher_plan_respects_token_budget():
     for bt in batches:
       pads = {bucket(lengths[i], 128) for i in bt}
       assert len(pads) == 1 and len(bt) * pads.pop() <= 256
+    assert b.shapes() == [(1, 16), (2, 16), (4, 16), (8, 16), (16, 16), (1, 32), (2, 32), (4, 32),
+                          (8, 32), (1, 64), (2, 64), (4, 64), (1, 128), (2, 128)]
     with pytest.raises(UserError, match="max-batch-tokens"):
       Batcher(b.run, width=4, max_len=128, max_batch_tokens=64, max_queue=2)
     held = threading.Event()
@@ -404,6 +406,21 @@ def test_cli_without_fastapi_names_the_extra(monkeypatch, capsys, model_dir):
   assert cli.main(["--model", model_dir]) == 2
   err = capsys.readouterr().err.strip()
   assert err == "jembed: error: the server needs FastAPI and uvicorn: pip install 'jembed[serve]'"
+
+
+def test_cli_builds_and_warms_up_every_batch_shape(model_dir):
+  """The command's app: named after the directory, every batch shape compiled before serving
+  unless --no-warm-up (a budget of 16 tokens allows one shape: 8 rows of 16 here)."""
+  from jembed.serve import __main__ as cli
+  for flags, compiled in (([], 1), (["--no-warm-up"], 0)):
+    app, desc = cli.build(cli.parser().parse_args(["--model", model_dir, "--max-batch-tokens", "16"] + flags))
+    try:
+      assert desc.startswith("tiny-bert: 32 dims, at most 16 tokens")
+      assert app.state.batcher.shapes() == [(8, 16)]
+      fns = app.state.model._fns  # pylint: disable=protected-access
+      assert (fns["float32"][0]._cache_size() if fns else 0) == compiled
+    finally:
+      app.state.batcher.close()
 
 
 def test_cli_refuses_a_budget_below_the_model_maximum(capsys, model_dir):

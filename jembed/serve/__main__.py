@@ -3,6 +3,7 @@
     python -m jembed.serve --model path/to/all-MiniLM-L6-v2 [--index DIR] [--host 127.0.0.1 --port 8000]
         [--api-key KEY] [--max-batch-tokens 16384] [--max-queue 256] [--truncate]
         [--max-request-bytes 2097152] [--dtype float32|bfloat16] [--served-model-name NAME]
+        [--no-warm-up]
 
 Then any OpenAI client: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY)
 .embeddings.create(model=NAME, input=["a text"])`.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from jembed.embed import DTYPES
 from jembed.errors import UserError, run_cli
@@ -37,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype of the model")
   p.add_argument("--served-model-name", default="",
                  help="the model id clients send and /v1/models lists (default: the directory name)")
+  p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                 help="start at once; each batch shape then compiles when a request first needs it")
   p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
   return p
 
@@ -69,8 +73,11 @@ def build(args):
   app = create_app(model, served_model_name=name, index=index, api_key=args.api_key or None,
                    max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue,
                    truncate=args.truncate, max_request_bytes=args.max_request_bytes, dtype=args.dtype)
-  # One short input through the model now, so the first client does not wait for a compile.
-  model.embed_token_rows(model.tokenize(["warm up"]), batch_size=model.mesh.size, dtype=args.dtype)
+  if args.warm_up:  # every batch shape compiled before the first client, not in its latency
+    t0 = time.perf_counter()
+    shapes = app.state.batcher.warm_up()
+    print(f"jembed.serve: compiled {shapes} batch shapes in {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr)
   desc = (f"{name}: {model.dim} dims, at most {model.max_seq_length} tokens an input, {args.dtype}"
           + (f", index of {len(index)} vectors" if index is not None else ""))
   return app, desc

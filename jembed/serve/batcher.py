@@ -131,6 +131,23 @@ class Batcher:
       lo = hi
     return batches
 
+  def shapes(self) -> list[tuple[int, int]]:
+    """Every (rows, padded length) a batch can have: what `warm_up` compiles."""
+    out = []
+    for length in sorted({bucket(n, self.max_len) for n in range(1, self.max_len + 1)}):
+      cap = _pow2_at_most(self.max_batch_tokens // length)
+      out += [(size, length) for size in sorted({max(self.min_rows, 1 << i)
+                                                 for i in range(cap.bit_length())})]
+    return out
+
+  def warm_up(self) -> int:
+    """Runs one batch of every shape (on this thread, before serving), so no client waits for a
+    compile; returns how many shapes there were."""
+    shapes = self.shapes()
+    for size, length in shapes:
+      self.run([np.zeros(length, np.int32)], size)
+    return len(shapes)
+
   def _run_jobs(self, jobs: list[_Job]) -> None:
     items = [(job, i) for job in jobs if job.left for i in range(len(job.rows))]
     for batch in self.plan([len(job.rows[i]) for job, i in items]):
