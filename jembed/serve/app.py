@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jembed.embed import truncate as truncate_dims
+from jembed.errors import UserError
 from jembed.serve import protocol
 from jembed.serve.batcher import Batcher, QueueFull
 from jembed.serve.metrics import CONTENT_TYPE, ServerMetrics
@@ -81,6 +82,8 @@ def create_app(model, *, served_model_name: str, index=None, api_key: str | None
       return await handler(request)
     except ApiError as e:
       return error(e)
+    except UserError as e:  # e.g. query vectors the index cannot take: the request's to fix
+      return error(ApiError(400, str(e)))
     except Exception as e:  # pylint: disable=broad-except
       return error(ApiError(500, f"the server failed: {type(e).__name__}: {e}", kind="server_error"))
 
