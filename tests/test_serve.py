@@ -306,6 +306,23 @@ def test_full_queue_is_429_with_retry_after(small_server):
   assert m.rejected.value() == 1 and m.requests.value("/v1/embeddings", "429") == 1
 
 
+def test_a_failing_model_is_500_and_the_worker_survives(small_server):
+  batcher = small_server.app.state.batcher
+  run = batcher.run
+
+  def broken(rows, size):
+    raise RuntimeError("device lost")
+
+  batcher.run = broken
+  try:
+    r = httpx.post(small_server.url + "/v1/embeddings", json={"input": "a"}, timeout=60)
+  finally:
+    batcher.run = run
+  assert r.status_code == 500 and "device lost" in error_of(r)["message"]
+  assert error_of(r)["type"] == "server_error" and batcher.pending == 0
+  assert httpx.post(small_server.url + "/v1/embeddings", json={"input": "a"}, timeout=60).status_code == 200
+
+
 # ----------------------------------------------------------------------------- the rest
 
 
@@ -418,15 +435,23 @@ def test_cli_builds_and_warms_up_every_batch_shape(model_dir):
   """The command's app: named after the directory, every batch shape compiled before serving
   unless --no-warm-up (a budget of 16 tokens allows one shape: 8 rows of 16 here)."""
   from jembed.serve import __main__ as cli
-  for flags, compiled in (([], 1), (["--no-warm-up"], 0)):
+  for flags, compiled in ((["--dtype", "bfloat16"], 1), (["--no-warm-up"], 0)):
     app, desc = cli.build(cli.parser().parse_args(["--model", model_dir, "--max-batch-tokens", "16"] + flags))
     try:
       assert desc.startswith("tiny-bert: 32 dims, at most 16 tokens")
       assert app.state.batcher.shapes() == [(8, 16)]
       fns = app.state.model._fns  # pylint: disable=protected-access
-      assert (fns["float32"][0]._cache_size() if fns else 0) == compiled
+      assert (fns["bfloat16"][0]._cache_size() if fns else 0) == compiled
     finally:
       app.state.batcher.close()
+  args = cli.parser().parse_args(["--model", model_dir, "--no-warm-up", "--api-key", "k", "--truncate",
+                                  "--max-queue", "3", "--max-request-bytes", "99",
+                                  "--served-model-name", "mine"])
+  app, _ = cli.build(args)
+  app.state.batcher.close()
+  assert app.state.settings == dict(served_model_name="mine", api_key="k", truncate=True,
+                                    max_batch_tokens=16384, max_queue=3, max_request_bytes=99,
+                                    dtype="float32")
 
 
 def test_cli_refuses_a_budget_below_the_model_maximum(capsys, model_dir):

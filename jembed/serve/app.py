@@ -51,6 +51,9 @@ def create_app(model, *, served_model_name: str, index=None, api_key: str | None
   app = FastAPI(title="jembed embeddings server", lifespan=lifespan, docs_url=None, redoc_url=None,
                 openapi_url=None)
   app.state.model, app.state.batcher, app.state.metrics, app.state.index = model, batcher, metrics, index
+  app.state.settings = dict(served_model_name=served_model_name, api_key=api_key, truncate=truncate,
+                            max_batch_tokens=max_batch_tokens, max_queue=max_queue,
+                            max_request_bytes=max_request_bytes, dtype=dtype)
   created = int(time.time())
 
   def error(e: ApiError) -> JSONResponse:

@@ -114,7 +114,13 @@ class Batcher:
           live.append(job)
         else:
           self._release()
-      self._run_jobs(live)
+      try:
+        self._run_jobs(live)
+      except Exception as e:  # pylint: disable=broad-except
+        for job in live:  # never leave a request waiting forever; the worker carries on
+          if not job.future.done():
+            job.future.set_exception(e)
+            self._release()
 
   def plan(self, lengths: Sequence[int]) -> list[list[int]]:
     """Indices of `lengths` grouped into batches: longest first, one padded length per batch, at
