@@ -216,6 +216,7 @@ def test_bad_requests_are_400_in_openai_shape(client):
       (dict(input="a", encoding_format="float16"), "encoding_format"),
       (dict(input=[[1, 2], "mixed"]), "must be a string"),
       (dict(input=[[10 ** 6]]), "outside this model's vocabulary"),
+      (dict(input=[[3, 2 ** 70]]), "token id 1180591620717411303424"),
       (dict(input=[]), "empty"),
   ]
   for kwargs, message in cases:
@@ -376,6 +377,8 @@ def test_batcher_plan_respects_token_budget():
     for bt in batches:
       pads = {bucket(lengths[i], 128) for i in bt}
       assert len(pads) == 1 and len(bt) * pads.pop() <= 256
+    # 12 rows in bucket 16 run as 8 + 4 (not 16): every batch here is a power of two
+    assert sorted(len(bt) for bt in batches) == [2, 2, 2, 2, 4, 4, 8, 8]
     assert b.shapes() == [(1, 16), (2, 16), (4, 16), (8, 16), (16, 16), (1, 32), (2, 32), (4, 32),
                           (8, 32), (1, 64), (2, 64), (4, 64), (1, 128), (2, 128)]
     with pytest.raises(UserError, match="max-batch-tokens"):

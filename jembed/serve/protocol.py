@@ -124,12 +124,11 @@ def token_rows(model, items: Sequence, *, truncate: bool, param: str = "input") 
   for i, t in enumerate(items):
     if isinstance(t, str):
       continue
-    ids = np.asarray(t, np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-      bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+    bad = next((x for x in t if not 0 <= x < vocab), None)
+    if bad is not None:
       raise ApiError(400, f"{param}[{i}] holds token id {bad}, outside this model's vocabulary "
                      f"(0..{vocab - 1})", param=param, code="invalid_value")
-    rows[i] = np.concatenate([[cls], ids, [sep]]).astype(np.int32)
+    rows[i] = np.asarray([cls, *t, sep], np.int32)
   limit = model.max_seq_length
   for i, row in enumerate(rows):
     if len(row) <= limit:
