@@ -10,6 +10,7 @@ servers share it: the main one (API key, 64 KiB request limit, no truncation) an
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import socket
 import threading
@@ -28,6 +29,10 @@ from jembed.errors import UserError  # noqa: E402
 from jembed.serve.app import create_app  # noqa: E402
 from jembed.serve.batcher import Batcher, QueueFull  # noqa: E402
 
+# A first request may compile a batch shape: on a busy 2-core machine that takes longer than httpx's
+# default 5 s.
+post = functools.partial(httpx.post, timeout=60)
+get = functools.partial(httpx.get, timeout=60)
 KEY = "sk-test-key"
 MAX_BYTES = 64 * 1024
 TEXTS = ["Hello world", "the quick brown fox jumps over the lazy dog", "a", "",
@@ -143,7 +148,7 @@ def test_float_and_base64_equal_embed(client, model):
 
 
 def test_base64_is_little_endian_float32(server, model):
-  r = httpx.post(server.url + "/v1/embeddings", headers={"Authorization": f"Bearer {KEY}"},
+  r = post(server.url + "/v1/embeddings", headers={"Authorization": f"Bearer {KEY}"},
                  json={"input": ["Hello world"], "encoding_format": "base64", "model": "tiny"})
   raw = base64.b64decode(r.json()["data"][0]["embedding"])
   assert len(raw) == 4 * model.dim
@@ -254,24 +259,24 @@ def test_truncate_cuts_long_inputs(small_server, model):
 def test_api_key(server):
   url = server.url + "/v1/embeddings"
   for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
-    r = httpx.post(url, json={"input": "a"}, headers=headers)
+    r = post(url, json={"input": "a"}, headers=headers)
     assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
   with pytest.raises(openai.AuthenticationError):
     openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).embeddings.create(
         model="tiny", input="a")
-  assert httpx.get(server.url + "/v1/models").status_code == 401
+  assert get(server.url + "/v1/models").status_code == 401
   # Probes and scrapers need no key.
-  assert httpx.get(server.url + "/health").json() == {"status": "ok"}
-  assert httpx.get(server.url + "/metrics").status_code == 200
+  assert get(server.url + "/health").json() == {"status": "ok"}
+  assert get(server.url + "/metrics").status_code == 200
 
 
 def test_request_too_large_is_413(server):
   body = {"input": ["word " * 10] * 2000}  # about 100 KB > 64 KiB
-  r = httpx.post(server.url + "/v1/embeddings", json=body, headers={"Authorization": f"Bearer {KEY}"})
+  r = post(server.url + "/v1/embeddings", json=body, headers={"Authorization": f"Bearer {KEY}"})
   assert r.status_code == 413 and error_of(r)["code"] == "request_too_large"
   # A chunked body declares no length: it is measured once read.
   chunks = (json.dumps(body)[i:i + 4096].encode() for i in range(0, len(json.dumps(body)), 4096))
-  r = httpx.post(server.url + "/v1/embeddings", content=chunks,
+  r = post(server.url + "/v1/embeddings", content=chunks,
                  headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
   assert r.status_code == 413
 
@@ -289,15 +294,15 @@ def test_full_queue_is_429_with_retry_after(small_server):
 
   batcher.run = held
   first: dict = {}
-  t = threading.Thread(target=lambda: first.update(r=httpx.post(
+  t = threading.Thread(target=lambda: first.update(r=post(
       small_server.url + "/v1/embeddings", json={"input": "a"}, timeout=60)))
   try:
     t.start()
     assert entered.wait(60)
-    r = httpx.post(small_server.url + "/v1/embeddings", json={"input": "b"}, timeout=60)
+    r = post(small_server.url + "/v1/embeddings", json={"input": "b"}, timeout=60)
     assert r.status_code == 429 and r.headers["retry-after"] == "1"
     assert error_of(r)["code"] == "rate_limit_exceeded"
-    assert httpx.get(small_server.url + "/health", timeout=5).status_code == 200  # loop not blocked
+    assert get(small_server.url + "/health", timeout=20).status_code == 200  # loop not blocked
   finally:
     release.set()
     t.join(60)
@@ -316,12 +321,12 @@ def test_a_failing_model_is_500_and_the_worker_survives(small_server):
 
   batcher.run = broken
   try:
-    r = httpx.post(small_server.url + "/v1/embeddings", json={"input": "a"}, timeout=60)
+    r = post(small_server.url + "/v1/embeddings", json={"input": "a"}, timeout=60)
   finally:
     batcher.run = run
   assert r.status_code == 500 and "device lost" in error_of(r)["message"]
   assert error_of(r)["type"] == "server_error" and batcher.pending == 0
-  assert httpx.post(small_server.url + "/v1/embeddings", json={"input": "a"}, timeout=60).status_code == 200
+  assert post(small_server.url + "/v1/embeddings", json={"input": "a"}, timeout=60).status_code == 200
 
 
 # ----------------------------------------------------------------------------- the rest
@@ -329,25 +334,25 @@ def test_a_failing_model_is_500_and_the_worker_survives(small_server):
 
 def test_models_and_unknown_routes(server, model):
   h = {"Authorization": f"Bearer {KEY}"}
-  data = httpx.get(server.url + "/v1/models", headers=h).json()["data"]
+  data = get(server.url + "/v1/models", headers=h).json()["data"]
   assert [(d["id"], d["object"], d["dimensions"]) for d in data] == [("tiny", "model", model.dim)]
-  r = httpx.get(server.url + "/v1/nothing", headers=h)
+  r = get(server.url + "/v1/nothing", headers=h)
   assert r.status_code == 404 and error_of(r)["code"] == "not_found"
-  r = httpx.post(server.url + "/v1/search", json={"query": "a"}, headers=h)
+  r = post(server.url + "/v1/search", json={"query": "a"}, headers=h)
   assert r.status_code == 404 and "--index" in error_of(r)["message"]
-  r = httpx.post(server.url + "/embeddings", content=b"{not json", headers=h)
+  r = post(server.url + "/embeddings", content=b"{not json", headers=h)
   assert r.status_code == 400 and error_of(r)["code"] == "invalid_json"
-  r = httpx.post(server.url + "/embeddings", json={"input": "a"}, headers=h)  # the /v1-less alias
+  r = post(server.url + "/embeddings", json={"input": "a"}, headers=h)  # the /v1-less alias
   assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == model.dim
 
 
 def test_metrics_count_requests_tokens_and_batches(server):
   h = {"Authorization": f"Bearer {KEY}"}
-  before = httpx.get(server.url + "/metrics").text
+  before = get(server.url + "/metrics").text
   for _ in range(3):
-    assert httpx.post(server.url + "/v1/embeddings", json={"input": ["a", "b c"]}, headers=h).is_success
-  assert httpx.post(server.url + "/v1/embeddings", json={"input": 5}, headers=h).status_code == 400
-  after = httpx.get(server.url + "/metrics").text
+    assert post(server.url + "/v1/embeddings", json={"input": ["a", "b c"]}, headers=h).is_success
+  assert post(server.url + "/v1/embeddings", json={"input": 5}, headers=h).status_code == 400
+  after = get(server.url + "/metrics").text
 
   def value(text, prefix):
     lines = [ln for ln in text.splitlines() if ln.startswith(prefix + " ")]
@@ -363,6 +368,13 @@ def test_metrics_count_requests_tokens_and_batches(server):
   assert value(after, "jembed_queue_depth") == 0
   assert "# TYPE jembed_request_duration_seconds histogram" in after
   assert 'jembed_request_duration_seconds_bucket{route="/v1/embeddings",le="+Inf"}' in after
+  try:  # the exposition format as Prometheus' own parser reads it, when it is installed
+    from prometheus_client.parser import text_string_to_metric_families
+  except ImportError:
+    return
+  families = {f.name: f for f in text_string_to_metric_families(after)}
+  assert families["jembed_request_duration_seconds"].type == "histogram"
+  assert families["jembed_requests"].type == "counter" and families["jembed_queue_depth"].type == "gauge"
 
 
 def test_batcher_plan_respects_token_budget():
@@ -405,7 +417,7 @@ def test_search_over_an_index(model, model_dir, tmp_path):
   index = index_mod.Index.load(str(tmp_path / "ix"), model=model)
   s = Server(create_app(model, served_model_name="tiny", index=index))
   try:
-    r = httpx.post(s.url + "/v1/search", json={"query": [TEXTS[1], TEXTS[4]], "k": 2}, timeout=60)
+    r = post(s.url + "/v1/search", json={"query": [TEXTS[1], TEXTS[4]], "k": 2}, timeout=60)
     assert r.status_code == 200, r.text
     data = r.json()["data"]
     want = index.search([TEXTS[1], TEXTS[4]], 2)
@@ -414,7 +426,7 @@ def test_search_over_an_index(model, model_dir, tmp_path):
     assert data[0]["hits"][0]["n"] == 1  # stored fields come with the hits
     np.testing.assert_allclose([h["score"] for h in data[0]["hits"]],
                                [h["score"] for h in want[0]], atol=1e-5)
-    r = httpx.post(s.url + "/v1/search", json={"query": "a", "k": 0}, timeout=60)
+    r = post(s.url + "/v1/search", json={"query": "a", "k": 0}, timeout=60)
     assert r.status_code == 400 and error_of(r)["param"] == "k"
   finally:
     s.stop()
