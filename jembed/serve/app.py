@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import threading
 import time
 from typing import Any
 
@@ -141,10 +142,16 @@ def create_app(model, *, served_model_name: str, index=None, api_key: str | None
     vectors = await embed_rows(rows)
     if index.dim < vectors.shape[1]:  # an index of Matryoshka-shortened vectors
       vectors = truncate_dims(vectors, index.dim, model.normalize)
-    hits = await run_in_threadpool(index.search, vectors, min(k, len(index)))
+    hits = await run_in_threadpool(locked_search, vectors, min(k, len(index)))
     data = [{"object": "search_result", "index": i, "hits": h} for i, h in enumerate(hits)]
     payload = {"object": "list", "data": data, "model": served_model_name, "usage": usage(rows)}
     return Response(json.dumps(payload, default=_plain), media_type="application/json")
+
+  search_lock = threading.Lock()  # one search at a time: the index's searcher caches as it goes
+
+  def locked_search(vectors, k):
+    with search_lock:
+      return index.search(vectors, k)
 
   async def models(_request: Request):
     return JSONResponse({"object": "list", "data": [
