@@ -92,9 +92,13 @@ def create_app(model, *, served_model_name: str, index=None, api_key: str | None
       return error(ApiError(500, f"the server failed: {type(e).__name__}: {e}", kind="server_error"))
 
   async def json_body(request: Request) -> Any:
-    body = await request.body()
-    if len(body) > max_request_bytes:  # a chunked body declares no length up front
-      raise _too_large(max_request_bytes)
+    parts, size = [], 0
+    async for chunk in request.stream():  # a chunked body declares no length: count as it comes
+      size += len(chunk)
+      if size > max_request_bytes:
+        raise _too_large(max_request_bytes)
+      parts.append(chunk)
+    body = b"".join(parts)
     try:
       return json.loads(body)
     except ValueError:
