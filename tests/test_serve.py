@@ -142,6 +142,10 @@ def test_float_and_base64_equal_embed(client, model):
   res = client.embeddings.create(model="tiny", input=TEXTS[1])
   assert res.model == "tiny" and res.object == "list" and len(res.data) == 1
   np.testing.assert_allclose(res.data[0].embedding, want[1], atol=1e-6)
+  # A large request is tokenized and encoded on the thread pool rather than the event loop.
+  big = TEXTS * 60
+  res = client.embeddings.create(model="tiny", input=big)
+  np.testing.assert_allclose([d.embedding for d in res.data], np.tile(want, (60, 1)), atol=1e-6)
   tokens = sum(len(r) for r in model.tokenize(TEXTS))
   res = client.embeddings.create(model="tiny", input=TEXTS)
   assert res.usage.prompt_tokens == res.usage.total_tokens == tokens

@@ -32,6 +32,8 @@ from jembed.serve.protocol import ApiError
 PUBLIC = ("/health", "/metrics")   # open even when an API key is set (probes and scrapers)
 ROUTES = ("/v1/embeddings", "/embeddings", "/v1/models", "/v1/search", "/health", "/metrics")
 RETRY_AFTER_S = 1
+INLINE_SIZE = 4096  # characters (or token ids, or output floats) a request may have to be handled
+                    # on the event loop; larger ones go to the thread pool
 
 
 def create_app(model, *, served_model_name: str, index=None, api_key: str | None = None,
@@ -57,39 +59,22 @@ def create_app(model, *, served_model_name: str, index=None, api_key: str | None
                             max_request_bytes=max_request_bytes, dtype=dtype)
   created = int(time.time())
 
-  def error(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-  @app.middleware("http")
-  async def guard_and_count(request: Request, call_next):
-    t0 = time.perf_counter()
-    path = request.url.path
-    route = path if path in ROUTES else "other"
-    if api_key and path not in PUBLIC and not _authorized(request, api_key):
-      response = error(ApiError(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
-                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
-    elif _declared_length(request) > max_request_bytes:
-      response = error(_too_large(max_request_bytes))
-    else:
-      response = await call_next(request)
-    metrics.requests.inc(route, str(response.status_code))
-    metrics.latency.observe(time.perf_counter() - t0, route)
-    return response
+  app.add_middleware(_Guard, api_key=api_key, max_request_bytes=max_request_bytes, metrics=metrics)
 
   @app.exception_handler(StarletteHTTPException)
   async def http_error(_request, exc: StarletteHTTPException):
     code = "not_found" if exc.status_code == 404 else None
-    return error(ApiError(exc.status_code, str(exc.detail), code=code))
+    return _error(ApiError(exc.status_code, str(exc.detail), code=code))
 
   async def answer(handler, request: Request):
     try:
       return await handler(request)
     except ApiError as e:
-      return error(e)
+      return _error(e)
     except UserError as e:  # e.g. query vectors the index cannot take: the request's to fix
-      return error(ApiError(400, str(e)))
+      return _error(ApiError(400, str(e)))
     except Exception as e:  # pylint: disable=broad-except
-      return error(ApiError(500, f"the server failed: {type(e).__name__}: {e}", kind="server_error"))
+      return _error(ApiError(500, f"the server failed: {type(e).__name__}: {e}", kind="server_error"))
 
   async def json_body(request: Request) -> Any:
     parts, size = [], 0
@@ -117,6 +102,12 @@ def create_app(model, *, served_model_name: str, index=None, api_key: str | None
     metrics.tokens.inc(amount=sum(len(r) for r in rows))
     return vectors
 
+  async def off_loop_if_large(size: int, fn, *args, **kw):
+    # Tokenizing or encoding a small request takes microseconds: less than the hop to a thread.
+    if size <= INLINE_SIZE:
+      return fn(*args, **kw)
+    return await run_in_threadpool(fn, *args, **kw)
+
   def usage(rows) -> dict:
     n = int(sum(len(r) for r in rows))
     return {"prompt_tokens": n, "total_tokens": n}
@@ -124,9 +115,10 @@ def create_app(model, *, served_model_name: str, index=None, api_key: str | None
   async def embeddings(request: Request):
     req = protocol.parse_embedding_request(await json_body(request), width=model.dim,
                                            matryoshka_dims=model.matryoshka_dims)
-    rows = await run_in_threadpool(protocol.token_rows, model, req.items, truncate=truncate)
+    rows = await off_loop_if_large(_size(req.items), protocol.token_rows, model, req.items,
+                                   truncate=truncate)
     vectors = truncate_dims(await embed_rows(rows), req.dimensions, model.normalize)
-    data = await run_in_threadpool(protocol.embedding_data, vectors, req.encoding_format)
+    data = await off_loop_if_large(vectors.size, protocol.embedding_data, vectors, req.encoding_format)
     return JSONResponse({"object": "list", "data": data, "model": served_model_name,
                          "usage": usage(rows)})
 
@@ -141,8 +133,8 @@ def create_app(model, *, served_model_name: str, index=None, api_key: str | None
     k = body.get("k", 10)
     if not protocol.is_int(k) or k < 1:
       raise ApiError(400, f"k={k!r} must be a positive integer", param="k", code="invalid_value")
-    rows = await run_in_threadpool(protocol.token_rows, model, queries, truncate=truncate,
-                                   param="query")
+    rows = await off_loop_if_large(_size(queries), protocol.token_rows, model, queries,
+                                   truncate=truncate, param="query")
     vectors = await embed_rows(rows)
     if index.dim < vectors.shape[1]:  # an index of Matryoshka-shortened vectors
       vectors = truncate_dims(vectors, index.dim, model.normalize)
@@ -188,14 +180,55 @@ def create_app(model, *, served_model_name: str, index=None, api_key: str | None
   return app
 
 
-def _authorized(request: Request, api_key: str) -> bool:
-  scheme, _, token = request.headers.get("authorization", "").partition(" ")
+class _Guard:
+  """ASGI middleware (plain, not Starlette's BaseHTTPMiddleware, which costs a task group and two
+  memory streams per request): the Bearer key (401), the declared body size (413), and every
+  answer counted in /metrics by route and status, with its latency."""
+
+  def __init__(self, app, *, api_key: str | None, max_request_bytes: int, metrics: ServerMetrics):
+    self.app, self.api_key, self.max_bytes, self.metrics = app, api_key, max_request_bytes, metrics
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    t0 = time.perf_counter()
+    path = scope["path"]
+    status = 500  # what an exception escaping the app becomes
+
+    async def send_counted(message):
+      nonlocal status
+      if message["type"] == "http.response.start":
+        status = message["status"]
+      await send(message)
+
+    headers = dict(scope["headers"])
+    try:
+      if self.api_key and path not in PUBLIC and not _authorized(headers, self.api_key):
+        await _error(ApiError(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
+                              code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                     )(scope, receive, send_counted)
+      elif _declared_length(headers) > self.max_bytes:
+        await _error(_too_large(self.max_bytes))(scope, receive, send_counted)
+      else:
+        await self.app(scope, receive, send_counted)
+    finally:
+      route = path if path in ROUTES else "other"
+      self.metrics.requests.inc(route, str(status))
+      self.metrics.latency.observe(time.perf_counter() - t0, route)
+
+
+def _error(e: ApiError) -> JSONResponse:
+  return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _authorized(headers: dict, api_key: str) -> bool:
+  scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
   return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
-def _declared_length(request: Request) -> int:
+def _declared_length(headers: dict) -> int:
   try:
-    return int(request.headers.get("content-length", "0"))
+    return int(headers.get(b"content-length", b"0"))
   except ValueError:
     return 0
 
@@ -203,6 +236,10 @@ def _declared_length(request: Request) -> int:
 def _too_large(limit: int) -> ApiError:
   return ApiError(413, f"the request body is over {limit} bytes (--max-request-bytes); send fewer or "
                   "shorter inputs per request", code="request_too_large")
+
+
+def _size(items) -> int:
+  return sum(len(t) for t in items)
 
 
 def _plain(x):
