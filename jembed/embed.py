@@ -268,8 +268,8 @@ def load(path: str, *, max_seq_length: int | None = None, step: int | None = Non
 def matryoshka_dims(config_path: str, width: int) -> tuple[int, ...] | bool:
   """The Matryoshka widths a Hugging Face config.json declares, as vLLM reads them:
   `matryoshka_dimensions` (a list), or `is_matryoshka: true` (any width); () when it declares none."""
-  with open(config_path, encoding="utf-8") as f:
-    cfg = json.load(f)
+  from jembed import fs
+  cfg = json.loads(fs.read_text(config_path))  # hf.load_dir has read and checked it already
   dims = cfg.get("matryoshka_dimensions")
   if dims is not None:
     if not (isinstance(dims, list) and dims and all(isinstance(d, int) and 0 < d <= width for d in dims)):

@@ -250,6 +250,9 @@ def test_dimensions_without_matryoshka_is_400(model_dir, tmp_path):
   assert matryoshka_dims(str(tmp_path / "config.json"), 32) is True
   (tmp_path / "config.json").write_text("{}")
   assert matryoshka_dims(str(tmp_path / "config.json"), 32) == ()
+  (tmp_path / "config.json").write_text(json.dumps({"matryoshka_dimensions": [8, 64]}))
+  with pytest.raises(UserError, match="matryoshka_dimensions must be a list of widths in 1..32"):
+    matryoshka_dims(str(tmp_path / "config.json"), 32)
 
 
 def test_truncate_cuts_long_inputs(small_server, model):
