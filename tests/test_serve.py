@@ -180,7 +180,7 @@ def test_matryoshka_dimensions(client, model):
 
 def test_concurrent_clients_each_get_their_own_vectors(server, model):
   """16 threads x 3 requests of different inputs, all at once: each answer is its own, in order,
-  and the batcher ran some of them together."""
+  and requests queued together shared batches."""
   rng = np.random.default_rng(1)
   words = " ".join(TEXTS).split()
   jobs = [[" ".join(rng.choice(words, size=rng.integers(1, 7))) for _ in range(rng.integers(1, 5))]
@@ -200,11 +200,25 @@ def test_concurrent_clients_each_get_their_own_vectors(server, model):
     except Exception as e:  # pylint: disable=broad-except
       errors.append(e)
 
+  # The worker is held in its first batch until all 16 clients have a request in, so the rest
+  # are certainly queued together (batching is then deterministic, not a matter of timing).
+  batcher = server.app.state.batcher
+  run, gate = batcher.run, threading.Event()
+  batcher.run = lambda rows, size: (gate.wait(60), run(rows, size))[1]
   threads = [threading.Thread(target=work, args=(t,)) for t in range(16)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join(120)
+  try:
+    for t in threads:
+      t.start()
+    for _ in range(1200):  # bounded: at most 60 s
+      if batcher.pending >= 16:
+        break
+      time.sleep(0.05)
+    assert batcher.pending == 16
+  finally:
+    gate.set()
+    for t in threads:
+      t.join(120)
+    batcher.run = run
   assert not errors, errors[0]
   assert sorted(got) == list(range(len(jobs)))
   for k, j in enumerate(jobs):
