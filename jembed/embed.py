@@ -41,10 +41,11 @@ class TextEmbedder:
 
   def __init__(self, encoder_config, params: dict, tokenizer, special_ids: dict[str, int], *,
                pooling: str, normalize: bool, max_seq_length: int, lowercase: bool = False,
-               source: str = ""):
+               source: str = "", matryoshka_dims: Sequence[int] | bool = ()):
     from jembed.models.transformer import TransformerEncoder
     self.config = encoder_config
     self.tokenizer = tokenizer
+    self._plain = None  # the tokenizer without padding/truncation, made on first use
     self.ids = dict(special_ids)
     self.pooling = pooling
     self.normalize = bool(normalize)
@@ -52,6 +53,9 @@ class TextEmbedder:
     self.max_seq_length = min(int(max_seq_length), encoder_config.max_position)
     self.source = source
     self.dim = encoder_config.hidden_size
+    # The widths `dimensions` may ask for (the model was trained for them): a list, True for any
+    # width (config.json's is_matryoshka), or () for none. `embed(dim=)` itself does not check.
+    self.matryoshka_dims = matryoshka_dims if matryoshka_dims is True else tuple(matryoshka_dims)
     self._params = params
     self._fns: dict[str, Any] = {}
     self._encoder_cls = TransformerEncoder
@@ -101,12 +105,22 @@ class TextEmbedder:
     self._fns[dtype] = (fn, params, data)
     return self._fns[dtype]
 
-  def tokenize(self, texts: Sequence[str]) -> list[np.ndarray]:
+  def tokenize(self, texts: Sequence[str], max_len: int | None = None) -> list[np.ndarray]:
     """[CLS] ... [SEP] ids of each text, stripped (and lower-cased when the model says so) first, as
-    sentence-transformers does."""
+    sentence-transformers does; cut at `max_len` ids (default the model's maximum; the server asks
+    for more to tell a too-long input from one that fits)."""
     from jembed.data import encode
+    if self._plain is None:
+      self._plain = encode.plain(self.tokenizer)  # copied once, not on every call (small requests)
     texts = [t.strip().lower() if self.lowercase else t.strip() for t in texts]
-    return encode.token_ids(self.tokenizer, texts, self.max_seq_length, self.ids)
+    return encode.token_ids(self._plain, texts, max_len or self.max_seq_length, self.ids)
+
+  def embed_token_rows(self, rows: Sequence[np.ndarray], *, batch_size: int = 32,
+                       dtype: str = "float32") -> np.ndarray:
+    """(N, D) float32 embeddings of token-id rows ([CLS] ... [SEP], as `tokenize` makes them), in
+    input order: the server's batcher forms its own batches and runs them through this."""
+    check_options(batch_size=batch_size, dtype=dtype, dim=None, width=self.dim)
+    return self._embed_rows(list(rows), batch_size, dtype, None, _Progress(len(rows), False))
 
   def embed(self, texts: Sequence[str] | str, *, batch_size: int = 32, dtype: str = "float32",
             dim: int | None = None, progress: bool = False) -> np.ndarray:
@@ -248,7 +262,8 @@ def load(path: str, *, max_seq_length: int | None = None, step: int | None = Non
     return TextEmbedder(TransformerConfig.from_json(m.encoder_config), m.params, m.tokenizer,
                         m.special_ids, pooling=m.pooling, normalize=m.normalize,
                         max_seq_length=max_seq_length or m.max_seq_length, lowercase=m.lowercase,
-                        source=path)
+                        source=path, matryoshka_dims=matryoshka_dims(os.path.join(path, "config.json"),
+                                                                     m.encoder_config["hidden_size"]))
   raise UserError(f"'{path}' is not a model directory: it has neither a jembed model.json nor a "
                   "Hugging Face config.json")
 
@@ -259,6 +274,20 @@ def _load_image_source(path: str):
   imported = interop.open_image_model(path)
   model = imported.build()
   return ImageEmbedder(model.backbone, imported.spec["image_shape"], source=imported.description)
+
+
+def matryoshka_dims(config_path: str, width: int) -> tuple[int, ...] | bool:
+  """The Matryoshka widths a Hugging Face config.json declares, as vLLM reads them:
+  `matryoshka_dimensions` (a list), or `is_matryoshka: true` (any width); () when it declares none."""
+  from jembed import fs
+  cfg = json.loads(fs.read_text(config_path))  # hf.load_dir has read and checked it already
+  dims = cfg.get("matryoshka_dimensions")
+  if dims is not None:
+    if not (isinstance(dims, list) and dims and all(isinstance(d, int) and 0 < d <= width for d in dims)):
+      raise UserError(f"{config_path}: matryoshka_dimensions must be a list of widths in 1..{width}; "
+                      f"it is {dims!r}")
+    return tuple(sorted(set(dims)))
+  return True if cfg.get("is_matryoshka") is True else ()
 
 
 def _load_workdir(path: str, max_seq_length: int | None, step: int | None):
