@@ -1,0 +1,318 @@
+"""RoBERTa / XLM-RoBERTa, MPNet and ModernBERT in and out of jembed (jembed.hf), without torch on
+jembed's side.
+
+Each family: a tiny random model saved by transformers (with a tokenizer built here with
+`tokenizers`: byte-level BPE, SentencePiece-style Unigram, WordPiece), read by jembed and compared
+on a padded batch (last hidden states, pooler, MLM logits, sentence-transformers embeddings), then
+exported and read back by transformers and sentence-transformers; a second export of the import is
+byte-identical. Architectures jembed does not have are refused in one line.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+import hf_helpers
+from jembed import hf
+from jembed.errors import UserError
+from jembed.hf.io import abstract_module
+from jembed.models.heads import MlmHead
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a sentence embedding maps text to a vector of numbers",
+    "transformers read tokens, attend to each other and write hidden states",
+    "hello world! this is a small test of tokenizers and pooling.",
+    "relative positions, rotary embeddings and sliding windows over long sequences",
+] * 4
+TEXTS = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog, and then the dog chases the fox around the world! " * 2,
+    "a",
+    "tokens attend to each other <mask> here",
+    "embeddings of sentences",
+]
+TOL = 1e-5
+FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "modules.json",
+         "1_Pooling/config.json", "sentence_bert_config.json")
+
+
+def _libs():
+  torch = pytest.importorskip("torch")
+  return torch, hf_helpers.importorskip("transformers")
+
+
+def _randomize(torch, model, seed):
+  # Random everything (norm scales and biases too), so a swapped tensor cannot go unnoticed.
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      base = 1.0 if ("norm" in name.lower() and name.endswith("weight")) else 0.0
+      p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
+
+
+def _bpe_vocab():
+  """A byte-level BPE (RoBERTa's kind) trained here: (vocab, merges)."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  merges = json.loads(tok.to_str())["model"]["merges"]
+  return tok.get_vocab(), [tuple(m) for m in merges]
+
+
+def _unigram_vocab():
+  """A SentencePiece-style Unigram (XLM-RoBERTa's kind) trained here: [(piece, score)]."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
+  tok = Tokenizer(models.Unigram())
+  tok.pre_tokenizer = pre_tokenizers.Metaspace()
+  tok.train_from_iterator(CORPUS, trainers.UnigramTrainer(
+      vocab_size=150, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+  return [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]] + [("<mask>", 0.0)]
+
+
+def _save(torch, model, tokenizer, path, seed):
+  _randomize(torch, model.eval(), seed)
+  model.save_pretrained(path)
+  tokenizer.save_pretrained(path)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def roberta_dir(tmp_path_factory):
+  """A tiny random RobertaForMaskedLM (with its byte-level BPE tokenizer) saved by transformers."""
+  torch, transformers = _libs()
+  vocab, merges = _bpe_vocab()
+  tokenizer = transformers.RobertaTokenizer(vocab=vocab, merges=merges)
+  config = transformers.RobertaConfig(
+      vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=64, max_position_embeddings=66, type_vocab_size=1, layer_norm_eps=1e-5,
+      pad_token_id=1, bos_token_id=0, eos_token_id=2)
+  torch.manual_seed(0)
+  return _save(torch, transformers.RobertaForMaskedLM(config), tokenizer,
+               tmp_path_factory.mktemp("roberta") / "m", 0)
+
+
+@pytest.fixture(scope="module")
+def xlmr_dir(tmp_path_factory):
+  """A tiny random XLMRobertaModel with its pooler (SentencePiece Unigram tokenizer)."""
+  torch, transformers = _libs()
+  vocab = _unigram_vocab()
+  tokenizer = transformers.XLMRobertaTokenizer(vocab=vocab)
+  config = transformers.XLMRobertaConfig(
+      vocab_size=len(vocab) + 3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=64, max_position_embeddings=40, type_vocab_size=1, layer_norm_eps=1e-5,
+      hidden_act="gelu_new", pad_token_id=1, bos_token_id=0, eos_token_id=2)
+  torch.manual_seed(1)
+  return _save(torch, transformers.XLMRobertaModel(config), tokenizer,
+               tmp_path_factory.mktemp("xlmr") / "m", 1)
+
+
+def _jembed_hidden(encoder, ids, mask):
+  return np.asarray(hf.hidden_states(encoder, jnp.asarray(ids), jnp.asarray(mask)))
+
+
+def _reference(transformers, cls_name, path):
+  return getattr(transformers, cls_name).from_pretrained(path, attn_implementation="eager").eval()
+
+
+def _batch(transformers, path, max_length):
+  tok = transformers.AutoTokenizer.from_pretrained(path)
+  return tok(TEXTS, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+
+def _check_hidden(path, cls_name, family, *, label):
+  """jembed's import of `path` against transformers' `cls_name` on a padded batch; returns what the
+  later checks reuse."""
+  torch, transformers = _libs()
+  encoder, model = hf.encoder_from_dir(path)
+  assert model.encoder_config["family"] == family
+  ids, mask = model.encode(TEXTS)
+  batch = _batch(transformers, path, model.max_seq_length)
+  np.testing.assert_array_equal(ids, batch["input_ids"].numpy())
+  np.testing.assert_array_equal(mask, batch["attention_mask"].numpy())
+  assert (mask == 0).any()  # the batch has padding
+  reference = _reference(transformers, cls_name, path)
+  with torch.no_grad():
+    out = reference(**batch, output_hidden_states=True)
+  ours = _jembed_hidden(encoder, ids, mask)
+  valid = mask.astype(bool)
+  diff = np.abs(ours - out.hidden_states[-1].numpy())[valid].max()
+  print(f"\n{label} last_hidden_state max|jembed - transformers| = {diff:.3g}")
+  assert diff < TOL
+  return encoder, model, batch, out, ours
+
+
+def _check_export(tmp_path, model, batch, ours, family, architecture):
+  """The import exported: transformers loads it and computes the same; a second export of the
+  export is byte-identical."""
+  torch, transformers = _libs()
+  first = hf.save_model(tmp_path / "export", model)
+  config = json.load(open(os.path.join(first, "config.json")))
+  assert config["model_type"] == family and config["architectures"] == [architecture]
+  again = hf.load_dir(first)
+  second = hf.save_model(tmp_path / "again", again)
+  for rel in FILES:
+    assert open(os.path.join(first, rel), "rb").read() == open(os.path.join(second, rel), "rb").read(), rel
+  base = transformers.AutoModel.from_pretrained(first, attn_implementation="eager").eval()
+  assert type(base).__name__ == architecture.replace("ForMaskedLM", "Model")
+  np.testing.assert_array_equal(_batch(transformers, first, model.max_seq_length)["input_ids"].numpy(),
+                                batch["input_ids"].numpy())
+  with torch.no_grad():
+    hidden = base(**batch).last_hidden_state.numpy()
+  valid = batch["attention_mask"].numpy().astype(bool)
+  diff = np.abs(hidden - ours)[valid].max()
+  print(f"jembed export in {type(base).__name__}: last_hidden_state max diff = {diff:.3g}")
+  assert diff < TOL
+  return first
+
+
+def _mlm_logits(model, encoder, hidden):
+  from jembed.models.transformer import TransformerConfig  # pylint: disable=import-outside-toplevel
+  cfg = TransformerConfig(**model.encoder_config)
+  graphdef, state = nnx.split(abstract_module(lambda rngs: MlmHead.for_encoder(cfg, rngs=rngs)))
+  nnx.replace_by_pure_dict(state, hf.io.jax_tree(model.mlm_head))
+  head = nnx.merge(graphdef, state)
+  return np.asarray(head(jnp.asarray(hidden), encoder.embeddings.token))
+
+
+# ----------------------------------------------------------------------------- RoBERTa / XLM-R
+
+
+def test_roberta_matches_transformers_and_round_trips(roberta_dir, tmp_path):
+  torch, transformers = _libs()
+  encoder, model, batch, out, ours = _check_hidden(roberta_dir, "RobertaForMaskedLM", "roberta",
+                                                   label="tiny RoBERTa")
+  cfg = model.encoder_config
+  assert (cfg["positions"], cfg["position_offset"], cfg["type_vocab_size"]) == ("padded", 1, 1)
+  assert model.special_ids == {"pad": 1, "unk": 3, "cls": 0, "sep": 2, "mask": 4}
+  assert model.max_seq_length == 64  # 66 positions, of which the first two are never a token's
+  assert model.mlm_head is not None and not cfg["pooler"]
+  logits = _mlm_logits(model, encoder, ours)
+  ref = out.logits.numpy()
+  valid = batch["attention_mask"].numpy().astype(bool)
+  diff = np.abs(logits - ref)[valid].max()
+  print(f"tiny RoBERTa MLM logits max|jembed - transformers| = {diff:.3g}")
+  assert diff < 1e-4 * max(1.0, np.abs(ref).max())
+  exported = _check_export(tmp_path, model, batch, ours, "roberta", "RobertaForMaskedLM")
+  names = load_file(os.path.join(exported, "model.safetensors"))
+  assert "lm_head.layer_norm.weight" in names and "roberta.encoder.layer.1.output.dense.weight" in names
+  with torch.no_grad():
+    again = _reference(transformers, "RobertaForMaskedLM", exported)(**batch).logits.numpy()
+  np.testing.assert_array_equal(again, ref)  # same weights, same torch maths
+
+
+def test_xlm_roberta_pooler_and_sentence_transformers(xlmr_dir, tmp_path):
+  torch, transformers = _libs()
+  st = hf_helpers.importorskip("sentence_transformers")
+  encoder, model, batch, out, ours = _check_hidden(xlmr_dir, "XLMRobertaModel", "xlm-roberta",
+                                                   label="tiny XLM-RoBERTa")
+  assert model.encoder_config["pooler"] and model.encoder_config["hidden_act"] == "gelu_new"
+  assert model.max_seq_length == 38
+  pooled = np.asarray(encoder.pooled(jnp.asarray(ours)))
+  assert np.abs(pooled - out.pooler_output.numpy()).max() < TOL
+  _check_export(tmp_path, model, batch, ours, "xlm-roberta", "XLMRobertaModel")
+  _check_sentence_transformers(st, xlmr_dir, tmp_path, "cls", max_seq_length=12, label="XLM-RoBERTa")
+
+
+def _check_sentence_transformers(st, path, tmp_path, pooling, *, max_seq_length, label):
+  """A sentence-transformers model around `path` (pooling, Normalize): jembed reads it and embeds
+  the same; jembed's export of it loads back in sentence-transformers and embeds the same."""
+  try:  # sentence-transformers >= 6; `sentence_transformers.models` before
+    from sentence_transformers.sentence_transformer import modules as models  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    from sentence_transformers import models  # pylint: disable=import-outside-toplevel
+  transformer = models.Transformer(str(path), max_seq_length=max_seq_length,
+                                   model_args={"attn_implementation": "eager"})
+  reference = st.SentenceTransformer(modules=[transformer, models.Pooling(32, pooling_mode=pooling),
+                                              models.Normalize()], device="cpu")
+  st_dir = tmp_path / "st"
+  reference.save(str(st_dir))
+  want = reference.encode(TEXTS, convert_to_numpy=True)
+  encoder, model = hf.encoder_from_dir(st_dir)
+  assert (model.pooling, model.normalize, model.max_seq_length) == (pooling, True, max_seq_length)
+  got = hf.embed(encoder, model, TEXTS)
+  diff = np.abs(got - want).max()
+  print(f"{label} {pooling}+normalize: max|jembed - sentence-transformers| = {diff:.3g}")
+  assert diff < TOL
+  # jembed.load (the batched, bucketed embedder) computes the same.
+  import jembed  # pylint: disable=import-outside-toplevel
+  assert np.abs(jembed.load(str(st_dir)).embed(TEXTS) - want).max() < TOL
+  exported = hf.save_model(tmp_path / "st_export", model)
+  loaded = st.SentenceTransformer(str(exported), device="cpu",
+                                  model_kwargs={"attn_implementation": "eager"})
+  diff = np.abs(loaded.encode(TEXTS, convert_to_numpy=True) - got).max()
+  print(f"jembed export in SentenceTransformer: max diff = {diff:.3g}")
+  assert diff < TOL
+
+
+def test_mlm_step_on_an_imported_roberta_and_its_export(roberta_dir, tmp_path):
+  """init.hf = a RoBERTa directory: an MLM step runs with its tokenizer, special tokens and head, and
+  a workdir of it exports (python -m jembed.export) as a RoBERTa that transformers loads."""
+  torch, transformers = _libs()
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from jembed import export as export_lib  # pylint: disable=import-outside-toplevel
+  from jembed import train, tree  # pylint: disable=import-outside-toplevel
+  from jembed.data import pipeline  # pylint: disable=import-outside-toplevel
+  from spine_helpers import tiny_mlm_config, write_corpus, write_workdir  # pylint: disable=import-outside-toplevel
+  corpus = write_corpus(str(tmp_path), n_docs=60)
+  config = tiny_mlm_config(corpus, **{
+      "init.hf": roberta_dir, "model.num_layers": 0, "model.hidden_size": 0, "model.num_heads": 0,
+      "model.mlp_dim": 0, "model.max_position": 0, "data.seq_len": 16, "batch_size": 8,
+      "warmup_steps": 0})  # the first step moves the weights
+  source = hf.load_dir(roberta_dir)
+  setup = train.Setup(config, str(tmp_path / "step"), devices=jax.devices()[:1])
+  assert setup.task.ids == source.special_ids and setup.spec["encoder"]["family"] == "roberta"
+  state = setup.init_state()
+  before = {p: np.asarray(jax.device_get(v)) for p, v in tree.flatten(state.params).items()}
+  it = pipeline.train_iterator(setup.data.train, config.batch_size, config.seed)
+  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    state, metrics = setup.jit_train_step(setup.data.train)(state, setup.to_global(next(it)))
+  assert np.isfinite(float(metrics["loss"]))
+  after = {p: np.asarray(jax.device_get(v)) for p, v in tree.flatten(state.params).items()}
+  assert np.array_equal(before["mlm_head/bias"], np.asarray(source.mlm_head["bias"]))  # the head came along
+  assert not np.array_equal(before["encoder/layers/0/attention/query/kernel"],
+                            after["encoder/layers/0/attention/query/kernel"])
+
+  workdir = str(tmp_path / "run")
+  write_workdir(config, workdir)
+  out = str(tmp_path / "export")
+  export_lib.export(workdir, out)
+  assert json.load(open(os.path.join(out, "config.json")))["architectures"] == ["RobertaForMaskedLM"]
+  exported = hf.load_dir(out)
+  assert exported.special_ids == source.special_ids
+  for a, b in zip(jax.tree.leaves(exported.params), jax.tree.leaves(source.params)):
+    np.testing.assert_array_equal(a, b)  # step 0 = the source, through a jembed workdir
+  encoder, _ = hf.encoder_from_dir(out)
+  batch = _batch(transformers, out, 16)
+  ours = _jembed_hidden(encoder, batch["input_ids"].numpy(), batch["attention_mask"].numpy())
+  with torch.no_grad():
+    ref = _reference(transformers, "AutoModelForMaskedLM", out)(**batch, output_hidden_states=True)
+  valid = batch["attention_mask"].numpy().astype(bool)
+  assert np.abs(ours - ref.hidden_states[-1].numpy())[valid].max() < TOL
+
+
+# ----------------------------------------------------------------------------- refused
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "t5"])
+def test_unsupported_architectures_are_one_line(tmp_path, model_type):
+  # The model type is checked before anything else is read: a config.json is enough.
+  path = tmp_path / model_type
+  path.mkdir()
+  json.dump({"model_type": model_type, "architectures": ["X"], "hidden_size": 32}, open(path / "config.json", "w"))
+  with pytest.raises(UserError) as e:
+    hf.load_dir(path)
+  message = str(e.value)
+  assert "\n" not in message and repr(model_type) in message
+  for family in ("bert", "roberta", "xlm-roberta", "mpnet", "modernbert"):
+    assert family in message
