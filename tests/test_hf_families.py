@@ -301,6 +301,66 @@ def test_mlm_step_on_an_imported_roberta_and_its_export(roberta_dir, tmp_path):
   assert np.abs(ours - ref.hidden_states[-1].numpy())[valid].max() < TOL
 
 
+# ----------------------------------------------------------------------------- MPNet
+
+
+def _wordpiece_vocab(specials):
+  """A lower-casing WordPiece vocabulary (MPNet's kind) trained here, specials first."""
+  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
+  tok = Tokenizer(models.WordPiece(unk_token=specials[3]))
+  tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=200, special_tokens=list(specials)))
+  return tok.get_vocab()
+
+
+@pytest.fixture(scope="module")
+def mpnet_dir(tmp_path_factory):
+  """A tiny random MPNetModel with its pooler (all-mpnet-base-v2's architecture) and an
+  MPNetTokenizer: <s> </s> <pad> <mask> with [UNK]."""
+  torch, transformers = _libs()
+  vocab = _wordpiece_vocab(["<s>", "<pad>", "</s>", "[UNK]", "<unk>", "<mask>"])
+  tokenizer = transformers.MPNetTokenizer(vocab=vocab)
+  config = transformers.MPNetConfig(
+      vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=64, max_position_embeddings=66, layer_norm_eps=1e-5,
+      relative_attention_num_buckets=32, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+  torch.manual_seed(2)
+  return _save(torch, transformers.MPNetModel(config), tokenizer, tmp_path_factory.mktemp("mpnet") / "m", 2)
+
+
+def test_relative_position_buckets_match_transformers_mpnet():
+  _, transformers = _libs()
+  import torch  # pylint: disable=import-outside-toplevel
+  from jembed.models.transformer import relative_position_buckets  # pylint: disable=import-outside-toplevel
+  from transformers.models.mpnet.modeling_mpnet import MPNetEncoder  # pylint: disable=import-outside-toplevel
+  length = 700  # distances past max_distance (128) hit the last bucket
+  pos = torch.arange(length)
+  want = MPNetEncoder.relative_position_bucket(pos[None, :] - pos[:, None], num_buckets=32, max_distance=128)
+  got = relative_position_buckets(length, 32, 128)
+  np.testing.assert_array_equal(got, want.numpy())
+  assert len(np.unique(got)) == 31  # every bucket but 16 (distance 0 counts as "query side")
+
+
+def test_mpnet_matches_transformers_and_sentence_transformers(mpnet_dir, tmp_path):
+  _, transformers = _libs()
+  st = hf_helpers.importorskip("sentence_transformers")
+  encoder, model, batch, out, ours = _check_hidden(mpnet_dir, "MPNetModel", "mpnet", label="tiny MPNet")
+  cfg = model.encoder_config
+  assert (cfg["positions"], cfg["position_offset"], cfg["type_vocab_size"], cfg["relative_buckets"]) == \
+      ("padded", 1, 0, 32)
+  assert model.special_ids == {"pad": 1, "unk": 3, "cls": 0, "sep": 2, "mask": 5}
+  assert batch["input_ids"].shape[1] > 40  # distances in the logarithmic buckets are exercised
+  pooled = np.asarray(encoder.pooled(jnp.asarray(ours)))
+  assert np.abs(pooled - out.pooler_output.numpy()).max() < TOL
+  exported = _check_export(tmp_path, model, batch, ours, "mpnet", "MPNetModel")
+  names = load_file(os.path.join(exported, "model.safetensors"))
+  assert names["encoder.relative_attention_bias.weight"].shape == (32, 4)
+  assert "encoder.layer.1.attention.attn.q.weight" in names and "pooler.dense.weight" in names
+  # all-mpnet-base-v2 is this, wrapped in mean pooling and normalisation.
+  _check_sentence_transformers(st, mpnet_dir, tmp_path, "mean", max_seq_length=20, label="MPNet")
+
+
 # ----------------------------------------------------------------------------- refused
 
 
