@@ -44,6 +44,167 @@ FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config
          "1_Pooling/config.json", "sentence_bert_config.json")
 
 
+# ----------------------------------------------------------------------------- torch-free
+
+# Each family's options, as jembed's import sets them (tiny sizes).
+FAMILY_OPTIONS = {
+    "roberta": dict(positions="padded", position_offset=1, type_vocab_size=1, layer_norm_eps=1e-5),
+    "xlm-roberta": dict(positions="padded", position_offset=1, type_vocab_size=1, layer_norm_eps=1e-5),
+    "mpnet": dict(positions="padded", position_offset=1, type_vocab_size=0, relative_buckets=32,
+                  relative_max_distance=128, layer_norm_eps=1e-5),
+    "modernbert": dict(pre_ln=True, embedding_norm=True, positions="rotary", gated_mlp=True, use_bias=False,
+                       norm_bias=False, type_vocab_size=0, local_window=8, global_every=2, rope_theta=1000.0,
+                       local_rope_theta=50.0, layer_norm_eps=1e-5, max_position=128),
+}
+
+
+@pytest.fixture(scope="module")
+def fairseq_tokenizer():
+  """A WordPiece vocabulary with RoBERTa's special tokens (<pad> at 1, the padding index)."""
+  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers  # pylint: disable=import-outside-toplevel
+  tok = Tokenizer(models.WordPiece(unk_token="<unk>"))
+  tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(
+      vocab_size=160, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]))
+  tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+  return tok
+
+
+def _family_config(tokenizer, family, **changes):
+  from jembed.models.transformer import TransformerConfig  # pylint: disable=import-outside-toplevel
+  fields = dict(num_layers=3, hidden_size=32, num_heads=4, mlp_dim=48, vocab_size=tokenizer.get_vocab_size(),
+                max_position=66, dropout=0.0, attention_dropout=0.0, family=family)
+  fields.update(FAMILY_OPTIONS[family])
+  fields.update(changes)
+  return TransformerConfig(**fields)
+
+
+def _random_tree(build, seed):
+  # Random values everywhere (norm scales too): the tree's structure and shapes from an abstract build.
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: rng.normal(0, 0.2, x.shape).astype(np.float32),
+                      nnx.to_pure_dict(nnx.state(abstract_module(build), nnx.Param)))
+
+
+def _encoder_params(cfg, seed=0):
+  from jembed.models.transformer import TransformerEncoder  # pylint: disable=import-outside-toplevel
+  return _random_tree(lambda rngs: TransformerEncoder(cfg, rngs=rngs), seed)
+
+
+def _hidden(cfg, params, ids, mask):
+  from jembed.models.transformer import TransformerEncoder  # pylint: disable=import-outside-toplevel
+  graphdef, state = nnx.split(abstract_module(lambda rngs: TransformerEncoder(cfg, rngs=rngs)), nnx.Param)
+  nnx.replace_by_pure_dict(state, hf.io.jax_tree(params))
+  return np.asarray(nnx.merge(graphdef, state)(jnp.asarray(ids), jnp.asarray(mask, bool)))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_OPTIONS))
+def test_family_export_import_is_exact_without_torch(tmp_path, fairseq_tokenizer, family):
+  cfg = _family_config(fairseq_tokenizer, family, pooler=family != "modernbert")
+  params = _encoder_params(cfg)
+  head = _random_tree(lambda rngs: MlmHead.for_encoder(cfg, rngs=rngs), 1)
+  ids = {"pad": 1, "unk": 3, "cls": 0, "sep": 2, "mask": 4}
+  first = hf.save_dir(tmp_path / "a", encoder_config=cfg, params=params, tokenizer=fairseq_tokenizer,
+                      mlm_head=head, special_ids=ids, pooling="mean", normalize=True, max_seq_length=24)
+  config = json.load(open(os.path.join(first, "config.json")))
+  assert config["model_type"] == family and config["architectures"][0].endswith("ForMaskedLM")
+  model = hf.load_dir(first)
+  for got, want in ((model.params, params), (model.mlm_head, head)):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(a, b)
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  expected = {k: v for k, v in dataclasses.asdict(cfg).items() if k in model.encoder_config}
+  assert model.encoder_config == expected and model.special_ids == ids
+  second = hf.save_model(tmp_path / "b", model)
+  for rel in FILES:
+    assert open(os.path.join(first, rel), "rb").read() == open(os.path.join(second, rel), "rb").read(), rel
+  tok_ids, mask = model.encode(TEXTS)
+  assert tok_ids[0, 0] == 0 and (tok_ids[mask == 0] == 1).all()
+  # jembed.load's bucketed, batched embedder and hf.embed agree on the import.
+  import jembed  # pylint: disable=import-outside-toplevel
+  encoder, loaded = hf.encoder_from_dir(first)
+  np.testing.assert_allclose(jembed.load(first).embed(TEXTS), hf.embed(encoder, loaded, TEXTS), atol=1e-6)
+
+
+# Options that change what the same weights compute: each must change the output.
+_NUMERIC_OPTIONS = [
+    ("modernbert", "rope_theta", 10000.0), ("modernbert", "local_rope_theta", 10000.0),
+    ("modernbert", "local_window", 0), ("modernbert", "global_every", 3), ("modernbert", "local_window", 4),
+    ("mpnet", "relative_max_distance", 16), ("roberta", "position_offset", 3),
+]
+
+
+@pytest.mark.parametrize("family,option,value", _NUMERIC_OPTIONS)
+def test_encoder_options_change_the_output(fairseq_tokenizer, family, option, value):
+  cfg = _family_config(fairseq_tokenizer, family)
+  params = _encoder_params(cfg)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, cfg.vocab_size, (2, 40)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 25:] = 0
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  base = _hidden(cfg, params, ids, mask)
+  other = _hidden(dataclasses.replace(cfg, **{option: value}), params, ids, mask)
+  assert np.abs(base - other)[mask.astype(bool)].max() > 1e-3, option
+
+
+def test_structural_options_shape_the_tree(fairseq_tokenizer):
+  cfg = _family_config(fairseq_tokenizer, "modernbert")
+  params = _encoder_params(cfg)
+  assert "wg" in params["layers"][0]["mlp"] and "attention_norm" not in params["layers"][0]
+  assert "bias" not in params["layers"][1]["attention"]["query"] and "bias" not in params["final_norm"]
+  assert "position" not in params["embeddings"] and "segment" not in params["embeddings"]
+  mpnet = _encoder_params(_family_config(fairseq_tokenizer, "mpnet"))
+  assert mpnet["relative_bias"]["embedding"].shape == (32, 4) and "segment" not in mpnet["embeddings"]
+
+
+def test_what_a_family_cannot_hold_is_refused(tmp_path, fairseq_tokenizer):
+  from jembed.models.transformer import TransformerConfig  # pylint: disable=import-outside-toplevel
+  ids = {"pad": 1, "unk": 3, "cls": 0, "sep": 2, "mask": 4}
+  save = lambda cfg, **kw: hf.save_dir(tmp_path / "x", encoder_config=cfg, params=_encoder_params(cfg),
+                                       tokenizer=fairseq_tokenizer, pooling="mean", normalize=False,
+                                       max_seq_length=16, **dict({"special_ids": ids}, **kw))
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  as_family = lambda family, name, **kw: dataclasses.replace(_family_config(fairseq_tokenizer, family, **kw), family=name)
+  cases = [
+      (as_family("roberta", "bert"), "positions"),  # BERT counts positions from 0, over the pads too
+      (_family_config(fairseq_tokenizer, "roberta", pre_ln=True), "pre_ln"),
+      (as_family("modernbert", "mpnet", use_bias=True), "mpnet"),
+  ]
+  for cfg, word in cases:
+    with pytest.raises(UserError) as e:
+      save(cfg)
+    assert word in str(e.value) and "\n" not in str(e.value)
+  with pytest.raises(UserError) as e:  # RoBERTa's positions would treat id 1 as padding
+    save(_family_config(fairseq_tokenizer, "roberta"), special_ids=dict(ids, pad=3, unk=1))
+  assert "pads with id 3" in str(e.value)
+  assert not os.path.exists(tmp_path / "x")
+  with pytest.raises(UserError) as e:
+    TransformerConfig(num_layers=1, hidden_size=8, num_heads=2, mlp_dim=8, vocab_size=10, embedding_norm=True)
+  assert "pre_ln" in str(e.value)
+  with pytest.raises(UserError) as e:
+    TransformerConfig(num_layers=1, hidden_size=8, num_heads=2, mlp_dim=8, vocab_size=10, positions="alibi")
+  assert "alibi" in str(e.value)
+
+
+def test_configs_jembed_cannot_run_are_refused(tmp_path):
+  def load(**config):
+    path = tmp_path / "m"
+    path.mkdir(exist_ok=True)
+    json.dump(config, open(path / "config.json", "w"))
+    with pytest.raises(UserError) as e:
+      hf.load_dir(path)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+  assert "32" in load(model_type="mpnet", relative_attention_num_buckets=64)
+  assert "layer_types" in load(model_type="modernbert", num_hidden_layers=3,
+                               layer_types=["sliding_attention", "full_attention", "full_attention"])
+  assert "rope_type" in load(model_type="modernbert", rope_parameters={"full_attention": {"rope_type": "yarn"}})
+  assert "is_decoder" in load(model_type="roberta", is_decoder=True)
+
+
 def _libs():
   torch = pytest.importorskip("torch")
   return torch, hf_helpers.importorskip("transformers")

@@ -172,7 +172,7 @@ def normalize_encoder_config(encoder_config) -> dict:
     raise UserError(f"hidden_act {full['hidden_act']!r} is not supported; use one of {', '.join(ACTIVATIONS)}")
   # What the family's config.json says, read back: an option it cannot express comes back changed.
   written = to_hf_config(full, pad_token_id=full["position_offset"], architecture="", dtype="float32")
-  back = from_hf_config(written, pooler=full["pooler"], source="the export")
+  back = from_hf_config(written, pooler=full["pooler"], source=f"this encoder exported as {family}")
   expected = dataclasses.asdict(TransformerConfig(**back))
   for field in ARCH_FIELDS + ("layer_norm_eps", "hidden_act", "pooler"):
     value = expected[field]
