@@ -122,10 +122,6 @@ def test_family_export_import_is_exact_without_torch(tmp_path, fairseq_tokenizer
     assert open(os.path.join(first, rel), "rb").read() == open(os.path.join(second, rel), "rb").read(), rel
   tok_ids, mask = model.encode(TEXTS)
   assert tok_ids[0, 0] == 0 and (tok_ids[mask == 0] == 1).all()
-  # jembed.load's bucketed, batched embedder and hf.embed agree on the import.
-  import jembed  # pylint: disable=import-outside-toplevel
-  encoder, loaded = hf.encoder_from_dir(first)
-  np.testing.assert_allclose(jembed.load(first).embed(TEXTS), hf.embed(encoder, loaded, TEXTS), atol=1e-6)
 
 
 # Options that change what the same weights compute: each must change the output.
@@ -150,10 +146,10 @@ def test_encoder_options_change_the_output(fairseq_tokenizer, family, option, va
   assert np.abs(base - other)[mask.astype(bool)].max() > 1e-3, option
 
 
-@pytest.mark.parametrize("family", ["mpnet", "modernbert"])
-def test_sharded_forward_matches_one_device(fairseq_tokenizer, family):
+def test_sharded_forward_matches_one_device(fairseq_tokenizer, family="modernbert"):
   """The new parameters and activations carry logical axis names: on a data x fsdp x tensor mesh of
-  the 8 test devices, with the default rules, the encoder computes what it does on one device."""
+  the 8 test devices, with the default rules, the encoder computes what it does on one device
+  (ModernBERT: rotary, sliding windows, the GeGLU gate; MPNet's bias table is replicated)."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   from jembed import sharding  # pylint: disable=import-outside-toplevel
   from jembed.models.transformer import TransformerEncoder  # pylint: disable=import-outside-toplevel
