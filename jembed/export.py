@@ -2,7 +2,8 @@
 
     python -m jembed.export --model runs/ct --output runs/ct-hf
 
-The directory holds a torch-layout `model.safetensors`, `config.json` (model_type bert), the
+The directory holds a torch-layout `model.safetensors`, `config.json` (the model_type of the encoder's
+family: bert, roberta, xlm-roberta, mpnet or modernbert), the
 tokenizer files and sentence-transformers' modules (pooling, normalisation), so
 `transformers.AutoModel.from_pretrained` and `sentence_transformers.SentenceTransformer` load it and
 compute the same outputs. LoRA runs are exported with their adapters merged into the weights; an MLM
@@ -43,7 +44,8 @@ def export(model_dir: str, output: str, *, step: int | None = None) -> str:
               params=nnx.to_pure_dict(nnx.state(backbone, nnx.Param)),
               tokenizer=tokenizers.Tokenizer.from_file(os.path.join(model_dir, spec["tokenizer"])),
               pooling=spec.get("pooling", "mean"), normalize=bool(spec.get("normalize", False)),
-              max_seq_length=int(spec.get("max_seq_length") or spec["seq_len"]), mlm_head=mlm_head)
+              max_seq_length=int(spec.get("max_seq_length") or spec["seq_len"]), mlm_head=mlm_head,
+              special_ids=spec.get("special_ids"))
   return f"exported {model_dir} (step {step}) to {output}"
 
 

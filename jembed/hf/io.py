@@ -1,8 +1,8 @@
 """Read and write Hugging Face / sentence-transformers model directories without torch.
 
 `load_dir` reads what `transformers` (`save_pretrained`) and `sentence-transformers` (`save`) write
-for a BERT-family model; `save_dir` writes a directory both load, atomically (a temp directory
-beside the target, renamed at the end).
+for a BERT, RoBERTa, XLM-RoBERTa, MPNet or ModernBERT model; `save_dir` writes a directory both
+load, atomically (a temp directory beside the target, renamed at the end).
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ TORCH_WEIGHTS = "pytorch_model.bin"
 
 @dataclasses.dataclass
 class HFModel:
-  """A BERT-family model read from a Hugging Face directory, in jembed's terms."""
+  """A text encoder read from a Hugging Face directory, in jembed's terms."""
   encoder_config: dict  # TransformerConfig field values
   params: dict  # the TransformerEncoder's nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
-  mlm_head: dict | None  # MlmHead's pure dict when the checkpoint has BertForMaskedLM's head
+  mlm_head: dict | None  # MlmHead's pure dict when the checkpoint has a masked-LM head
   tokenizer: tokenizers.Tokenizer  # no padding; truncation at max_seq_length
   special_ids: dict  # pad, unk, cls, sep, mask -> id, as the tokenizer has them
   pooling: str  # cls | mean | max | mean_sqrt_len
@@ -72,7 +72,7 @@ def _read_weights(model_dir: str) -> dict:
 
 
 def load_dir(path: str) -> HFModel:
-  """Reads a BERT-family transformers or sentence-transformers directory."""
+  """Reads a transformers or sentence-transformers directory of a supported encoder family."""
   directory = os.path.expanduser(str(path))
   if not os.path.isdir(directory):
     raise UserError(f"model directory {directory!r} does not exist; give the path of a Hugging Face "
@@ -87,24 +87,31 @@ def load_dir(path: str) -> HFModel:
   if not isinstance(cfg, dict):
     raise UserError(f"{config_path} is not a JSON object; re-save the model")
   # Check the model type before touching the (possibly large) weights.
-  hf_config.from_hf_config(cfg, pooler=False, source=config_path)
+  family = hf_config.from_hf_config(cfg, pooler=False, source=config_path)["family"]
   tensors = _read_weights(model_dir)
-  encoder_config = hf_config.from_hf_config(cfg, pooler=names.has_pooler(tensors), source=config_path)
-  params, mlm_head = names.from_hf(tensors, encoder_config["num_layers"], source=model_dir)
+  encoder_config = hf_config.from_hf_config(cfg, pooler=names.has_pooler(tensors, family),
+                                            source=config_path)
+  params, mlm_head = names.from_hf(tensors, encoder_config, source=model_dir)
   _check_shapes(params, encoder_config, source=model_dir, mlm_head=mlm_head)
+  from jembed.models.transformer import TransformerConfig  # pylint: disable=import-outside-toplevel
+  limit = TransformerConfig(**encoder_config).max_length
 
-  tokenizer, ids = hf_tokenizer.load_tokenizer(model_dir)
+  tokenizer, ids = hf_tokenizer.load_tokenizer(model_dir, family)
+  if encoder_config.get("positions") == "padded" and ids["pad"] != encoder_config["position_offset"]:
+    raise UserError(f"{directory}: the tokenizer pads with id {ids['pad']} but the model's positions "
+                    f"treat id {encoder_config['position_offset']} as padding; the tokenizer files "
+                    "belong to another model")
   max_len = info["max_seq_length"]
   if max_len is None:
     # sentence-transformers: the tokenizer's model_max_length capped at the position table.
     tok_cfg_path = os.path.join(model_dir, "tokenizer_config.json")
     tok_cfg = hf_tokenizer.read_json(tok_cfg_path, "tokenizer config") if os.path.isfile(tok_cfg_path) else {}
-    max_len = min(int(tok_cfg.get("model_max_length") or 10**30), encoder_config["max_position"])
+    max_len = min(int(tok_cfg.get("model_max_length") or 10**30), limit)
   max_len = int(max_len)
-  if not 2 <= max_len <= encoder_config["max_position"]:
+  if not 2 <= max_len <= limit:
     raise UserError(f"{directory}: max_seq_length {max_len} does not fit the position table "
-                    f"(max_position_embeddings {encoder_config['max_position']}); fix "
-                    "sentence_bert_config.json")
+                    f"({limit} tokens from max_position_embeddings {encoder_config['max_position']}); "
+                    "fix sentence_bert_config.json")
   if tokenizer.get_vocab_size() > encoder_config["vocab_size"]:
     raise UserError(f"{directory}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
                     f"only {encoder_config['vocab_size']} embeddings; the tokenizer files belong to another model")
@@ -132,7 +139,7 @@ def _check_shapes(params: dict, cfg: dict, *, source: str, mlm_head: dict | None
                                     nnx.Param))
   pairs = [(want, params)]
   if mlm_head is not None:
-    head = abstract_module(lambda rngs: MlmHead(tcfg.hidden_size, tcfg.vocab_size, rngs=rngs))
+    head = abstract_module(lambda rngs: MlmHead.for_encoder(tcfg, rngs=rngs))
     pairs.append((nnx.to_pure_dict(nnx.state(head, nnx.Param)), mlm_head))
   for expected, got in pairs:
     for path, leaf in _flat(expected):
@@ -170,11 +177,13 @@ def save_dir(path: str, *, encoder_config, params: dict, tokenizer: tokenizers.T
              special_ids: dict | None = None, lowercase: bool = False) -> str:
   """Writes a directory that transformers.AutoModel and sentence_transformers.SentenceTransformer load.
 
-  `encoder_config` is a TransformerConfig or its fields, `params` the encoder's pure dict,
-  `mlm_head` MlmHead's pure dict (then the weights are laid out as BertForMaskedLM). Returns the path.
-  No pooler weights are written when the encoder has none: transformers' BertModel then initialises
-  its pooler at random and logs a warning, but loads; the hidden states and every sentence-transformers
-  embedding are unaffected, and jembed round-trips the directory exactly.
+  `encoder_config` is a TransformerConfig or its fields (its `family` says which transformers
+  model: BertModel, RobertaModel, XLMRobertaModel, MPNetModel or ModernBertModel), `params` the
+  encoder's pure dict, `mlm_head` MlmHead's pure dict (then the weights are laid out as the
+  family's *ForMaskedLM). Returns the path. No pooler weights are written when the encoder has
+  none: transformers' BertModel (RobertaModel, MPNetModel) then initialises its pooler at random and
+  logs a warning, but loads; the hidden states and every sentence-transformers embedding are
+  unaffected, and jembed round-trips the directory exactly.
   """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   target = os.path.abspath(os.path.expanduser(str(path)))
@@ -182,20 +191,27 @@ def save_dir(path: str, *, encoder_config, params: dict, tokenizer: tokenizers.T
   if bool(cfg["pooler"]) != ("pooler" in params):
     raise UserError(f"encoder_config says pooler={cfg['pooler']} but the parameters "
                     f"{'have' if 'pooler' in params else 'lack'} pooler weights; pass matching ones")
+  family = cfg["family"]
   if special_ids is None:
-    special_ids = hf_tokenizer.special_ids(tokenizer, dict(hf_tokenizer.BERT_SPECIALS),
+    special_ids = hf_tokenizer.special_ids(tokenizer, hf_tokenizer.family_specials(family),
                                            source="the tokenizer")
-  if not 2 <= int(max_seq_length) <= cfg["max_position"]:
+  from jembed.models.transformer import TransformerConfig  # pylint: disable=import-outside-toplevel
+  limit = TransformerConfig(**cfg).max_length
+  if not 2 <= int(max_seq_length) <= limit:
     raise UserError(f"max_seq_length={max_seq_length} does not fit the position table "
-                    f"(max_position {cfg['max_position']}); choose 2..{cfg['max_position']}")
-  tensors = names.to_hf(params, cfg["num_layers"], cfg["pooler"], mlm_head)
+                    f"(max_position {cfg['max_position']}); choose 2..{limit}")
+  if cfg.get("positions") == "padded" and special_ids["pad"] != cfg["position_offset"]:
+    raise UserError(f"the tokenizer pads with id {special_ids['pad']} but the encoder's positions treat "
+                    f"id {cfg['position_offset']} as padding ({family}); export it with its own tokenizer")
+  tensors = names.to_hf(params, cfg, cfg["pooler"], mlm_head)
   _check_shapes(params, cfg, source="the parameters", mlm_head=mlm_head)
-  architecture = "BertForMaskedLM" if mlm_head is not None else "BertModel"
+  architecture = hf_config.ARCHITECTURES[family][mlm_head is not None]
   config_json = hf_config.to_hf_config(cfg, pad_token_id=special_ids["pad"], architecture=architecture,
-                                       dtype=_dtype_name(params))
+                                       dtype=_dtype_name(params), bos_token_id=special_ids["cls"],
+                                       eos_token_id=special_ids["sep"])
   # model_max_length = max_seq_length, as sentence-transformers 6 saves it (it reads the limit from
   # there; older versions from sentence_bert_config.json, also written).
-  files = hf_tokenizer.tokenizer_files(tokenizer, special_ids, int(max_seq_length))
+  files = hf_tokenizer.tokenizer_files(tokenizer, special_ids, int(max_seq_length), family=family)
   files.update(st.st_files(pooling=pooling, normalize=normalize, max_seq_length=int(max_seq_length),
                            lowercase=lowercase, hidden_size=cfg["hidden_size"]))
   files["config.json"] = json.dumps(config_json, indent=2) + "\n"

@@ -1,9 +1,10 @@
-"""The one mapping between Hugging Face BERT tensor names and jembed's parameter tree.
+"""The one mapping between Hugging Face tensor names and jembed's parameter tree, per family.
 
-A Hugging Face `BertModel` checkpoint is a flat {name: array} in torch layout (a Linear weight is
-[out, in]); jembed's `TransformerEncoder` is a nested pure dict (`nnx.to_pure_dict`) whose Dense
-kernels are [in, out]. Both directions are driven by one table (`_entries`), so import and export
-cannot drift apart.
+A Hugging Face checkpoint is a flat {name: array} in torch layout (a Linear weight is [out, in]);
+jembed's `TransformerEncoder` is a nested pure dict (`nnx.to_pure_dict`) whose Dense kernels are
+[in, out]. Both directions are driven by one table per family (`_entries`), so import and export
+cannot drift apart. A fused tensor (ModernBERT's Wqkv, its GeGLU Wi) maps to several jembed
+tensors: split in equal parts along its output rows on import, concatenated back on export.
 """
 from __future__ import annotations
 
@@ -12,64 +13,124 @@ import numpy as np
 from jembed.errors import UserError
 
 # kinds: "linear" = a torch Linear weight (transposed), anything else is copied as is.
-_LAYER = (
-    ("attention.self.query.weight", ("attention", "query", "kernel"), "linear"),
-    ("attention.self.query.bias", ("attention", "query", "bias"), "copy"),
-    ("attention.self.key.weight", ("attention", "key", "kernel"), "linear"),
-    ("attention.self.key.bias", ("attention", "key", "bias"), "copy"),
-    ("attention.self.value.weight", ("attention", "value", "kernel"), "linear"),
-    ("attention.self.value.bias", ("attention", "value", "bias"), "copy"),
-    ("attention.output.dense.weight", ("attention", "out", "kernel"), "linear"),
-    ("attention.output.dense.bias", ("attention", "out", "bias"), "copy"),
-    ("attention.output.LayerNorm.weight", ("attention_norm", "scale"), "copy"),
-    ("attention.output.LayerNorm.bias", ("attention_norm", "bias"), "copy"),
-    ("intermediate.dense.weight", ("mlp", "wi", "kernel"), "linear"),
-    ("intermediate.dense.bias", ("mlp", "wi", "bias"), "copy"),
-    ("output.dense.weight", ("mlp", "wo", "kernel"), "linear"),
-    ("output.dense.bias", ("mlp", "wo", "bias"), "copy"),
-    ("output.LayerNorm.weight", ("mlp_norm", "scale"), "copy"),
-    ("output.LayerNorm.bias", ("mlp_norm", "bias"), "copy"),
+_BERT_LAYER = (
+    ("attention.self.query", ("attention", "query"), "dense"),
+    ("attention.self.key", ("attention", "key"), "dense"),
+    ("attention.self.value", ("attention", "value"), "dense"),
+    ("attention.output.dense", ("attention", "out"), "dense"),
+    ("attention.output.LayerNorm", ("attention_norm",), "norm"),
+    ("intermediate.dense", ("mlp", "wi"), "dense"),
+    ("output.dense", ("mlp", "wo"), "dense"),
+    ("output.LayerNorm", ("mlp_norm",), "norm"),
 )
-_EMBEDDINGS = (
-    ("embeddings.word_embeddings.weight", ("embeddings", "token", "embedding"), "copy"),
-    ("embeddings.position_embeddings.weight", ("embeddings", "position", "embedding"), "copy"),
-    ("embeddings.token_type_embeddings.weight", ("embeddings", "segment", "embedding"), "copy"),
-    ("embeddings.LayerNorm.weight", ("embeddings", "norm", "scale"), "copy"),
-    ("embeddings.LayerNorm.bias", ("embeddings", "norm", "bias"), "copy"),
+_MPNET_LAYER = (
+    ("attention.attn.q", ("attention", "query"), "dense"),
+    ("attention.attn.k", ("attention", "key"), "dense"),
+    ("attention.attn.v", ("attention", "value"), "dense"),
+    ("attention.attn.o", ("attention", "out"), "dense"),
+    ("attention.LayerNorm", ("attention_norm",), "norm"),
+    ("intermediate.dense", ("mlp", "wi"), "dense"),
+    ("output.dense", ("mlp", "wo"), "dense"),
+    ("output.LayerNorm", ("mlp_norm",), "norm"),
 )
-_POOLER = (
-    ("pooler.dense.weight", ("pooler", "kernel"), "linear"),
-    ("pooler.dense.bias", ("pooler", "bias"), "copy"),
+# ModernBERT: tuples of paths are the parts of a fused tensor, in its row order.
+_MODERNBERT_LAYER = (
+    ("attn_norm", ("attention_norm",), "norm"),
+    ("attn.Wqkv", (("attention", "query"), ("attention", "key"), ("attention", "value")), "dense"),
+    ("attn.Wo", ("attention", "out"), "dense"),
+    ("mlp_norm", ("mlp_norm",), "norm"),
+    # Wi = [input; gate]: GeGLU computes act(input) * gate.
+    ("mlp.Wi", (("mlp", "wi"), ("mlp", "wg")), "dense"),
+    ("mlp.Wo", ("mlp", "wo"), "dense"),
 )
-# BertForMaskedLM's head; its decoder weight is tied to the word embeddings (never stored apart).
-_MLM = (
-    ("cls.predictions.transform.dense.weight", ("transform", "kernel"), "linear"),
-    ("cls.predictions.transform.dense.bias", ("transform", "bias"), "copy"),
-    ("cls.predictions.transform.LayerNorm.weight", ("norm", "scale"), "copy"),
-    ("cls.predictions.transform.LayerNorm.bias", ("norm", "bias"), "copy"),
-    ("cls.predictions.bias", ("bias",), "copy"),
-)
-# Stored by some checkpoints but carrying nothing of their own: buffers (arange / zeros), the tied
-# decoder (a copy of the word embeddings and of cls.predictions.bias) and the next-sentence head.
+# Each family: the prefix of its base model inside a task model (BertForMaskedLM's `bert.`), its
+# layer list, its MLM head's modules, and stored tensors that carry nothing of their own: buffers
+# (arange / zeros), tied decoders (copies of the word embeddings and of the head bias) and heads
+# jembed has no use for (BERT's next-sentence head).
+_FAMILY = {
+    "bert": {"prefix": "bert.", "layers": "encoder.layer", "head": "cls.predictions.",
+             "ignored_prefixes": ("cls.predictions.decoder.", "cls.seq_relationship.")},
+    "roberta": {"prefix": "roberta.", "layers": "encoder.layer", "head": "lm_head.",
+                "ignored_prefixes": ("lm_head.decoder.",)},
+    "mpnet": {"prefix": "mpnet.", "layers": "encoder.layer", "head": "lm_head.",
+              "ignored_prefixes": ("lm_head.decoder.",)},
+    "modernbert": {"prefix": "model.", "layers": "layers", "head": "head.",
+                   "ignored_prefixes": ("decoder.weight",)},
+}
+_FAMILY["xlm-roberta"] = _FAMILY["roberta"]
 _IGNORED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
-_IGNORED_PREFIXES = ("cls.predictions.decoder.", "cls.seq_relationship.")
 
 
-def _entries(num_layers: int, pooler: bool):
-  """(hf_name, path in the encoder tree, kind) for every encoder tensor."""
-  out = list(_EMBEDDINGS)
-  for i in range(num_layers):
-    out += [(f"encoder.layer.{i}.{name}", ("layers", i) + path, kind) for name, path, kind in _LAYER]
+def _module(hf: str, path: tuple, kind: str, *, bias: bool, norm_bias: bool):
+  """(hf tensor name, jembed path(s), linear | copy) of one Dense or LayerNorm module."""
+  parts = path if isinstance(path[0], tuple) else (path,)
+  join = lambda leaf: tuple(p + (leaf,) for p in parts) if len(parts) > 1 else parts[0] + (leaf,)
+  if kind == "dense":
+    out = [(f"{hf}.weight", join("kernel"), "linear")]
+    return out + ([(f"{hf}.bias", join("bias"), "copy")] if bias else [])
+  out = [(f"{hf}.weight", join("scale"), "copy")]
+  return out + ([(f"{hf}.bias", join("bias"), "copy")] if norm_bias else [])
+
+
+def _entries(cfg: dict, pooler: bool):
+  """(hf_name, path(s) in the encoder tree, kind) for every encoder tensor of an encoder_config."""
+  family = cfg.get("family", "bert")
+  bias, norm_bias = cfg.get("use_bias", True), cfg.get("norm_bias", True)
+  module = lambda hf, path, kind: _module(hf, path, kind, bias=bias, norm_bias=norm_bias)
+  out = []
+  if family == "modernbert":
+    out += [("embeddings.tok_embeddings.weight", ("embeddings", "token", "embedding"), "copy")]
+    out += module("embeddings.norm", ("embeddings", "norm"), "norm")
+    layer = _MODERNBERT_LAYER
+  else:
+    out += [("embeddings.word_embeddings.weight", ("embeddings", "token", "embedding"), "copy"),
+            ("embeddings.position_embeddings.weight", ("embeddings", "position", "embedding"), "copy")]
+    if cfg.get("type_vocab_size", 2):
+      out += [("embeddings.token_type_embeddings.weight", ("embeddings", "segment", "embedding"), "copy")]
+    out += module("embeddings.LayerNorm", ("embeddings", "norm"), "norm")
+    layer = _MPNET_LAYER if family == "mpnet" else _BERT_LAYER
+  prefix = _FAMILY[family]["layers"]
+  for i in range(cfg["num_layers"]):
+    for hf, path, kind in layer:
+      if family == "modernbert" and i == 0 and hf == "attn_norm":
+        continue  # layer 0's attention input is the normalised embeddings (embedding_norm)
+      nested = (tuple(("layers", i) + p for p in path) if isinstance(path[0], tuple)
+                else ("layers", i) + path)
+      out += module(f"{prefix}.{i}.{hf}", nested, kind)
+  if family == "mpnet":
+    out += [("encoder.relative_attention_bias.weight", ("relative_bias", "embedding"), "copy")]
+  if family == "modernbert":
+    out += module("final_norm", ("final_norm",), "norm")
   if pooler:
-    out += list(_POOLER)
+    out += [("pooler.dense.weight", ("pooler", "kernel"), "linear"),
+            ("pooler.dense.bias", ("pooler", "bias"), "copy")]
   return out
 
 
-def canonical_name(name: str) -> str | None:
-  """The modern BertModel name of a stored tensor; None for tensors that carry nothing."""
-  if name.startswith("bert."):
-    name = name[len("bert."):]
-  if name.endswith(_IGNORED_SUFFIXES) or name.startswith(_IGNORED_PREFIXES):
+def _head_entries(cfg: dict):
+  """(hf_name, path in the MlmHead tree, kind) of the family's masked-LM head (the output
+  projection is tied to the word embeddings in every family, so never stored apart)."""
+  family = cfg.get("family", "bert")
+  bias, norm_bias = cfg.get("use_bias", True), cfg.get("norm_bias", True)
+  module = lambda hf, path, kind: _module(hf, path, kind, bias=bias, norm_bias=norm_bias)
+  if family == "bert":
+    return (module("cls.predictions.transform.dense", ("transform",), "dense")
+            + module("cls.predictions.transform.LayerNorm", ("norm",), "norm")
+            + [("cls.predictions.bias", ("bias",), "copy")])
+  if family == "modernbert":
+    return (module("head.dense", ("transform",), "dense") + module("head.norm", ("norm",), "norm")
+            + [("decoder.bias", ("bias",), "copy")])
+  return (module("lm_head.dense", ("transform",), "dense") + module("lm_head.layer_norm", ("norm",), "norm")
+          + [("lm_head.bias", ("bias",), "copy")])
+
+
+def canonical_name(name: str, family: str = "bert") -> str | None:
+  """The base-model name of a stored tensor (its task-model prefix dropped); None for tensors
+  that carry nothing."""
+  spec = _FAMILY[family]
+  if name.startswith(spec["prefix"]):
+    name = name[len(spec["prefix"]):]
+  if name.endswith(_IGNORED_SUFFIXES) or name.startswith(spec["ignored_prefixes"]):
     return None
   # Checkpoints converted from Google's TF BERT spell LayerNorm's parameters gamma / beta.
   if name.endswith("LayerNorm.gamma"):
@@ -79,12 +140,13 @@ def canonical_name(name: str) -> str | None:
   return name
 
 
-def has_pooler(names) -> bool:
-  return any(canonical_name(n) == "pooler.dense.weight" for n in names)
+def has_pooler(names, family: str = "bert") -> bool:
+  return any(canonical_name(n, family) == "pooler.dense.weight" for n in names)
 
 
-def has_mlm_head(names) -> bool:
-  return any(canonical_name(n) == "cls.predictions.bias" for n in names)
+def has_mlm_head(names, family: str = "bert") -> bool:
+  head = _FAMILY[family]["head"]
+  return any((canonical_name(n, family) or "").startswith(head) for n in names)
 
 
 def _set(tree: dict, path: tuple, value) -> None:
@@ -93,12 +155,12 @@ def _set(tree: dict, path: tuple, value) -> None:
   tree[path[-1]] = value
 
 
-def _get(tree: dict, path: tuple, what: str):
+def _get(tree: dict, path: tuple, what: str, family: str):
   node = tree
   for key in path:
     if not isinstance(node, dict) or key not in node:
       raise UserError(f"{what} has no parameter {'/'.join(map(str, path))}; pass the pure dict of a "
-                      "BERT-layout TransformerEncoder (post-LN, no adapters)")
+                      f"TransformerEncoder built with the {family} options (no adapters)")
     node = node[key]
   return node
 
@@ -111,66 +173,79 @@ def _leaf_paths(tree: dict, prefix=()):
       yield prefix + (key,)
 
 
-def from_hf(tensors: dict, num_layers: int, *, source: str) -> tuple[dict, dict | None]:
+def _paths(path) -> tuple:
+  return path if isinstance(path[0], tuple) else (path,)
+
+
+def from_hf(tensors: dict, cfg: dict, *, source: str) -> tuple[dict, dict | None]:
   """{hf name: array} -> (encoder pure dict, MLM head pure dict or None), Linear weights transposed."""
+  family = cfg.get("family", "bert")
   canonical = {}
   for name, value in tensors.items():
-    key = canonical_name(name)
+    key = canonical_name(name, family)
     if key is not None:
       canonical[key] = value
-  entries = _entries(num_layers, pooler="pooler.dense.weight" in canonical)
-  head = _MLM if "cls.predictions.bias" in canonical else ()
-  missing = [name for name, _, _ in list(entries) + list(head) if name not in canonical]
+  entries = _entries(cfg, pooler="pooler.dense.weight" in canonical)
+  head_prefix = _FAMILY[family]["head"]
+  head = _head_entries(cfg) if any(k.startswith(head_prefix) for k in canonical) else []
+  missing = [name for name, _, _ in entries + head if name not in canonical]
   if missing:
-    raise UserError(f"{source} lacks {len(missing)} BERT tensor(s), e.g. '{missing[0]}'; it is not a "
-                    "complete BertModel checkpoint for its config.json (num_hidden_layers?)")
-  used = {name for name, _, _ in list(entries) + list(head)}
+    raise UserError(f"{source} lacks {len(missing)} {family} tensor(s), e.g. '{missing[0]}'; it is not a "
+                    "complete checkpoint for its config.json (num_hidden_layers? biases?)")
+  used = {name for name, _, _ in entries + head}
   extra = sorted(set(canonical) - used)
   if extra:
-    raise UserError(f"{source} has {len(extra)} tensor(s) a BERT encoder does not use, e.g. "
-                    f"'{extra[0]}'; only BertModel / BertForMaskedLM checkpoints are supported")
+    raise UserError(f"{source} has {len(extra)} tensor(s) a {family} encoder does not use, e.g. "
+                    f"'{extra[0]}'; only base-model and masked-LM checkpoints are supported")
 
-  def convert(name, kind):
+  def fill(tree, name, path, kind):
     value = np.asarray(canonical[name])
-    return np.ascontiguousarray(value.T) if kind == "linear" else value
+    parts = _paths(path)
+    if value.shape[0] % len(parts):
+      raise UserError(f"{source}: tensor '{name}' {value.shape} does not split into {len(parts)} equal "
+                      "parts; the weights and config do not belong together")
+    for part, piece in zip(parts, np.split(value, len(parts), axis=0)):
+      _set(tree, part, np.ascontiguousarray(piece.T) if kind == "linear" else piece)
 
   params: dict = {}
   for name, path, kind in entries:
-    _set(params, path, convert(name, kind))
+    fill(params, name, path, kind)
   mlm = None
   if head:
     mlm = {}
     for name, path, kind in head:
-      _set(mlm, path, convert(name, kind))
+      fill(mlm, name, path, kind)
   return params, mlm
 
 
-def to_hf(params: dict, num_layers: int, pooler: bool, mlm_head: dict | None) -> dict:
+def to_hf(params: dict, cfg: dict, pooler: bool, mlm_head: dict | None) -> dict:
   """(encoder pure dict, MLM head pure dict or None) -> {hf name: C-contiguous numpy array}.
 
-  With a head the names get BertForMaskedLM's `bert.` prefix. Every array is made C-contiguous:
-  safetensors 0.8 writes the buffer of a transposed (F-ordered) view as if it were row-major.
+  With a head the encoder's names get the family's task-model prefix (`bert.`, `roberta.`, ...).
+  Every array is made C-contiguous: safetensors 0.8 writes the buffer of a transposed (F-ordered)
+  view as if it were row-major.
   """
-  entries = _entries(num_layers, pooler)
-  expected = {path for _, path, _ in entries}
+  family = cfg.get("family", "bert")
+  entries = _entries(cfg, pooler)
+  expected = {p for _, path, _ in entries for p in _paths(path)}
   extra = sorted(set(_leaf_paths(params)) - expected, key=str)
   if extra:
-    raise UserError(f"encoder parameter {'/'.join(map(str, extra[0]))} has no place in a BERT "
-                    "checkpoint; export a post-LN encoder without adapters (merge LoRA first)")
-  prefix = "bert." if mlm_head is not None else ""
+    raise UserError(f"encoder parameter {'/'.join(map(str, extra[0]))} has no place in a {family} "
+                    "checkpoint; export an encoder of that family without adapters (merge LoRA first)")
+  prefix = _FAMILY[family]["prefix"] if mlm_head is not None else ""
 
-  def convert(value, kind):
-    value = np.asarray(value)
-    return np.ascontiguousarray(value.T if kind == "linear" else value)
+  def convert(tree, path, kind, what):
+    parts = [np.asarray(_get(tree, p, what, family)) for p in _paths(path)]
+    parts = [p.T if kind == "linear" else p for p in parts]
+    return np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))
 
-  out = {prefix + name: convert(_get(params, path, "the encoder tree"), kind)
-         for name, path, kind in entries}
+  out = {prefix + name: convert(params, path, kind, "the encoder tree") for name, path, kind in entries}
   if mlm_head is not None:
-    head_paths = {path for _, path, _ in _MLM}
+    head = _head_entries(cfg)
+    head_paths = {path for _, path, _ in head}
     extra = sorted(set(_leaf_paths(mlm_head)) - head_paths, key=str)
     if extra:
-      raise UserError(f"MLM head parameter {'/'.join(map(str, extra[0]))} has no place in "
-                      "BertForMaskedLM; pass MlmHead's pure dict")
-    out.update({name: convert(_get(mlm_head, path, "the MLM head tree"), kind)
-                for name, path, kind in _MLM})
+      raise UserError(f"MLM head parameter {'/'.join(map(str, extra[0]))} has no place in the {family} "
+                      "masked-LM head; pass MlmHead's pure dict")
+    out.update({name: convert(mlm_head, path, kind, "the MLM head tree") for name, path, kind in head})
   return out

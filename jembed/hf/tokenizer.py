@@ -1,9 +1,11 @@
 """Tokenizer files of a Hugging Face directory: read, write, and encode text as transformers does.
 
-Reading prefers `tokenizer.json`; without one, a BERT WordPiece tokenizer is rebuilt from
-`vocab.txt` and `tokenizer_config.json` the way transformers' BertTokenizer builds it
-(BertNormalizer + BertPreTokenizer + WordPiece + the `[CLS] $A [SEP]` template). Special tokens are
-looked up by the strings the directory names, never assumed to sit at fixed ids.
+Reading prefers `tokenizer.json` (WordPiece, byte-level BPE, SentencePiece Unigram: whatever the
+`tokenizers` library reads); without one, a BERT WordPiece tokenizer is rebuilt from `vocab.txt`
+and `tokenizer_config.json` the way transformers' BertTokenizer builds it (BertNormalizer +
+BertPreTokenizer + WordPiece + the `[CLS] $A [SEP]` template), or RoBERTa's byte-level BPE from
+`vocab.json` + `merges.txt`. Special tokens are looked up by the strings the directory names (the
+family's defaults when it names none), never assumed to sit at fixed ids.
 """
 from __future__ import annotations
 
@@ -18,6 +20,15 @@ from jembed.errors import UserError
 
 SPECIAL_KEYS = ("pad", "unk", "cls", "sep", "mask")
 BERT_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+# RoBERTa's (fairseq's) spelling, also XLM-RoBERTa's and MPNet's.
+ROBERTA_SPECIALS = {"pad": "<pad>", "unk": "<unk>", "cls": "<s>", "sep": "</s>", "mask": "<mask>"}
+
+
+def family_specials(family: str) -> dict[str, str]:
+  """The special token strings a family's tokenizers use when their files name none."""
+  if family == "mpnet":  # MPNetTokenizer's defaults
+    return dict(ROBERTA_SPECIALS, unk="[UNK]")
+  return dict(ROBERTA_SPECIALS if family in ("roberta", "xlm-roberta") else BERT_SPECIALS)
 
 
 def read_json(path: str, what: str) -> dict | list:
@@ -38,9 +49,9 @@ def _token_string(value) -> str | None:
   return value if isinstance(value, str) else None
 
 
-def special_tokens(directory: str) -> dict[str, str]:
+def special_tokens(directory: str, family: str = "bert") -> dict[str, str]:
   """{"pad", "unk", "cls", "sep", "mask"} -> token string, from the directory's tokenizer configs."""
-  names = dict(BERT_SPECIALS)
+  names = family_specials(family)
   for filename in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
     path = os.path.join(directory, filename)
     if os.path.isfile(path):
@@ -75,9 +86,30 @@ def read_vocab(path: str) -> dict[str, int]:
     return {line.rstrip("\n"): i for i, line in enumerate(f.readlines())}
 
 
-def load_tokenizer(directory: str) -> tuple[tokenizers.Tokenizer, dict[str, int]]:
+def _byte_level_bpe(directory: str, names: dict[str, str]) -> tokenizers.Tokenizer:
+  """RoBERTa's tokenizer from vocab.json + merges.txt, as transformers' RobertaTokenizer builds it."""
+  cfg_path = os.path.join(directory, "tokenizer_config.json")
+  cfg = read_json(cfg_path, "tokenizer configuration") if os.path.isfile(cfg_path) else {}
+  try:
+    bpe = models.BPE.from_file(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"))
+  except Exception as e:  # pylint: disable=broad-except
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise UserError(f"cannot read {directory}/vocab.json + merges.txt ({first}); re-save the tokenizer") from None
+  tok = tokenizers.Tokenizer(bpe)
+  prefix_space = bool(cfg.get("add_prefix_space", False))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens([names[k] for k in SPECIAL_KEYS if tok.token_to_id(names[k]) is not None])
+  cls, sep = names["cls"], names["sep"]
+  if tok.token_to_id(cls) is not None and tok.token_to_id(sep) is not None:
+    tok.post_processor = processors.RobertaProcessing((sep, tok.token_to_id(sep)), (cls, tok.token_to_id(cls)),
+                                                      add_prefix_space=prefix_space)
+  return tok
+
+
+def load_tokenizer(directory: str, family: str = "bert") -> tuple[tokenizers.Tokenizer, dict[str, int]]:
   """(tokenizer without padding or truncation, special ids) of a Hugging Face directory."""
-  names = special_tokens(directory)
+  names = special_tokens(directory, family)
   json_path = os.path.join(directory, "tokenizer.json")
   vocab_path = os.path.join(directory, "vocab.txt")
   if os.path.isfile(json_path):
@@ -99,9 +131,15 @@ def load_tokenizer(directory: str) -> tuple[tokenizers.Tokenizer, dict[str, int]
     tok.decoder = decoders.WordPiece(prefix="##")
     # transformers registers the special tokens, so "[MASK]" in a text stays one token.
     tok.add_special_tokens([names[k] for k in SPECIAL_KEYS if tok.token_to_id(names[k]) is not None])
+  elif os.path.isfile(os.path.join(directory, "vocab.json")) and os.path.isfile(
+      os.path.join(directory, "merges.txt")):
+    tok = _byte_level_bpe(directory, names)
+  elif any(os.path.isfile(os.path.join(directory, f)) for f in ("sentencepiece.bpe.model", "spm.model")):
+    raise UserError(f"{directory} has only a SentencePiece model and no tokenizer.json; save the "
+                    "tokenizer once with transformers (AutoTokenizer ... .save_pretrained) to write it")
   else:
-    raise UserError(f"{directory} has no tokenizer.json or vocab.txt; copy the tokenizer files of the "
-                    "model into it")
+    raise UserError(f"{directory} has no tokenizer.json, vocab.txt or vocab.json + merges.txt; copy the "
+                    "tokenizer files of the model into it")
   ids = special_ids(tok, names, source=directory)
   if tok.post_processor is None:
     # transformers' BertTokenizer installs this template whatever the file says; without it no
@@ -156,9 +194,10 @@ def _bert_options(tokenizer: tokenizers.Tokenizer) -> dict:
 
 
 def tokenizer_files(tokenizer: tokenizers.Tokenizer, ids: dict[str, int],
-                    model_max_length: int) -> dict[str, str]:
+                    model_max_length: int, *, family: str = "bert") -> dict[str, str]:
   """{filename: text} of tokenizer.json, tokenizer_config.json, special_tokens_map.json and, for a
-  WordPiece tokenizer, vocab.txt."""
+  BERT WordPiece tokenizer, vocab.txt. Other families' tokenizers load through tokenizer.json
+  (PreTrainedTokenizerFast), whatever their model (BPE, Unigram, WordPiece)."""
   tok = tokenizers.Tokenizer.from_str(tokenizer.to_str())
   tok.no_padding()
   tok.no_truncation()
@@ -172,8 +211,10 @@ def tokenizer_files(tokenizer: tokenizers.Tokenizer, ids: dict[str, int],
   if missing:
     tok.add_special_tokens(missing)
   files = {"tokenizer.json": tok.to_str(pretty=True)}
-  options = _bert_options(tok)
+  options = _bert_options(tok) if family == "bert" else {}
   config = {f"{key}_token": names[key] for key in SPECIAL_KEYS}
+  if family != "bert":
+    config.update(bos_token=names["cls"], eos_token=names["sep"])
   config.update({"model_max_length": int(model_max_length), "clean_up_tokenization_spaces": False,
                  "tokenizer_class": "BertTokenizer" if options else "PreTrainedTokenizerFast"})
   config.update(options)

@@ -9,12 +9,22 @@ from jembed.models.layers import Dense, Embed, LayerNorm, param, zeros_init
 
 
 class MlmHead(nnx.Module):
-  """BERT's MLM head: dense + GELU + LayerNorm, then the output projection tied to the token table."""
+  """BERT's MLM head: dense + GELU + LayerNorm, then the output projection tied to the token table.
 
-  def __init__(self, hidden_size: int, vocab_size: int, *, eps: float = 1e-12, rngs: nnx.Rngs):
-    self.transform = Dense(hidden_size, hidden_size, ("embed", "mlp"), rngs=rngs)
-    self.norm = LayerNorm(hidden_size, eps=eps, axis_name="mlp")
+  RoBERTa's and MPNet's `lm_head` is the same; ModernBERT's has no dense bias and no LayerNorm shift
+  (`use_bias` / `norm_bias` False, as its encoder)."""
+
+  def __init__(self, hidden_size: int, vocab_size: int, *, eps: float = 1e-12, use_bias: bool = True,
+               norm_bias: bool = True, rngs: nnx.Rngs):
+    self.transform = Dense(hidden_size, hidden_size, ("embed", "mlp"), use_bias=use_bias, rngs=rngs)
+    self.norm = LayerNorm(hidden_size, eps=eps, axis_name="mlp", use_bias=norm_bias)
     self.bias = param(None, zeros_init, (vocab_size,), ("vocab",))
+
+  @classmethod
+  def for_encoder(cls, cfg, *, rngs: nnx.Rngs) -> "MlmHead":
+    """The head a TransformerConfig's family has: its width, vocabulary, eps and biases."""
+    return cls(cfg.hidden_size, cfg.vocab_size, eps=cfg.layer_norm_eps, use_bias=cfg.use_bias,
+               norm_bias=cfg.norm_bias, rngs=rngs)
 
   def __call__(self, hidden: jax.Array, token_table: Embed) -> jax.Array:
     h = self.norm(jax.nn.gelu(self.transform(hidden), approximate=False))

@@ -118,9 +118,10 @@ class LayerNorm(nnx.Module):
   """LayerNorm computed in float32 (BERT uses eps 1e-12)."""
 
   def __init__(self, features: int, *, eps: float = 1e-12, axis_name: str | None = "embed",
-               rngs: nnx.Rngs | None = None):
+               use_bias: bool = True, rngs: nnx.Rngs | None = None):
     self.scale = param(None, ones_init, (features,), (axis_name,))
-    self.bias = param(None, zeros_init, (features,), (axis_name,))
+    # ModernBERT's norms have no shift (norm_bias=False): no parameter rather than a frozen zero.
+    self.bias = param(None, zeros_init, (features,), (axis_name,)) if use_bias else None
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -129,7 +130,10 @@ class LayerNorm(nnx.Module):
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
     y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * self.scale[...] + self.bias[...]).astype(dtype)
+    y = y * self.scale[...]
+    if self.bias is not None:
+      y = y + self.bias[...]
+    return y.astype(dtype)
 
 
 class Embed(nnx.Module):

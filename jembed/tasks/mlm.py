@@ -61,7 +61,7 @@ class MlmModel(nnx.Module):
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.encoder = TransformerEncoder(cfg, rngs=rngs)
-    self.mlm_head = MlmHead(cfg.hidden_size, cfg.vocab_size, eps=cfg.layer_norm_eps, rngs=rngs)
+    self.mlm_head = MlmHead.for_encoder(cfg, rngs=rngs)
 
   def __call__(self, tokens, mask, positions):
     hidden = self.encoder(tokens, mask)

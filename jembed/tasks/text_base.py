@@ -60,10 +60,10 @@ class TextTask(Task):
                       "task from a text model")
     cfg = TransformerConfig.resolve(self.config.model, vocab_size=self.vocab, source=source)
     seq_len = int(self.config.data.seq_len)
-    if seq_len > cfg.max_position:
-      raise UserError(f"data.seq_len={seq_len} is longer than the position table "
-                      f"(max_position={cfg.max_position}); lower data.seq_len or raise "
-                      "model.max_position")
+    if seq_len > cfg.max_length:
+      raise UserError(f"data.seq_len={seq_len} is longer than the position table allows "
+                      f"({cfg.max_length} tokens, max_position={cfg.max_position}); lower data.seq_len "
+                      "or raise model.max_position")
     return cfg
 
   def text_spec(self, **extra: Any) -> dict[str, Any]:
