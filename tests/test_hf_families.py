@@ -19,7 +19,6 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-import hf_helpers
 from jembed import hf
 from jembed.errors import UserError
 from jembed.hf.io import abstract_module
@@ -234,7 +233,7 @@ def test_configs_jembed_cannot_run_are_refused(tmp_path):
 
 def _libs():
   torch = pytest.importorskip("torch")
-  return torch, hf_helpers.importorskip("transformers")
+  return torch, pytest.importorskip("transformers")
 
 
 def _randomize(torch, model, seed):
@@ -403,7 +402,7 @@ def test_roberta_matches_transformers_and_round_trips(roberta_dir, tmp_path):
 
 def test_xlm_roberta_pooler_and_sentence_transformers(xlmr_dir, tmp_path):
   torch, transformers = _libs()
-  st = hf_helpers.importorskip("sentence_transformers")
+  st = pytest.importorskip("sentence_transformers")
   encoder, model, batch, out, ours = _check_hidden(xlmr_dir, "XLMRobertaModel", "xlm-roberta",
                                                    label="tiny XLM-RoBERTa")
   assert model.encoder_config["pooler"] and model.encoder_config["hidden_act"] == "gelu_new"
@@ -534,7 +533,7 @@ def test_relative_position_buckets_match_transformers_mpnet():
 
 def test_mpnet_matches_transformers_and_sentence_transformers(mpnet_dir, tmp_path):
   _, transformers = _libs()
-  st = hf_helpers.importorskip("sentence_transformers")
+  st = pytest.importorskip("sentence_transformers")
   encoder, model, batch, out, ours = _check_hidden(mpnet_dir, "MPNetModel", "mpnet", label="tiny MPNet")
   cfg = model.encoder_config
   assert (cfg["positions"], cfg["position_offset"], cfg["type_vocab_size"], cfg["relative_buckets"]) == \
@@ -582,7 +581,7 @@ def modernbert_dir(tmp_path_factory):
 
 def test_modernbert_matches_transformers_and_round_trips(modernbert_dir, tmp_path):
   torch, transformers = _libs()
-  st = hf_helpers.importorskip("sentence_transformers")
+  st = pytest.importorskip("sentence_transformers")
   encoder, model, batch, out, ours = _check_hidden(modernbert_dir, "ModernBertForMaskedLM", "modernbert",
                                                    label="tiny ModernBERT")
   cfg = model.encoder_config

@@ -34,11 +34,8 @@ XJ = jnp.asarray(X.transpose(0, 2, 3, 1))
 
 
 def _torch():
-  torch = pytest.importorskip("torch")
-  # PyPI's torchvision is built against CUDA torch: its compiled ops (registered by this module on
-  # import) cannot load with the CPU torch here; the pure-Python model code we need works without it.
-  sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
-  return torch
+  # torchvision's compiled ops are stubbed for every test in tests/conftest.py.
+  return pytest.importorskip("torch")
 
 
 def _max_diff(a, b) -> float:
