@@ -70,5 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
       tokenizer="",             # a tokenizer.json; "" = the init source's, else trained on the pairs
       vocab_size=8192,
       seq_len=64,
+      prepared="",              # a directory from `python -m jembed.data.prepare`: stream pairs from disk
+      streams=0,                # with prepared: shard streams (0 = one per process); fix it to keep the
+                                # same global batches on any number of hosts
   ))
   return c
