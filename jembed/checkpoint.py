@@ -206,8 +206,9 @@ def restore_latest(workdir: str, abstract_state, data_iter=None, *, fallback: bo
   return None, None
 
 
-def _local_target(state_dir: str):
-  """The saved tree's shapes and dtypes, each placed whole on this process's first device."""
+def local_target(state_dir: str):
+  """The shapes and dtypes of the orbax tree saved in `state_dir`, each placed whole on this
+  process's first device: a restore target that works whatever devices (or processes) saved it."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with _quiet():
     meta = ocp.StandardCheckpointer().metadata(fs.path(state_dir))
@@ -243,7 +244,7 @@ def restore_params_only(ckpt_root: str, step: int | None = None):
     if step is None:
       raise UserError(f"no checkpoint found under {path}; train with --workdir={ckpt_root} first")
     try:
-      target = _local_target(fs.join(path, str(step), "state"))
+      target = local_target(fs.join(path, str(step), "state"))
       restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     except Exception as e:
       raise UserError(f"checkpoint {path}/{step} cannot be read ({type(e).__name__}); it is corrupt or "

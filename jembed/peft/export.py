@@ -88,7 +88,11 @@ def load_params(directory: str) -> dict:
   """The tree `save_params` wrote (numpy leaves; layer keys come back as strings, which
   jembed.tree paths treat like ints)."""
   import orbax.checkpoint as ocp
-  return ocp.StandardCheckpointer().restore(fs.path(fs.absolute(directory)))
+  from jembed import checkpoint
+  directory = fs.absolute(directory)
+  # With a target on this process's device: the saved shardings name the devices of the run that
+  # wrote it (several processes, perhaps), which a reader does not have.
+  return ocp.StandardCheckpointer().restore(fs.path(directory), checkpoint.local_target(directory))
 
 
 def save_adapters(directory: str, tuning: LoraTuning, trained: dict, frozen: dict) -> None:
