@@ -4,7 +4,8 @@ one-process global batch.
 
 The real two-process job (`jembed.main` in two JAX processes over loopback, gloo collectives) is
 `tests/test_prepared_data.py::test_two_processes_on_a_prepared_corpus_match_one_with_two_streams`:
-it checks their losses against one 8-device process."""
+it checks their losses against one 8-device process. The end of a run on two processes (summaries,
+evaluations, LoRA exports) is the two-process job at the bottom of this file."""
 import jax
 import numpy as np
 
