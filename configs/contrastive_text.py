@@ -14,6 +14,12 @@ model it started from. Your own pairs, starting from a sentence-transformers mod
 pairs.jsonl: one {"anchor": ..., "positive": ..., "negative": ... or [...]} per line (names set by
 data.*_key; negatives optional); a .txt file gives unsupervised pairs (each line with itself, two
 dropout views). A global batch larger than memory: --config.loss.chunk_size=32 (GradCache).
+Pairs larger than memory: tokenize them once into shards that each host streams its share of:
+
+  python -m jembed.data.prepare --config configs/contrastive_text.py --out /data/pairs-prep \
+      --config.data.train='pairs/*.jsonl' --shards 16
+  python -m jembed.main --config configs/contrastive_text.py --workdir runs/ct \
+      --config.data.prepared=/data/pairs-prep
 """
 import ml_collections
 
@@ -70,5 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
       tokenizer="",             # a tokenizer.json; "" = the init source's, else trained on the pairs
       vocab_size=8192,
       seq_len=64,
+      prepared="",              # a directory from `python -m jembed.data.prepare`: stream pairs from disk
+      streams=0,                # with prepared: shard streams (0 = one per process); fix it to keep the
+                                # same global batches on any number of hosts
   ))
   return c

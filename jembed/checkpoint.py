@@ -230,6 +230,16 @@ def config_changes(workdir: str, config) -> list[str]:
           for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
+def local_target(state_dir: str):
+  """The shapes and dtypes of the orbax tree saved in `state_dir`, each placed whole on this
+  process's first device: a restore target that works whatever devices (or processes) saved it."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with _quiet():
+    meta = ocp.StandardCheckpointer().metadata(fs.path(state_dir))
+  meta = getattr(meta, "item_metadata", meta)
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta)
+
+
 def _move_aside(workdir: str, step: int, log) -> None:
   if not fs.is_writer():
     return
@@ -245,7 +255,9 @@ def _move_aside(workdir: str, step: int, log) -> None:
 
 
 def restore_params_only(ckpt_root: str, step: int | None = None):
-  """Raw restore of a checkpoint's `state` item as numpy-backed arrays (for fine-tuning init)."""
+  """Raw restore of a checkpoint's `state` item onto this process's first device (for fine-tuning
+  init). Every process of a multi-process run reads the whole tree itself: without a target orbax
+  would place the arrays as they were saved, on devices that may belong to another process."""
   path = checkpoint_dir(ckpt_root) if fs.isdir(checkpoint_dir(ckpt_root)) else fs.absolute(ckpt_root)
   if not fs.isdir(path):
     raise UserError(f"init.checkpoint '{ckpt_root}' is not a jembed workdir or checkpoint directory; "
@@ -256,7 +268,8 @@ def restore_params_only(ckpt_root: str, step: int | None = None):
     if step is None:
       raise UserError(f"no checkpoint found under {path}; train with --workdir={ckpt_root} first")
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+      target = local_target(fs.join(path, str(step), "state"))
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     except Exception as e:
       raise UserError(f"checkpoint {path}/{step} cannot be read ({type(e).__name__}); it is corrupt or "
                       "incomplete: pick another with init.step or retrain") from e

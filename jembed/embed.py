@@ -18,6 +18,7 @@ import csv
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Any, Iterator, Sequence
 
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jembed import fs
 from jembed.errors import UserError, run_cli
 
 DTYPES = ("float32", "bfloat16")
@@ -250,12 +252,12 @@ def load(path: str, *, max_seq_length: int | None = None, step: int | None = Non
   from jembed import interop, modelspec
   if interop.is_image_source(path):
     return _load_image_source(path)
-  if not os.path.isdir(path):
+  if not fs.isdir(path):
     raise UserError(f"model '{path}' does not exist; give a jembed workdir or a Hugging Face "
                     "model directory")
   if modelspec.read(path) is not None:
     return _load_workdir(path, max_seq_length, step)
-  if os.path.exists(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints")):
+  if fs.exists(fs.join(path, "config.json")) and not fs.isdir(fs.join(path, "checkpoints")):
     from jembed import hf
     from jembed.models.transformer import TransformerConfig
     m = hf.load_dir(path)
@@ -299,7 +301,7 @@ def _load_workdir(path: str, max_seq_length: int | None, step: int | None):
   if "encoder" in spec:
     import tokenizers
     from jembed.models.transformer import TransformerConfig
-    tokenizer = tokenizers.Tokenizer.from_file(os.path.join(path, spec["tokenizer"]))
+    tokenizer = tokenizers.Tokenizer.from_str(fs.read_text(fs.join(path, spec["tokenizer"])))
     params = nnx.to_pure_dict(nnx.state(backbone, nnx.Param))
     return TextEmbedder(TransformerConfig.from_json(spec["encoder"]), params, tokenizer,
                         spec["special_ids"], pooling=spec.get("pooling", "mean"),
@@ -404,49 +406,67 @@ def run(args) -> str:
   if not out_path.endswith(".npy"):
     raise UserError(f"--output '{out_path}' must end in .npy")
   check_options(batch_size=args.batch_size, dtype=args.dtype, dim=args.dim, width=model.dim)
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  tmp = out_path + ".tmp.npy"
   if model.modality == "image":
-    names, images = read_images(args.input, model.image_shape)
+    with fs.local_dir(args.input) as folder:   # a gs:// folder is read from a temporary download
+      names, images = read_images(folder, model.image_shape)
     vectors = model.embed(images, batch_size=args.batch_size, dim=args.dim, progress=True)
-    np.save(tmp, vectors)
-    os.replace(tmp, out_path)
+    fs.write_with(out_path, lambda tmp: _save_npy(tmp, vectors))
     if args.projector:
-      _write_projector(args.projector, vectors, names, images)
+      _projector(args.projector, vectors, names, images)
     return f"{len(vectors)} images -> {out_path} ({vectors.shape[1]} dims)"
 
-  n, has_ids = _count(args.input, args.field, args.id_field)
-  if n == 0:
-    raise UserError(f"input '{args.input}' holds no texts; give a non-empty file")
-  width = args.dim or model.dim
-  out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, width))
-  ids, kept_texts = [], []
-  bar = _Progress(n, True)
-  lo = 0
-  records = read_records(args.input, args.field, args.id_field)
-  t0 = time.perf_counter()
-  while lo < n:
-    chunk = [next(records) for _ in range(min(CHUNK, n - lo))]
-    texts = [t for _, t in chunk]
-    ids.extend(str(i) if i is not None else "" for i, _ in chunk)
-    if args.projector and len(kept_texts) < args.projector_max:
-      kept_texts.extend(texts[:args.projector_max - len(kept_texts)])
-    out[lo:lo + len(chunk)] = model._embed_rows(model.tokenize(texts), args.batch_size, args.dtype,
-                                                args.dim, bar)
-    lo += len(chunk)
-  bar.close()
-  out.flush()
-  del out
-  os.replace(tmp, out_path)
+  with fs.local_file(args.input) as input_path:
+    n, has_ids = _count(input_path, args.field, args.id_field)
+    if n == 0:
+      raise UserError(f"input '{args.input}' holds no texts; give a non-empty file")
+    width = args.dim or model.dim
+    ids, kept_texts, kept_vectors = [], [], []
+    t0 = time.perf_counter()
+
+    def write_vectors(tmp):
+      # Written a chunk at a time into a memory-mapped .npy (local, or a local temporary file that
+      # fs.write_with then uploads for a gs:// output): memory stays bounded for any input size.
+      out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, width))
+      bar = _Progress(n, True)
+      lo = 0
+      records = read_records(input_path, args.field, args.id_field)
+      while lo < n:
+        chunk = [next(records) for _ in range(min(CHUNK, n - lo))]
+        texts = [t for _, t in chunk]
+        ids.extend(str(i) if i is not None else "" for i, _ in chunk)
+        vectors = model._embed_rows(model.tokenize(texts), args.batch_size, args.dtype, args.dim, bar)
+        out[lo:lo + len(chunk)] = vectors
+        if args.projector and len(kept_texts) < args.projector_max:
+          keep = args.projector_max - len(kept_texts)
+          kept_texts.extend(texts[:keep])
+          kept_vectors.append(vectors[:keep])
+        lo += len(chunk)
+      bar.close()
+      out.flush()
+      del out
+    fs.write_with(out_path, write_vectors)
   if has_ids:
-    with open(out_path[:-4] + ".ids.txt", "w") as f:
-      f.write("\n".join(ids) + "\n")
+    fs.write_text(out_path[:-4] + ".ids.txt", "\n".join(ids) + "\n")
   if args.projector:
-    vectors = np.load(out_path, mmap_mode="r")[:len(kept_texts)]
-    _write_projector(args.projector, np.asarray(vectors), kept_texts)
+    _projector(args.projector, np.concatenate(kept_vectors), kept_texts)
   dt = time.perf_counter() - t0
   return (f"{n} texts -> {out_path} ({width} dims, {args.dtype}, {n / dt:.0f} texts/s)"
           + (f"; ids -> {out_path[:-4]}.ids.txt" if has_ids else ""))
+
+
+def _save_npy(path: str, vectors: np.ndarray) -> None:
+  with open(path, "wb") as f:   # a file object: np.save would append .npy to a bare path
+    np.save(f, vectors)
+
+
+def _projector(directory: str, vectors: np.ndarray, labels: list[str], images=None) -> None:
+  """The projector files, written locally (tensorboardX writes local paths), copied for a URL."""
+  if fs.is_local(directory):
+    _write_projector(directory, vectors, labels, images)
+    return
+  with tempfile.TemporaryDirectory(prefix="jembed-projector-") as local:
+    _write_projector(local, vectors, labels, images)
+    fs.copy_tree(local, directory)
 
 
 def main(argv=None) -> int:

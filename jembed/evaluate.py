@@ -193,11 +193,11 @@ def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, float]:
   from jembed.errors import UserError
   from jembed.tasks import get_task
 
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  from jembed import fs
+  path = fs.join(workdir, "config.json")
+  if not fs.exists(path):
     raise UserError(f"{path} does not exist; point --workdir at the workdir of a pretraining run")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(fs.read_text(path)))
   task = get_task(config, workdir)
   if not hasattr(task, "frozen_eval_metrics"):
     raise UserError(f"task '{config.task}' has no frozen-embedding evaluation; use a vision "
@@ -210,14 +210,21 @@ def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, float]:
 def evaluate_retrieval(model_path: str, pairs_file: str, *, batch_size: int = 64,
                        anchor_key: str = "anchor", positive_key: str = "positive",
                        negative_key: str = "negative") -> dict:
-  """Retrieval metrics (pairs file) or Spearman correlation (scored pairs) of a text model."""
-  from jembed import retrieval
-  from jembed.data import pairs as pairs_lib
+  """Retrieval metrics (pairs file) or Spearman correlation (scored pairs) of a text model. The model
+  and the file may be local or gs://."""
   from jembed.embed import load
   from jembed.errors import UserError
+  from jembed import fs
   model = load(model_path)
   if model.modality != "text":
     raise UserError(f"{model_path} is an image model; retrieval evaluation is for text models")
+  with fs.local_file(pairs_file) as local:   # a gs:// file is read from a temporary download
+    return _evaluate_pairs(model, local, batch_size, anchor_key, positive_key, negative_key)
+
+
+def _evaluate_pairs(model, pairs_file, batch_size, anchor_key, positive_key, negative_key) -> dict:
+  from jembed import retrieval
+  from jembed.data import pairs as pairs_lib
   first = _first_record(pairs_file)
   if {"text1", "text2", "score"} <= set(first):
     scored, skipped = pairs_lib.load_scored_pairs(pairs_file)
@@ -287,8 +294,8 @@ def main(argv=None) -> int:
       if not (args.model and args.retrieval):
         raise UserError("--model and --retrieval go together: give the model and the pairs file")
       metrics = evaluate_retrieval(args.model, args.retrieval, batch_size=args.batch_size)
-      out = args.output or default_retrieval_output(args.model)
       from jembed import fs
+      out = args.output or default_retrieval_output(args.model)
       fs.write_json(out, dict(metrics, model=args.model, file=args.retrieval))
       print(f"retrieval evaluation of {args.model} on {args.retrieval}")
       for k, v in metrics.items():

@@ -14,7 +14,6 @@ a `ResNetForImageClassification` / `ViTForImageClassification` directory with `i
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from flax import nnx
@@ -24,7 +23,7 @@ from jembed.errors import UserError, run_cli
 
 def export(model_dir: str, output: str, *, step: int | None = None) -> str:
   import tokenizers
-  from jembed import hf, modelspec
+  from jembed import fs, hf, modelspec
   from jembed.tasks import task_class
   if modelspec.read(model_dir) is None:
     raise UserError(f"'{model_dir}' is not a jembed workdir (no {modelspec.MODEL_FILE}); give the "
@@ -42,7 +41,7 @@ def export(model_dir: str, output: str, *, step: int | None = None) -> str:
   mlm_head = nnx.to_pure_dict(nnx.state(model.mlm_head, nnx.Param)) if spec["task"] == "mlm" else None
   hf.save_dir(output, encoder_config=spec["encoder"],
               params=nnx.to_pure_dict(nnx.state(backbone, nnx.Param)),
-              tokenizer=tokenizers.Tokenizer.from_file(os.path.join(model_dir, spec["tokenizer"])),
+              tokenizer=tokenizers.Tokenizer.from_str(fs.read_text(fs.join(model_dir, spec["tokenizer"]))),
               pooling=spec.get("pooling", "mean"), normalize=bool(spec.get("normalize", False)),
               max_seq_length=int(spec.get("max_seq_length") or spec["seq_len"]), mlm_head=mlm_head,
               special_ids=spec.get("special_ids"))

@@ -78,6 +78,72 @@ def read_bytes(p: PathLike) -> bytes:
   return path(p).read_bytes()
 
 
+def is_file(p: PathLike) -> bool:
+  target = path(p)
+  return target.exists() and not target.is_dir()
+
+
+def listdir(p: PathLike) -> list[str]:
+  """The names in directory `p` (sorted)."""
+  return sorted(child.name for child in path(p).iterdir())
+
+
+@contextlib.contextmanager
+def local_dir(p: PathLike):
+  """A local directory holding the tree at `p`: `p` itself when it is local; for a URL (gs://...),
+  a temporary download of every file under it, deleted on exit. For readers that only take local
+  paths (safetensors, tokenizers, tensorboard)."""
+  if is_local(p):
+    yield os.path.expanduser(os.fspath(p))
+    return
+  root = path(p)
+  with tempfile.TemporaryDirectory(prefix="jembed-download-") as local:
+    for f, rel in _files_under(root):
+      dest = os.path.join(local, rel)
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      with builtins.open(dest, "wb") as out:
+        out.write(f.read_bytes())
+    yield local
+
+
+@contextlib.contextmanager
+def local_file(p: PathLike):
+  """A local path with the contents of file `p`: `p` itself when local; for a URL, a temporary
+  download with the same file name (extension kept), deleted on exit. A path that names no file comes
+  back as it is, so the caller's own "does not exist" message names it."""
+  if is_local(p):
+    yield os.path.expanduser(os.fspath(p))
+    return
+  source = path(p)
+  if not is_file(p):
+    yield os.fspath(p)   # no such object: the caller's check names the URL
+    return
+  with tempfile.TemporaryDirectory(prefix="jembed-download-") as local:
+    dest = os.path.join(local, source.name)
+    with builtins.open(dest, "wb") as out:
+      out.write(source.read_bytes())
+    yield dest
+
+
+def copy_tree(src: PathLike, dst: PathLike) -> None:
+  """Copies every file under directory `src` to the same relative path under `dst` (local or URL)."""
+  for f, rel in _files_under(path(src)):
+    target = path(dst).joinpath(rel)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(f.read_bytes())
+
+
+def _files_under(root: epath.Path, rel: str = ""):
+  """(file, its path relative to root) for every file under root (epath has no recursive glob on
+  GCS: one listing per directory)."""
+  for child in sorted(root.iterdir(), key=lambda c: c.name):
+    name = f"{rel}/{child.name}" if rel else child.name
+    if child.is_dir():
+      yield from _files_under(child, name)
+    else:
+      yield child, name
+
+
 def is_writer() -> bool:
   """Run artifacts (config.json, metrics.jsonl, TensorBoard, tokenizer, reports, exports) are
   written by process 0 only; every process writes its own shards of a checkpoint through orbax."""
@@ -156,32 +222,49 @@ def remove_tree(p: PathLike) -> None:
     target.rmtree() if target.is_dir() else target.unlink()
 
 
-def swap_dir(final: PathLike, build: Callable[[str], None]) -> None:
+def swap_dir(final: PathLike, build: Callable[[str], None], *, all_processes: bool = False) -> None:
   """Replaces directory `final` by one that `build(tmp_dir)` fills: the new tree is built beside it,
   the old one renamed away, the new one renamed in, then the old one deleted. A crash leaves either
   the old or the new complete tree at `final` (or, locally between the two renames, both complete
-  trees beside it, which the next call sorts out). Nothing half built is ever at `final`."""
+  trees beside it, which the next call sorts out). Nothing half built is ever at `final`.
+
+  all_processes=True: every process of a multi-process run calls this with the same `final` and
+  `build` runs on each of them into the same temporary directory (for orbax, which writes each
+  process's shards itself); process 0 alone prepares and renames, with a barrier on either side of
+  the build. The build must not write the same file from several processes (let process 0 write
+  plain files, `is_writer`)."""
+  from jembed import multihost
   target = path(final)
   parent, name = target.parent, target.name
-  tmp, old = parent / f".{name}.tmp-{uuid.uuid4().hex[:8]}", parent / f".{name}.old"
+  token = multihost.shared_token() if all_processes else uuid.uuid4().hex[:8]
+  tmp, old = parent / f".{name}.tmp-{token}", parent / f".{name}.old"
+  lead = not all_processes or is_writer()
+  sync = (lambda what: multihost.barrier(f"swap_dir_{what}")) if all_processes else (lambda what: None)
   try:
-    parent.mkdir(parents=True, exist_ok=True)
-    if old.exists() and not target.exists():
-      old.rename(target)   # an earlier swap died between its two renames: put the old tree back
-    remove_tree(old)
-    tmp.mkdir()
+    if lead:
+      parent.mkdir(parents=True, exist_ok=True)
+      if old.exists() and not target.exists():
+        old.rename(target)   # an earlier swap died between its two renames: put the old tree back
+      remove_tree(old)
+      tmp.mkdir()
+    sync("ready")
     build(os.fspath(tmp))
-    if is_local(final):
-      os.chmod(os.fspath(tmp), 0o755)
-    if target.exists():
-      target.rename(old)
-    tmp.rename(target)
-    remove_tree(old)
+    sync("built")
+    if lead:
+      if is_local(final):
+        os.chmod(os.fspath(tmp), 0o755)
+      if target.exists():
+        target.rename(old)
+      tmp.rename(target)
+      remove_tree(old)
+    sync("swapped")
   except OSError as e:
-    with contextlib.suppress(Exception):
-      remove_tree(tmp)
+    if lead:
+      with contextlib.suppress(Exception):
+        remove_tree(tmp)
     raise write_error(final, e) from None
   except BaseException:
-    with contextlib.suppress(Exception):
-      remove_tree(tmp)
+    if lead:
+      with contextlib.suppress(Exception):
+        remove_tree(tmp)
     raise

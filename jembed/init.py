@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from jembed import tree
+from jembed import fs, tree
 from jembed.errors import UserError
 
 
@@ -81,7 +80,7 @@ def source_from_config(config) -> Source | None:
 def open_workdir(workdir: str, step: int | None = None) -> Source:
   from jembed import checkpoint as ckpt_lib
   from jembed import modelspec
-  if not os.path.isdir(workdir):
+  if not fs.isdir(workdir):
     raise UserError(f"init.checkpoint '{workdir}' does not exist; point it at the --workdir of a "
                     "jembed run")
   spec = modelspec.read(workdir)
@@ -93,7 +92,7 @@ def open_workdir(workdir: str, step: int | None = None) -> Source:
   tok_file = spec.get("tokenizer")
   if tok_file:
     import tokenizers
-    tokenizer = tokenizers.Tokenizer.from_file(os.path.join(workdir, tok_file))
+    tokenizer = tokenizers.Tokenizer.from_str(fs.read_text(fs.join(workdir, tok_file)))
 
   def load():
     state, restored = ckpt_lib.restore_params_only(workdir, step)
@@ -108,8 +107,7 @@ def dense_params(workdir: str, state: dict) -> dict:
   tuning the run used (LoRA factors merged into their kernels)."""
   import ml_collections
   from jembed import peft
-  with open(os.path.join(workdir, "config.json")) as f:
-    run_config = json.load(f)
+  run_config = json.loads(fs.read_text(fs.join(workdir, "config.json")))
   tuning = peft.tuning_from_config(ml_collections.ConfigDict(run_config["peft"])
                                    if run_config.get("peft") else None)
   return tuning.combine(state.get("params") or {}, state.get("frozen") or {})

@@ -28,6 +28,7 @@ from jembed import init as init_lib
 from jembed import peft
 from jembed import metrics as metrics_lib
 from jembed import modelspec
+from jembed import multihost
 from jembed import sharding
 from jembed.data import pipeline
 from jembed.errors import UserError
@@ -303,6 +304,14 @@ class Setup:
     """The model in eval mode with the state's parameters (LoRA merged)."""
     return eval_model(self.ctx, state)
 
+  def local_model(self, state: TrainState) -> nnx.Module:
+    """`model_from(state)` with parameters that span processes copied whole onto this process's first
+    device, for the tasks' host-side evaluations (predictions, retrieval embeddings, probes): they
+    then run alike on every process. A collective in a multi-process run (every process calls it);
+    with one process it is `model_from(state)`."""
+    graphdef, variables = nnx.split(self.model_from(state))
+    return nnx.merge(graphdef, multihost.local_copy(variables))
+
   def batch_shardings(self, batch) -> dict:
     return {k: sharding.batch_sharding(self.mesh, self.rules, v.ndim) for k, v in batch.items()}
 
@@ -460,7 +469,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         t_last, steps_since = time.perf_counter(), 0
       if step % config.eval_every == 0 or last:
         eval_metrics = evaluate(setup, state)
-        eval_metrics.update(task.extra_eval(setup.model_from(state), step))
+        eval_metrics.update(task.extra_eval(setup.local_model(state), step))
         logger.write(step, "eval", eval_metrics)
         t_last, steps_since = time.perf_counter(), 0
       # Asked after the log step's wait for the device, so a signal that came during this step
@@ -481,10 +490,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if step == config.total_steps:
       if not eval_metrics:
         eval_metrics = evaluate(setup, state)
-      task.final_summary(setup.model_from(state), eval_metrics, logger)
+      # Every process runs the summary and the export: both run collectives over the global state
+      # (a process-0-only call would wait forever for the others); only process 0 writes files.
+      task.final_summary(setup.local_model(state), eval_metrics, logger)
       _report_bad_records(logger, step, bad_seen)
-      if jax.process_index() == 0:
-        setup.tuning.export(workdir, state)
+      setup.tuning.export(workdir, state)
   finally:
     stopper.restore()
     try:

@@ -155,3 +155,101 @@ def test_gcs_workdir_trains_stops_and_resumes(gcs, tmp_path, monkeypatch):
   assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
   assert json.loads(fs.read_text(f"{workdir}/config.json"))["task"] == "mlm"
   assert jax.device_count() == 8
+
+
+# ------------------------------------------------------------------------------ gs:// entry points
+# Every user-facing reader and writer takes a gs:// path: warm starts (init.checkpoint, init.hf),
+# jembed.load, jembed.evaluate, jembed.export, jembed.embed and the LoRA adapter export. One tiny MLM
+# workdir (written without compiling a train step) is copied to the fake bucket; each case compares
+# what it reads or writes there with the same call on the local copy.
+
+
+@pytest.fixture(scope="module")
+def gcs_run(gcs, tmp_path_factory):
+  import jax
+  from spine_helpers import tiny_mlm_config, write_corpus, write_workdir
+  root = tmp_path_factory.mktemp("gcs_run")
+  local = str(root / "run")
+  write_workdir(tiny_mlm_config(write_corpus(str(root))), local, devices=jax.devices()[:1])
+  remote = f"{gcs}/entry/run"
+  fs.copy_tree(local, remote)
+  texts = ["the quick brown fox", "a lazy dog sleeps", "numbers and text", "time flies"]
+  (root / "texts.txt").write_text("\n".join(texts) + "\n")
+  fs.write_text(f"{gcs}/entry/texts.txt", "\n".join(texts) + "\n")
+  pairs = "".join(json.dumps({"anchor": t, "positive": t[::-1]}) + "\n" for t in texts)
+  (root / "pairs.jsonl").write_text(pairs)
+  fs.write_text(f"{gcs}/entry/pairs.jsonl", pairs)
+  return dict(root=root, local=local, remote=remote, bucket=f"{gcs}/entry", texts=texts)
+
+
+def _same_tree(a, b):
+  import jax
+  import numpy as np
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb) and la
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_gcs_warm_start_from_a_workdir(gcs_run):
+  from jembed import init
+  local, remote = init.open_workdir(gcs_run["local"]), init.open_workdir(gcs_run["remote"])
+  assert remote.spec == local.spec and remote.tokenizer.get_vocab() == local.tokenizer.get_vocab()
+  _same_tree(remote.load(), local.load())
+  with pytest.raises(UserError, match="does not exist"):
+    init.open_workdir(f"{gcs_run['bucket']}/missing")
+
+
+def test_gcs_export_load_and_warm_start_from_hf(gcs_run):
+  import numpy as np
+  from jembed import embed, export, hf, init
+  out = f"{gcs_run['bucket']}/hf"
+  export.export(gcs_run["remote"], out)            # gs:// in, gs:// out
+  export.export(gcs_run["local"], str(gcs_run["root"] / "hf"))
+  names = sorted(p.name for p in fs.path(out).iterdir())
+  assert names == sorted(os.listdir(gcs_run["root"] / "hf"))   # the same files, no temporary left
+  assert not os.path.exists("gs:")                 # nothing written to a local ./gs:/ directory
+  remote, local = hf.load_dir(out), hf.load_dir(str(gcs_run["root"] / "hf"))
+  _same_tree(remote.params, local.params)
+  assert init.open_hf(out).spec == init.open_hf(str(gcs_run["root"] / "hf")).spec
+  texts = gcs_run["texts"]
+  np.testing.assert_array_equal(embed.load(out).embed(texts), embed.load(gcs_run["local"]).embed(texts))
+  export.export(gcs_run["remote"], out)            # replacing an existing export works too
+  assert sorted(p.name for p in fs.path(out).iterdir()) == names
+
+
+def test_gcs_embed_and_evaluate_read_and_write_urls(gcs_run):
+  import io
+  import numpy as np
+  from jembed import embed, evaluate
+  b = gcs_run["bucket"]
+  assert embed.main(["--model", gcs_run["remote"], "--input", f"{b}/texts.txt",
+                     "--output", f"{b}/vectors.npy"]) == 0
+  got = np.load(io.BytesIO(fs.read_bytes(f"{b}/vectors.npy")))
+  np.testing.assert_allclose(got, embed.load(gcs_run["local"]).embed(gcs_run["texts"]), atol=1e-6)
+  assert evaluate.main(["--model", gcs_run["remote"], "--retrieval", f"{b}/pairs.jsonl",
+                        "--output", f"{b}/retrieval.json"]) == 0
+  remote = json.loads(fs.read_text(f"{b}/retrieval.json"))
+  local = evaluate.evaluate_retrieval(gcs_run["local"], str(gcs_run["root"] / "pairs.jsonl"))
+  assert remote["queries"] == 4 and remote["recall@1"] == local["recall@1"]
+  assert embed.main(["--model", gcs_run["remote"], "--input", f"{b}/none.txt",
+                     "--output", f"{b}/v.npy"]) == 2   # a missing input is one line, exit 2
+  assert not fs.exists(f"{b}/v.npy")
+
+
+def test_gcs_lora_export_writes_the_bucket_not_a_local_dir(gcs_run, tmp_path, monkeypatch):
+  import jax
+  from jembed import checkpoint, peft
+  from jembed.peft import export
+  monkeypatch.chdir(tmp_path)   # a mishandled URL would appear here as ./gs:/...
+  state, _ = checkpoint.restore_params_only(gcs_run["local"])
+  tuning = peft.LoraTuning(peft.LoraConfig(rank=2, targets="attention"))
+  trained, frozen = tuning.split(state["params"], jax.random.key(0))
+  workdir = f"{gcs_run['bucket']}/lora"
+  adapter_dir, merged_dir = export.export_lora(workdir, tuning, trained, frozen)
+  assert os.listdir(tmp_path) == []
+  assert sorted(p.name for p in fs.path(workdir).iterdir()) == [export.ADAPTER_DIR, export.MERGED_DIR]
+  got, cfg = export.load_adapters(adapter_dir, frozen, trained["extra"])
+  assert cfg == tuning.cfg
+  _same_tree(got, trained)
+  _same_tree(export.load_params(merged_dir), jax.jit(tuning.combine)(trained, frozen))

@@ -119,37 +119,58 @@ def _text(record: dict, key: str) -> str:
   return value
 
 
-def _read(spec: str, required: tuple[str, ...], parse, on_bad_record: str, what: str):
+def _iter_read(spec: str, required: tuple[str, ...], parse, on_bad_record: str, skipped: list[int]):
+  """The parsed records of every file, one at a time (memory independent of the files' size);
+  skipped[0] counts the bad records skipped."""
   if on_bad_record not in ON_BAD_RECORD:
     raise UserError(f"on_bad_record={on_bad_record!r}; use 'error' or 'skip'")
-  out, skipped = [], 0
   for path in _paths(spec):
     try:
       for line_no, record, problem in _records(path, required):
         try:
           if problem:
             raise _BadRecord(problem)
-          out.append(parse(record, path.endswith(".csv")))
+          parsed = parse(record, path.endswith(".csv"))
         except _BadRecord as e:
           if on_bad_record == "error":
             raise UserError(f"{path}:{line_no}: {e}; fix the record or skip bad records "
                             "(on_bad_record='skip')") from None
-          skipped += 1
+          skipped[0] += 1
           # The one counter the loop reports (header, log line and metrics row alike).
           pipeline.skipped_record(f"{path}:{line_no}", str(e))
+          continue
+        yield parsed
     except UnicodeDecodeError:
       raise UserError(f"{path} is not UTF-8 text; re-encode it as UTF-8") from None
     except OSError as e:
       raise UserError(f"cannot read {path} ({e.strerror}); check the path") from None
+
+
+def _read(spec: str, required: tuple[str, ...], parse, on_bad_record: str, what: str):
+  skipped = [0]
+  out = list(_iter_read(spec, required, parse, on_bad_record, skipped))
   if not out:
-    raise UserError(f"{spec!r} holds no valid {what} ({skipped} bad records skipped); check the files "
+    raise UserError(f"{spec!r} holds no valid {what} ({skipped[0]} bad records skipped); check the files "
                     "and field names")
-  return out, skipped
+  return out, skipped[0]
 
 
 def load_pairs(spec: str, *, anchor_key: str = "anchor", positive_key: str = "positive",
                negative_key: str = "negative", on_bad_record: str = "error") -> tuple[list[TextPair], int]:
   """(pairs, number of bad records skipped) from .jsonl/.csv files (comma-separated globs)."""
+  return _read(spec, (anchor_key, positive_key),
+               _pair_parser(negative_key, anchor_key, positive_key), on_bad_record, "pairs")
+
+
+def iter_pairs(spec: str, skipped: list[int], *, anchor_key: str = "anchor",
+               positive_key: str = "positive", negative_key: str = "negative",
+               on_bad_record: str = "error") -> Iterator[TextPair]:
+  """The pairs of `load_pairs`, streamed one at a time (skipped[0] counts bad records skipped)."""
+  return _iter_read(spec, (anchor_key, positive_key),
+                    _pair_parser(negative_key, anchor_key, positive_key), on_bad_record, skipped)
+
+
+def _pair_parser(negative_key: str, anchor_key: str, positive_key: str):
 
   def parse(record: dict, is_csv: bool) -> TextPair:
     negatives = record.get(negative_key)
@@ -164,7 +185,7 @@ def load_pairs(spec: str, *, anchor_key: str = "anchor", positive_key: str = "po
         raise _BadRecord(f"field '{negative_key}' holds an empty or non-string text")
     return TextPair(_text(record, anchor_key), _text(record, positive_key), tuple(negatives))
 
-  return _read(spec, (anchor_key, positive_key), parse, on_bad_record, "pairs")
+  return parse
 
 
 def load_scored_pairs(spec: str, *, text1_key: str = "text1", text2_key: str = "text2",

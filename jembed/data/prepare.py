@@ -117,7 +117,11 @@ def _chunks(docs: Iterator[str], size: int = CHUNK_DOCS) -> Iterator[list[str]]:
 # ---------------------------------------------------------------------------------------------------
 def prepare(config, out: str, *, shards: int = 8, overwrite: bool = False,
             log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Writes the prepared corpus of `config.data` into `out`; returns its prepared.json contents."""
+  """Writes the prepared corpus of `config.data` into `out`; returns its prepared.json contents.
+  A contrastive config's pairs go to jembed.data.prepare_pairs."""
+  if config.get("task", "") == "contrastive_text":
+    from jembed.data import prepare_pairs
+    return prepare_pairs.prepare_pairs(config, out, shards=shards, overwrite=overwrite, log=log)
   from array_record.python import array_record_module
   d = config.data
   if shards < 1:

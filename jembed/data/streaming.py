@@ -30,13 +30,29 @@ class PreparedTrain:
   shards: list[tuple[str, int]]   # (path, rows), in shard order
   seq_len: int
   streams: int = 0                # 0 = one stream per JAX process
+  # The columns a row holds, in order, and each one's shape (None: MLM's {"tokens": [seq_len]});
+  # e.g. prepared pairs: {"anchor": [L], "positive": [L], "negative": [K, L]}.
+  layout: dict[str, list[int]] | None = None
+
+  def columns(self) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v) for k, v in (self.layout or {"tokens": [self.seq_len]}).items()}
+
+  def decode(self, record: bytes) -> dict[str, np.ndarray]:
+    """One record as its columns."""
+    flat = prepare_lib.decode_row(record)
+    out, at = {}, 0
+    for name, shape in self.columns().items():
+      size = int(np.prod(shape))
+      out[name] = flat[at:at + size].reshape(shape)
+      at += size
+    return out
 
   def __len__(self) -> int:
     return sum(rows for _, rows in self.shards)
 
   def example_columns(self) -> dict[str, np.ndarray]:
     """One row shaped like the training columns (for shape-only planning: jembed.plan)."""
-    return {"tokens": np.zeros((1, self.seq_len), np.int32)}
+    return {k: np.zeros((1,) + shape, np.int32) for k, shape in self.columns().items()}
 
   def stream_count(self, process_count: int) -> int:
     return self.streams or process_count
@@ -67,7 +83,7 @@ class PreparedTrain:
 
   def dataset(self, global_batch: int, seed: int, *, process_count: int | None = None,
               process_index: int | None = None) -> grain.MapDataset:
-    """This process's endless dataset of local batches ({"tokens": (global_batch / P, seq_len)})."""
+    """This process's endless dataset of local batches (e.g. {"tokens": (global_batch / P, seq_len)})."""
     p = jax.process_count() if process_count is None else process_count
     i = jax.process_index() if process_index is None else process_index
     s = self.stream_count(p)
@@ -80,12 +96,13 @@ class PreparedTrain:
                      .seed(seed + t)
                      .shuffle()
                      .repeat()
-                     .map(lambda record: {"tokens": prepare_lib.decode_row(record)})
+                     .map(self.decode)
                      .batch(per_stream, drop_remainder=True))
     if len(streams) == 1:
       return streams[0]
+    names = list(self.columns())
     return grain.experimental.ZipMapDataset(streams).map(
-        lambda parts: {"tokens": np.concatenate([b["tokens"] for b in parts])})
+        lambda parts: {k: np.concatenate([b[k] for b in parts]) for k in names})
 
   def train_iterator(self, global_batch: int, seed: int, *, prefetch: int = 4,
                      process_count: int | None = None, process_index: int | None = None
@@ -95,9 +112,13 @@ class PreparedTrain:
     return iter(ds.to_iter_dataset(read))
 
 
-def open_prepared(directory: str, streams: int = 0) -> tuple[dict, PreparedTrain]:
-  """(prepared.json, the training split) of a directory written by jembed.data.prepare."""
+def open_prepared(directory: str, streams: int = 0, kind: str = "text") -> tuple[dict, PreparedTrain]:
+  """(prepared.json, the training split) of a directory written by jembed.data.prepare; `kind`:
+  what the task reads ("text": a packed MLM corpus, "pairs": contrastive pairs)."""
   meta = prepare_lib.read_metadata(directory)
+  if meta.get("kind", "text") != kind:
+    raise UserError(f"data.prepared={directory} holds {meta.get('kind', 'text')} rows, this task "
+                    f"reads {kind}; prepare it with this task's config")
   root = os.path.abspath(os.path.expanduser(directory))
   shards = [(os.path.join(root, s["file"]), int(s["rows"])) for s in meta["shards"]]
   missing = [p for p, _ in shards if not os.path.isfile(p)]
@@ -106,7 +127,7 @@ def open_prepared(directory: str, streams: int = 0) -> tuple[dict, PreparedTrain
                     f"{len(missing) - 1} more); copy the whole directory or run jembed.data.prepare again")
   if streams < 0:
     raise UserError(f"data.streams={streams} must be >= 0 (0 = one stream per JAX process)")
-  return meta, PreparedTrain(directory, shards, int(meta["seq_len"]), streams)
+  return meta, PreparedTrain(directory, shards, int(meta["seq_len"]), streams, meta.get("layout"))
 
 
 def read_eval_rows(directory: str, meta: dict, max_rows: int = 0) -> np.ndarray:

@@ -15,6 +15,7 @@ import tempfile
 import numpy as np
 import tokenizers
 
+from jembed import fs
 from jembed.errors import UserError
 from jembed.hf import config as hf_config
 from jembed.hf import names
@@ -72,7 +73,14 @@ def _read_weights(model_dir: str) -> dict:
 
 
 def load_dir(path: str) -> HFModel:
-  """Reads a transformers or sentence-transformers directory of a supported encoder family."""
+  """Reads a transformers or sentence-transformers directory of a supported encoder family (local
+  or gs://; a remote one is downloaded to a temporary directory first)."""
+  if not fs.is_local(path):
+    if not fs.isdir(path):
+      raise UserError(f"model directory {path!r} does not exist; give the path of a Hugging Face "
+                      "or sentence-transformers model directory")
+    with fs.local_dir(path) as local:
+      return load_dir(local)
   directory = os.path.expanduser(str(path))
   if not os.path.isdir(directory):
     raise UserError(f"model directory {directory!r} does not exist; give the path of a Hugging Face "
@@ -186,6 +194,20 @@ def save_dir(path: str, *, encoder_config, params: dict, tokenizer: tokenizers.T
   unaffected, and jembed round-trips the directory exactly.
   """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  if not fs.is_local(path):
+    # A URL (gs://): written whole to a local temporary directory, then copied into place through a
+    # directory swap (fs.swap_dir), so a reader never sees a half-copied model.
+    if fs.is_file(path):
+      raise UserError(f"{path} exists and is a file; choose a directory path for the model")
+    if fs.isdir(path) and fs.listdir(path) and not fs.exists(fs.join(path, "config.json")):
+      raise UserError(f"{path} exists and is not a model directory; choose an empty or new path")
+    with tempfile.TemporaryDirectory(prefix="jembed-export-") as local:
+      save_dir(os.path.join(local, "model"), encoder_config=encoder_config, params=params,
+               tokenizer=tokenizer, pooling=pooling, normalize=normalize,
+               max_seq_length=max_seq_length, mlm_head=mlm_head, special_ids=special_ids,
+               lowercase=lowercase)
+      fs.swap_dir(path, lambda tmp: fs.copy_tree(os.path.join(local, "model"), tmp))
+    return str(path)
   target = os.path.abspath(os.path.expanduser(str(path)))
   cfg = hf_config.normalize_encoder_config(encoder_config)
   if bool(cfg["pooler"]) != ("pooler" in params):

@@ -6,8 +6,10 @@
   WORKDIR/merged/         orbax dense parameter tree (W + s * A @ B folded in), loadable as a plain
                           model with no LoRA code
 
-Each directory is written beside the old one and swapped in only when complete, so a crash
-mid-save never leaves a half-written export.
+Each directory is written beside the old one and swapped in only when complete (fs.swap_dir), so a
+crash mid-save never leaves a half-written export. WORKDIR may be local or gs://. In a multi-process
+run every process calls these functions (the merge and the fingerprint are collectives, orbax writes
+each process's shards); process 0 alone writes lora_config.json and renames.
 """
 from __future__ import annotations
 
@@ -15,15 +17,12 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
-import uuid
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 
-from jembed import tree
+from jembed import fs, multihost, tree
 from jembed.errors import UserError
 from jembed.peft.lora import LoraConfig, LoraTuning, init_adapters, nest
 
@@ -49,15 +48,19 @@ def fingerprint(base: Tree) -> str:
   """
   items = sorted(tree.flatten(base).items())
   shapes = [tuple(np.shape(leaf)) for _, leaf in items]
-  sampled = [i for i, s in enumerate(shapes) if math.prod(s) > 0 and s]
-  on_device = [i for i in sampled if isinstance(items[i][1], jax.Array)]
-  gather = jax.jit(lambda xs: [x[_sample_index(x.shape)] for x in xs])
-  samples = dict(zip(on_device, jax.device_get(gather([items[i][1] for i in on_device]))))
+  sampled = {i for i, s in enumerate(shapes) if math.prod(s) > 0 and s}
+  on_device = [i for i, (_, leaf) in enumerate(items) if isinstance(leaf, jax.Array)]
+  pick = [i in sampled for i in on_device]
+  gather = jax.jit(lambda xs: [x[_sample_index(x.shape)] if p else x for x, p in zip(xs, pick)])
+  # host_values, not device_get: the leaves (and so the samples) may be sharded over several
+  # processes; every process computes the fingerprint, so this collective runs on all of them.
+  host = dict(zip(on_device, multihost.host_values(gather([items[i][1] for i in on_device]))))
   h = hashlib.sha256()
   for i, (path, leaf) in enumerate(items):
-    h.update(f"{path}|{shapes[i]}|{np.dtype(getattr(leaf, 'dtype', np.asarray(leaf).dtype))}|".encode())
-    if i in samples:
-      values = samples[i]
+    dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+    h.update(f"{path}|{shapes[i]}|{np.dtype(dtype)}|".encode())
+    if i in host:
+      values = host[i].ravel()
     elif i in sampled:
       values = np.asarray(leaf)[_sample_index(shapes[i])]
     else:
@@ -66,64 +69,52 @@ def fingerprint(base: Tree) -> str:
   return h.hexdigest()[:32]
 
 
-def _publish(directory: str, write: Callable[[str], None]) -> None:
-  """Runs write(tmp) (which creates the sibling path tmp), then swaps tmp in for `directory`."""
-  directory = os.path.abspath(os.fspath(directory))
-  tmp = f"{directory}.tmp-{uuid.uuid4().hex[:8]}"
-  try:
-    write(tmp)
-    if os.path.exists(directory):
-      old = f"{directory}.old-{uuid.uuid4().hex[:8]}"
-      os.rename(directory, old)
-      os.rename(tmp, directory)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
 def _save_tree(path: str, params: Any) -> None:
+  """An orbax save of `params` into `path` (an empty directory, replaced). Every process of a
+  multi-process run calls it: orbax writes each process's shards of the global arrays."""
   import orbax.checkpoint as ocp  # heavy import, only needed here
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(path, params)
+  ckpt.save(fs.path(path), params, force=True)
   ckpt.wait_until_finished()
 
 
 def save_params(directory: str, params: dict) -> None:
-  """A dense parameter tree as an orbax checkpoint (replaces an existing one)."""
-  _publish(directory, lambda tmp: _save_tree(tmp, params))
+  """A dense parameter tree as an orbax checkpoint (replaces an existing one). Local or gs://; with
+  several processes every process calls it."""
+  fs.swap_dir(fs.absolute(directory), lambda tmp: _save_tree(tmp, params), all_processes=True)
 
 
 def load_params(directory: str) -> dict:
   """The tree `save_params` wrote (numpy leaves; layer keys come back as strings, which
   jembed.tree paths treat like ints)."""
   import orbax.checkpoint as ocp
-  return ocp.StandardCheckpointer().restore(os.path.abspath(directory))
+  from jembed import checkpoint
+  directory = fs.absolute(directory)
+  # With a target on this process's device: the saved shardings name the devices of the run that
+  # wrote it (several processes, perhaps), which a reader does not have.
+  return ocp.StandardCheckpointer().restore(fs.path(directory), checkpoint.local_target(directory))
 
 
 def save_adapters(directory: str, tuning: LoraTuning, trained: dict, frozen: dict) -> None:
   """The adapter-only checkpoint: the trained tree and lora_config.json with the fingerprint of
-  `frozen` (the base without the trained extras, which change in training)."""
+  `frozen` (the base without the trained extras, which change in training). Local or gs://; with
+  several processes every process calls it (process 0 writes lora_config.json)."""
   meta = {"config": dataclasses.asdict(tuning.cfg), "base_fingerprint": fingerprint(frozen)}
 
   def write(tmp):
-    os.makedirs(tmp)
-    _save_tree(os.path.join(tmp, _STATE_DIR), trained)
-    with open(os.path.join(tmp, _CONFIG_FILE), "w") as f:
-      json.dump(meta, f, indent=2)
-  _publish(directory, write)
+    _save_tree(fs.join(tmp, _STATE_DIR), trained)
+    if fs.is_writer():
+      fs.write_json(fs.join(tmp, _CONFIG_FILE), meta)
+  fs.swap_dir(fs.absolute(directory), write, all_processes=True)
 
 
 def _read_config(directory: str) -> tuple[LoraConfig, str]:
-  path = os.path.join(directory, _CONFIG_FILE)
-  if not os.path.isdir(directory):
+  path = fs.join(directory, _CONFIG_FILE)
+  if not fs.isdir(directory):
     raise UserError(f"adapter directory {directory} does not exist; pass the directory written "
                     "by save_adapters (WORKDIR/lora_adapter)")
   try:
-    with open(path) as f:
-      meta = json.load(f)
+    meta = json.loads(fs.read_text(path))
     return LoraConfig.from_peft(meta["config"]), str(meta["base_fingerprint"])
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise UserError(f"{path} is missing or corrupt ({type(e).__name__}: {e}); re-save the "
@@ -136,7 +127,7 @@ def load_adapters(directory: str, frozen: dict, extra_like: dict) -> tuple[dict,
   structure of the trained extras (e.g. a fresh head). Leaves keep `frozen`'s and `extra_like`'s
   shardings (the default device where they have none)."""
   import orbax.checkpoint as ocp
-  directory = os.path.abspath(os.fspath(directory))
+  directory = fs.absolute(directory)
   cfg, saved_fp = _read_config(directory)
   actual = fingerprint(frozen)
   if saved_fp != actual:
@@ -150,7 +141,7 @@ def load_adapters(directory: str, frozen: dict, extra_like: dict) -> tuple[dict,
   abstract = {"adapters": jax.tree.map(like, nest(shapes, like=frozen)),
               "extra": jax.tree.map(like, extra_like)}
   try:
-    trained = ocp.StandardCheckpointer().restore(os.path.join(directory, _STATE_DIR), abstract)
+    trained = ocp.StandardCheckpointer().restore(fs.path(fs.join(directory, _STATE_DIR)), abstract)
   except (FileNotFoundError, ValueError, KeyError) as e:
     raise UserError(f"cannot restore adapters from {directory} ({type(e).__name__}: "
                     f"{str(e).splitlines()[0] if str(e) else ''}); re-save them with "
@@ -159,9 +150,11 @@ def load_adapters(directory: str, frozen: dict, extra_like: dict) -> tuple[dict,
 
 
 def export_lora(workdir: str, tuning: LoraTuning, trained: dict, frozen: dict) -> tuple[str, str]:
-  """Writes the adapter-only checkpoint and the merged dense params; returns both directories."""
-  adapter_dir = os.path.join(workdir, ADAPTER_DIR)
+  """Writes the adapter-only checkpoint and the merged dense params; returns both directories.
+  `workdir` may be local or gs://. With several processes EVERY process calls it: the merge and the
+  fingerprint are jitted over global arrays and orbax saves each process's shards."""
+  adapter_dir = fs.join(fs.absolute(workdir), ADAPTER_DIR)
   save_adapters(adapter_dir, tuning, trained, frozen)
-  merged_dir = os.path.join(workdir, MERGED_DIR)
+  merged_dir = fs.join(fs.absolute(workdir), MERGED_DIR)
   save_params(merged_dir, jax.jit(tuning.combine)(trained, frozen))
   return adapter_dir, merged_dir
