@@ -56,16 +56,9 @@ def _read_weights(model_dir: str) -> dict:
       raise UserError(f"cannot read {path} ({first}); the file is damaged or not safetensors") from None
   bin_path = os.path.join(model_dir, TORCH_WEIGHTS)
   if os.path.isfile(bin_path):
-    try:
-      import torch  # pylint: disable=import-outside-toplevel
-    except ImportError:
-      raise UserError(f"{bin_path} is a torch pickle and torch is not installed; convert it to "
-                      "model.safetensors (or pip install torch)") from None
-    import ml_dtypes  # pylint: disable=import-outside-toplevel
-    state = torch.load(bin_path, map_location="cpu", weights_only=True)
-    # numpy has no bfloat16 of its own: reinterpret the bits as ml_dtypes' (what safetensors gives).
-    return {k: v.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if v.dtype == torch.bfloat16
-            else v.numpy() for k, v in state.items()}
+    # A torch zip pickle, read without torch by a restricted unpickler that rebuilds tensors only.
+    from jembed.interop import torchzip  # pylint: disable=import-outside-toplevel
+    return torchzip.load(bin_path)
   if any(f.startswith("model-") and f.endswith(".safetensors") for f in os.listdir(model_dir)):
     raise UserError(f"{model_dir} holds sharded weights (model-*.safetensors); jembed reads a single "
                     "model.safetensors: re-save with a larger max_shard_size")
