@@ -406,10 +406,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   t_saved = time.monotonic()
   step = start
   stopper = StopSignals()
+  in_flight = StepsInFlight()
   try:
     while step < stop_at:
       batch = setup.to_global(next(data_iter))
       state, train_metrics = setup.compiled_train(state, batch)
+      in_flight.dispatched(train_metrics["loss"])  # waits for the step before this one
       step += 1
       steps_since += 1
       if step == start + 1:
@@ -435,8 +437,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         eval_metrics.update(task.extra_eval(setup.model_from(state), step))
         logger.write(step, "eval", eval_metrics)
         t_last, steps_since = time.perf_counter(), 0
-      # Asked after the log step's wait for the device, so a signal that came during this step
-      # stops the run here rather than one step later.
+      # Asked every step: the host is at most one step ahead of the device (`StepsInFlight`), so a
+      # signal that came while the device ran step k stops the run at step k + 1 at the latest.
       preempted = stopper.reached(step, log_step)
       save = (step % config.checkpoint_every == 0 or last or step == stop_at or preempted
               or _time_to_save(t_saved, config.checkpoint_every_secs, log_step))
@@ -559,6 +561,27 @@ def _legacy_restore(abstract: TrainState):
 # ---------------------------------------------------------------------------------------------------
 # Preemption and time-based checkpoints
 # ---------------------------------------------------------------------------------------------------
+class StepsInFlight:
+  """Bounds how far the host runs ahead of the device. JAX dispatches asynchronously: without a
+  bound the host queues steps up to the next log step's `device_get` and reads the stop flag only
+  then, so a SIGTERM could wait `log_every` steps (a spot VM gives ~30 s). After dispatching step k
+  the host waits for step k - `limit` + 1 (a scalar already computed), so at most `limit` steps are
+  queued: the device always has the next step waiting (no idle time), and a signal that arrives
+  while the device runs step j is read before step j + 2 is dispatched. `limit=None`: no bound
+  (what the loop did before; benchmarks/mlm_step.py --in-flight compares the two)."""
+
+  def __init__(self, limit: int | None = 2):
+    self.limit = limit
+    self._pending: list = []
+
+  def dispatched(self, result) -> None:
+    if self.limit is None:
+      return
+    self._pending.append(result)
+    while len(self._pending) >= self.limit:
+      jax.block_until_ready(self._pending.pop(0))
+
+
 class Preempted(Exception):
   """The run stopped on SIGTERM / SIGINT after committing a checkpoint; the same command resumes."""
 
