@@ -72,3 +72,24 @@ def test_remat_gives_the_same_step(corpus, f32_step):
     np.testing.assert_allclose(remat_params[p], params[p], rtol=1e-5, atol=1e-7, err_msg=p)
   with pytest.raises(UserError, match="model.remat"):
     train.Setup(tiny_mlm_config(corpus, **{"model.remat": "some"}), "/x", devices=jax.devices()[:1])
+
+
+def test_mlm_accumulated_update_equals_full_batch(corpus):
+  # MLM's loss is a mean over the masked tokens, whose count differs between micro-batches: each
+  # micro-batch is weighted by it, and the masks are drawn once for the whole batch.
+  mlm = lambda **kw: tiny_mlm_config(corpus, **dict({"batch_size": 32, "warmup_steps": 0,
+                                                     "model.dropout": 0.0,
+                                                     "model.attention_dropout": 0.0}, **kw))
+  full_losses, full = _steps(mlm(), jax.devices())
+  acc_losses, acc = _steps(mlm(grad_accum_steps=4), jax.devices())
+  np.testing.assert_allclose(acc_losses, full_losses, rtol=1e-5)
+  for p in full:
+    np.testing.assert_allclose(acc[p], full[p], rtol=1e-4, atol=1e-6, err_msg=p)
+
+
+def test_contrastive_accumulation_is_refused_with_a_pointer_to_chunk_size():
+  c = load_config_file("contrastive_text")
+  c.grad_accum_steps = 2
+  with pytest.raises(UserError, match="grad_accum_steps=2.*negatives.*loss.chunk_size") as e:
+    train.Setup(c, "/nonexistent-workdir", devices=jax.devices())
+  assert "\n" not in str(e.value)

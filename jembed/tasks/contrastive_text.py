@@ -50,6 +50,10 @@ class ContrastiveTextModel(nnx.Module):
 
 
 class ContrastiveTextTask(TextTask):
+  no_accumulation = ("the in-batch negatives would shrink to one micro-batch; set "
+                     "grad_accum_steps=1 and loss.chunk_size (GradCache: the full batch's "
+                     "negatives and gradient, one chunk in memory at a time)")
+  task_params = r"^log_scale$"   # loss.learn_temperature's scale trains under LoRA and adapters too
 
   def __init__(self, config, workdir):
     super().__init__(config, workdir)
