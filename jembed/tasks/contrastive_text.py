@@ -161,7 +161,7 @@ class ContrastiveTextTask(TextTask):
       spec = self.model_spec()
       self._embedder = TextEmbedder(TransformerConfig.from_json(spec["encoder"]), params,
                                     self.tokenizer, self.ids, pooling=spec["pooling"], normalize=True,
-                                    max_seq_length=int(self.config.data.seq_len))
+                                    max_seq_length=spec["max_seq_length"])  # the model's, as embed
     else:
       self._embedder.set_params(params)
     return self._embedder.embed(texts, batch_size=int(self.config.retrieval_batch))
