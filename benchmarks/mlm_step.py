@@ -1,6 +1,7 @@
 """MLM train-step throughput and MFU for the all-MiniLM-L6-v2 shape, jembed vs PyTorch.
 
   python benchmarks/mlm_step.py [--steps 10] [--repeats 3] [--batch 32] [--seq 128]
+  python benchmarks/mlm_step.py --in-flight [--steps 50]   # the loop's dispatch bound, on vs off
 
 Shape: 6 layers, hidden 384, 12 heads, FFN 1536, vocab 30522, global batch 32, sequence 128,
 dropout 0.1, AdamW. jembed's step is the real one (`jembed.train.Setup` over `MlmTask`, on random
@@ -92,6 +93,42 @@ def bench_jembed(args):
   return statistics.median(times), setup.step_flops
 
 
+def bench_in_flight(args):
+  """Steady-state throughput of the train loop's stepping (next batch from the data iterator, to
+  the mesh, dispatch) with the steps in flight bounded at 2 (`train.StepsInFlight`, what the loop
+  does) and unbounded (the host queues every step, as before), alternated in the same process."""
+  from jembed.data import pipeline
+  config = jembed_config(args.batch, args.seq, args.dtype)
+  setup = train.Setup(config, "/tmp/unused", task=RandomTokenMlm(config, "/tmp/unused"))
+  data_iter = pipeline.make_train_iterator(setup.data.train, args.batch, 0)
+  holder = {"state": setup.init_state()}
+  setup.compile(holder["state"], setup.to_global(next(data_iter)))
+
+  def run(limit):
+    flight = train.StepsInFlight(limit)
+    m = None
+    for _ in range(args.steps):
+      holder["state"], m = setup.compiled_train(holder["state"], setup.to_global(next(data_iter)))
+      flight.dispatched(m["loss"])
+    jax.block_until_ready(m)
+
+  run(2)  # warm-up
+  times = {2: [], None: []}
+  for _ in range(args.repeats):
+    for limit in (None, 2):
+      t = time.perf_counter()
+      run(limit)
+      times[limit].append((time.perf_counter() - t) / args.steps)
+  tokens = args.batch * args.seq
+  bounded, unbounded = statistics.median(times[2]), statistics.median(times[None])
+  print(f"unbounded dispatch     : {unbounded * 1e3:7.2f} ms/step  {tokens / unbounded:9.0f} tokens/s")
+  print(f"2 steps in flight (new): {bounded * 1e3:7.2f} ms/step  {tokens / bounded:9.0f} tokens/s  "
+        f"({unbounded / bounded:.3f}x)")
+  print(json.dumps({"batch": args.batch, "seq": args.seq, "steps": args.steps, "repeats": args.repeats,
+                    "unbounded_step_s": unbounded, "in_flight_2_step_s": bounded,
+                    "in_flight_2_vs_unbounded": unbounded / bounded}))
+
+
 def torch_flops(batch: int, seq: int) -> float:
   tokens = batch * seq
   per_layer = 4 * HIDDEN * HIDDEN + 2 * HIDDEN * FFN          # matmul weights per layer
@@ -141,7 +178,13 @@ def main():
   p.add_argument("--seq", type=int, default=128)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--skip-torch", action="store_true")
+  p.add_argument("--in-flight", action="store_true",
+                 help="time the loop's stepping with 2 steps in flight vs unbounded dispatch")
   args = p.parse_args()
+  if args.in_flight:
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
+    bench_in_flight(args)
+    return
 
   peak = metrics.peak_flops_total()
   tokens = args.batch * args.seq

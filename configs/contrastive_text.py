@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       size="", num_layers=0, hidden_size=0, num_heads=0, mlp_dim=0, vocab_size=0, max_position=0,
       type_vocab_size=0, pre_ln=False,
+      max_seq_length=0,         # inference length (embed/evaluate/export); 0 = the source's, else max_position
       dropout=0.1,
       attention_dropout=0.1,
       dtype="auto",             # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU; params stay float32

@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
       mlp_dim=0,
       vocab_size=0,
       max_position=0,
+      max_seq_length=0,         # inference length (embed/evaluate/export); 0 = the source's, else max_position
       type_vocab_size=0,
       pre_ln=False,
       dropout=0.1,

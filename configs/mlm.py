@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
       mlp_dim=0,
       vocab_size=0,             # 0 = the tokenizer's vocabulary
       max_position=0,           # 0 = 512
+      max_seq_length=0,         # inference length (embed/evaluate/export); 0 = the source's, else max_position
       type_vocab_size=0,        # 0 = 2
       dropout=0.1,
       attention_dropout=0.1,

@@ -209,13 +209,14 @@ def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, float]:
 
 def evaluate_retrieval(model_path: str, pairs_file: str, *, batch_size: int = 64,
                        anchor_key: str = "anchor", positive_key: str = "positive",
-                       negative_key: str = "negative") -> dict:
-  """Retrieval metrics (pairs file) or Spearman correlation (scored pairs) of a text model. The model
-  and the file may be local or gs://."""
+                       negative_key: str = "negative", max_seq_length: int | None = None) -> dict:
+  """Retrieval metrics (pairs file) or Spearman correlation (scored pairs) of a text model, with
+  texts truncated at `max_seq_length` tokens (None: the model's own maximum). The model and the
+  file may be local or gs://."""
   from jembed.embed import load
   from jembed.errors import UserError
   from jembed import fs
-  model = load(model_path)
+  model = load(model_path, max_seq_length=max_seq_length)
   if model.modality != "text":
     raise UserError(f"{model_path} is an image model; retrieval evaluation is for text models")
   with fs.local_file(pairs_file) as local:   # a gs:// file is read from a temporary download
@@ -285,6 +286,8 @@ def main(argv=None) -> int:
   parser.add_argument("--output", help="where to write the metrics JSON (default: MODEL/retrieval.json "
                       "for a jembed workdir, else ./retrieval.json)")
   parser.add_argument("--batch-size", type=int, default=64)
+  parser.add_argument("--max-seq-length", type=int, default=None,
+                      help="truncate texts to this many tokens (default: the model's maximum)")
   try:
     args = parser.parse_args(argv)
   except SystemExit as e:
@@ -293,7 +296,8 @@ def main(argv=None) -> int:
     if args.model or args.retrieval:
       if not (args.model and args.retrieval):
         raise UserError("--model and --retrieval go together: give the model and the pairs file")
-      metrics = evaluate_retrieval(args.model, args.retrieval, batch_size=args.batch_size)
+      metrics = evaluate_retrieval(args.model, args.retrieval, batch_size=args.batch_size,
+                                   max_seq_length=args.max_seq_length)
       from jembed import fs
       out = args.output or default_retrieval_output(args.model)
       fs.write_json(out, dict(metrics, model=args.model, file=args.retrieval))

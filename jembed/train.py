@@ -33,6 +33,7 @@ from jembed import sharding
 from jembed.data import pipeline
 from jembed.errors import UserError
 from jembed.tasks import get_task
+from jembed.tasks.base import LOSS_WEIGHT
 
 @flax.struct.dataclass
 class TrainState:
@@ -141,6 +142,9 @@ def train_step(ctx: StepContext, state: TrainState, batch):
   """One optimizer step: (state, global batch) -> (state, metrics). Pure; jit it with shardings."""
   rng = jax.random.fold_in(ctx.base_key, state.step)
   tuning_rng, dropout_rng, task_rng = jax.random.split(rng, 3)
+  prepare_rng, task_rng = jax.random.split(task_rng)
+  # Masks and augmentations are drawn for the whole batch, before any split into micro-batches.
+  batch = ctx.task.prepare(batch, prepare_rng, True)
 
   def make_model(trained, dropout_key=dropout_rng, model_state=state.model_state):
     params = ctx.tuning.combine(trained, state.frozen, rng=tuning_rng, train=True)
@@ -151,6 +155,7 @@ def train_step(ctx: StepContext, state: TrainState, batch):
   else:
     (_, (metrics, model_state)), grads = ctx.task.value_and_grad(make_model, state.params, batch,
                                                                  task_rng)
+    metrics = {k: v for k, v in metrics.items() if k != LOSS_WEIGHT}
   updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # A step whose loss or gradient is not finite changes nothing (checked on device, every step);
@@ -166,43 +171,53 @@ def train_step(ctx: StepContext, state: TrainState, batch):
 
 
 def _accumulate(ctx: StepContext, make_model, state: TrainState, batch, task_rng, dropout_rng):
-  """Gradients and metrics of `ctx.accum_steps` micro-batches, averaged (= the full batch's for a
-  loss that is a mean over examples). Micro-batch i holds examples i, i+k, i+2k, ...: every device
+  """Gradients and metrics of `ctx.accum_steps` micro-batches, each weighted by its loss weight
+  (`Task.loss`: the examples, or e.g. MLM's masked tokens), so the update is the full batch's: the
+  sum over micro-batches of weight x gradient of the micro-batch mean is the gradient of the sum,
+  divided by the full batch's weight. Micro-batch i holds examples i, i+k, i+2k, ...: every device
   keeps an equal share of each, with no data movement. BatchNorm statistics are updated micro-batch
   by micro-batch, as running several smaller steps would; activations are kept for one micro-batch
   at a time (a `lax.scan`)."""
   k = ctx.accum_steps
   micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1),
                        batch)
+  examples = jax.tree.leaves(batch)[0].shape[0] // k
 
   def grads_of(model_state, index, mb):
     drop = jax.random.fold_in(dropout_rng, index)
     make = lambda t, dropout_key=drop: make_model(t, dropout_key, model_state)
     (_, (metrics, new_state)), grads = ctx.task.value_and_grad(make, state.params, mb,
                                                                jax.random.fold_in(task_rng, index))
-    return metrics, new_state, grads
+    metrics = dict(metrics)
+    weight = jnp.asarray(metrics.pop(LOSS_WEIGHT, examples), jnp.float32)
+    weigh = lambda t: jax.tree.map(lambda x: x * weight.astype(x.dtype), t)
+    return weigh(metrics), new_state, weigh(grads), weight
 
   def one(carry, inputs):
-    model_state, grad_sum, metric_sum = carry
-    metrics, new_state, grads = grads_of(model_state, *inputs)
+    model_state, grad_sum, metric_sum, weight_sum = carry
+    metrics, new_state, grads, weight = grads_of(model_state, *inputs)
     add = lambda a, b: jax.tree.map(jnp.add, a, b)
-    return (new_state, add(grad_sum, grads), add(metric_sum, metrics)), None
+    return (new_state, add(grad_sum, grads), add(metric_sum, metrics), weight_sum + weight), None
 
   first = jax.tree.map(lambda x: x[0], micro)
   shapes = jax.eval_shape(lambda: grads_of(state.model_state, 0, first)[0])
   zeros = (jax.tree.map(jnp.zeros_like, state.params),
-           jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-  (model_state, grads, metrics), _ = jax.lax.scan(one, (state.model_state, *zeros),
-                                                  (jnp.arange(k), micro))
-  scale = lambda t: jax.tree.map(lambda x: x / k, t)
+           jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), jnp.zeros((), jnp.float32))
+  (model_state, grads, metrics, total), _ = jax.lax.scan(one, (state.model_state, *zeros),
+                                                         (jnp.arange(k), micro))
+  # A batch of weight 0 (e.g. nothing to predict) has zero sums: its update stays zero.
+  total = jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
+  scale = lambda t: jax.tree.map(lambda x: x / total.astype(x.dtype), t)
   return scale(metrics), model_state, scale(grads)
 
 
 def eval_step(ctx: StepContext, state: TrainState, batch, index):
   # A fixed key per eval batch: every evaluation masks / augments the held-out set the same way.
   rng = jax.random.fold_in(jax.random.fold_in(ctx.base_key, 2**31 - 1), index)
+  prepare_rng, rng = jax.random.split(rng)
+  batch = ctx.task.prepare(batch, prepare_rng, False)
   _, metrics = ctx.task.loss(eval_model(ctx, state), batch, rng, False)
-  return metrics
+  return {k: v for k, v in metrics.items() if k != LOSS_WEIGHT}
 
 
 def eval_model(ctx: StepContext, state: TrainState) -> nnx.Module:
@@ -219,12 +234,15 @@ class Setup:
     self.config = config
     self.workdir = workdir
     self.task = task or get_task(config, workdir)
-    self.tuning = peft.tuning_from_config(config.get("peft", None))
+    self.tuning = peft.tuning_from_config(config.get("peft", None), task_params=self.task.task_params)
 
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules_from_config(config)
     self.batch_shards = sharding.batch_axis_size(self.mesh, self.rules)
     pipeline.per_process_batch(config.batch_size, self.batch_shards)  # refuses a batch that does not divide
+    if config.grad_accum_steps > 1 and self.task.no_accumulation:
+      raise UserError(f"grad_accum_steps={config.grad_accum_steps} is not supported by task "
+                      f"{config.task}: {self.task.no_accumulation}")
     if config.batch_size % (config.grad_accum_steps * self.batch_shards):
       raise UserError(f"batch_size={config.batch_size} does not split into grad_accum_steps="
                       f"{config.grad_accum_steps} micro-batches over {self.batch_shards} batch shards; "
@@ -442,10 +460,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   t_saved = time.monotonic()
   step = start
   stopper = StopSignals()
+  in_flight = StepsInFlight()
   try:
     while step < stop_at:
       batch = setup.to_global(next(data_iter))
       state, train_metrics = setup.compiled_train(state, batch)
+      in_flight.dispatched(train_metrics["loss"])  # waits for the step before this one
       step += 1
       steps_since += 1
       if step == start + 1:
@@ -472,8 +492,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         eval_metrics.update(task.extra_eval(setup.local_model(state), step))
         logger.write(step, "eval", eval_metrics)
         t_last, steps_since = time.perf_counter(), 0
-      # Asked after the log step's wait for the device, so a signal that came during this step
-      # stops the run here rather than one step later.
+      # Asked every step: the host is at most one step ahead of the device (`StepsInFlight`), so a
+      # signal that came while the device ran step k stops the run at step k + 1 at the latest.
       preempted = stopper.reached(step, log_step)
       save = (step % config.checkpoint_every == 0 or last or step == stop_at or preempted
               or _time_to_save(t_saved, config.checkpoint_every_secs, log_step))
@@ -609,6 +629,27 @@ def _legacy_restore(abstract: TrainState):
 # ---------------------------------------------------------------------------------------------------
 # Preemption and time-based checkpoints
 # ---------------------------------------------------------------------------------------------------
+class StepsInFlight:
+  """Bounds how far the host runs ahead of the device. JAX dispatches asynchronously: without a
+  bound the host queues steps up to the next log step's `device_get` and reads the stop flag only
+  then, so a SIGTERM could wait `log_every` steps (a spot VM gives ~30 s). After dispatching step k
+  the host waits for step k - `limit` + 1 (a scalar already computed), so at most `limit` steps are
+  queued: the device always has the next step waiting (no idle time), and a signal that arrives
+  while the device runs step j is read before step j + 2 is dispatched. `limit=None`: no bound
+  (what the loop did before; benchmarks/mlm_step.py --in-flight compares the two)."""
+
+  def __init__(self, limit: int | None = 2):
+    self.limit = limit
+    self._pending: list = []
+
+  def dispatched(self, result) -> None:
+    if self.limit is None:
+      return
+    self._pending.append(result)
+    while len(self._pending) >= self.limit:
+      jax.block_until_ready(self._pending.pop(0))
+
+
 class Preempted(Exception):
   """The run stopped on SIGTERM / SIGINT after committing a checkpoint; the same command resumes."""
 

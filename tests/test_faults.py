@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -129,6 +130,100 @@ def test_sigterm_finishes_the_step_commits_and_exits_3(cache, corpus, reference,
   assert checkpoint.all_steps(workdir) == [2, 3]
   train.train_and_evaluate(config(corpus), workdir)
   assert_same_run(workdir, reference)
+
+
+class SlowDevice:
+  """A simulated asynchronous device for the compiled train step, counted in steps, not in time:
+  a dispatch returns at once (as JAX's does); a clock thread "runs" the dispatched steps one after
+  another (`seconds` each) and step j's loss is ready only once the clock has finished step j.
+  When the clock starts step `signal_at` it sends the process SIGTERM. (A host callback inside the
+  real step cannot stand in for this: XLA:CPU runs a program with host callbacks synchronously.)"""
+
+  def __init__(self, signal_at, seconds=0.05):
+    import threading
+    self.signal_at, self.seconds = signal_at, seconds
+    self.done = 0            # steps the clock has finished
+    self.dispatched = 0
+    self.started_when_signalled = None
+    self._cond = threading.Condition()
+    threading.Thread(target=self._run, daemon=True).start()
+
+  def _run(self):
+    while True:
+      with self._cond:
+        self._cond.wait_for(lambda: self.dispatched > self.done)
+        running = self.done + 1
+      if running == self.signal_at and self.started_when_signalled is None:
+        self.started_when_signalled = self.dispatched
+        os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(self.seconds)
+      with self._cond:
+        self.done = running
+        self._cond.notify_all()
+
+  def wrap(self, compiled):
+    device = self
+
+    class Loss:
+      def __init__(self, step, value):
+        self.step, self.value = step, value
+
+      def block_until_ready(self):
+        with device._cond:
+          device._cond.wait_for(lambda: device.done >= self.step)
+        return self
+
+      def __array__(self, dtype=None, copy=None):
+        self.block_until_ready()
+        return np.asarray(self.value)
+
+    def step(state, batch):
+      state, metrics = compiled(state, batch)
+      with self._cond:
+        self.dispatched += 1
+        self._cond.notify_all()
+        return state, dict(metrics, loss=Loss(self.dispatched, metrics["loss"]))
+    return step
+
+
+def test_sigterm_is_honoured_within_two_steps_at_any_log_every(cache, corpus, tmp_path, monkeypatch):
+  # log_every=100: without a bound on the steps in flight the host would dispatch to the end of the
+  # run before reading the stop flag. The signal comes while the device runs step K.
+  K, total = 3, 12
+  device = SlowDevice(signal_at=K)
+  compile_step = train.Setup.compile
+
+  def compile_on_slow_device(self, state, batch):
+    compiled = compile_step(self, state, batch)
+    self.compiled_train = device.wrap(compiled)
+    return self.compiled_train
+  monkeypatch.setattr(train.Setup, "compile", compile_on_slow_device)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(train.Preempted, match="SIGTERM"):
+    train.train_and_evaluate(config(corpus, total_steps=total, log_every=100, checkpoint_every=100),
+                             workdir)
+  steps = checkpoint.all_steps(workdir)
+  assert len(steps) == 1 and K <= steps[0] <= K + 2, (steps, device.started_when_signalled)
+  assert device.started_when_signalled <= K + 1   # the host was at most one step ahead
+
+
+def test_steps_in_flight_waits_for_the_step_before():
+  waited = []
+
+  class Result:
+    def __init__(self, i):
+      self.i = i
+
+    def block_until_ready(self):
+      waited.append(self.i)
+      return self
+  flight = train.StepsInFlight(2)
+  for i in range(1, 5):
+    flight.dispatched(Result(i))
+    assert waited == list(range(1, i))   # after dispatching step i, step i - 1 is done
+  unbounded = train.StepsInFlight(None)
+  unbounded.dispatched(Result(9))
+  assert 9 not in waited
 
 
 def test_sigkill_during_an_async_save_resumes_from_the_last_committed(cache, corpus, reference, tmp_path):

@@ -88,3 +88,34 @@ def test_disagreeing_architecture_and_two_sources_are_one_line(hf_dir, tmp_path)
   with pytest.raises(UserError) as e:
     train.Setup(config, str(tmp_path), devices=jax.devices()[:1])
   assert len(str(e.value).splitlines()) == 1
+
+
+def test_a_model_keeps_its_maximum_sequence_length(hf_dir, tmp_path):
+  # Fine-tuning at data.seq_len=16 a source whose maximum is 32: model.json, the export and
+  # jembed.embed keep 32 (data.seq_len is the training truncation only); the held-out retrieval and
+  # its "start" baseline embed at 32 too. --max-seq-length / model.max_seq_length choose another.
+  from jembed import embed, export
+  from jembed.hf import st
+  from spine_helpers import write_workdir
+  path, _ = hf_dir
+  ct = load_config_file("contrastive_text")
+  ct.init.hf = path
+  ct.data.seq_len = 16
+  ct.batch_size = 8
+  workdir = str(tmp_path / "ct")
+  setup, state = write_workdir(ct, workdir)
+  assert setup.spec["seq_len"] == 16 and setup.spec["max_seq_length"] == 32
+  setup.task._embed_texts(setup.task._start_model(), ["a held-out query"])
+  assert setup.task._embedder.max_seq_length == 32
+  export.export(workdir, str(tmp_path / "out"))
+  assert st.read_st(str(tmp_path / "out"))["max_seq_length"] == 32
+  assert embed.load(workdir).max_seq_length == 32
+  assert embed.load(workdir, max_seq_length=8).max_seq_length == 8
+
+  ct.model.max_seq_length = 48   # set explicitly (within the position table of 64)
+  assert train.Setup(ct, str(tmp_path / "x"), devices=jax.devices()[:1]).spec["max_seq_length"] == 48
+  ct.model.max_seq_length = 65
+  with pytest.raises(UserError, match="model.max_seq_length=65 does not fit the position table"):
+    train.Setup(ct, str(tmp_path / "y"), devices=jax.devices()[:1])
+  scratch = tiny_mlm_config(write_corpus(str(tmp_path)))  # from scratch: the position table (64)
+  assert train.Setup(scratch, str(tmp_path / "z"), devices=jax.devices()[:1]).spec["max_seq_length"] == 64

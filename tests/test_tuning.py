@@ -225,3 +225,26 @@ def test_adapter_tuning_starts_at_base_and_trains_adapters_norms_head():
                              _forward(g0, r0, base_params), rtol=1e-6, atol=1e-6)
   _, frozen2, _ = _train(tuning, graphdef, rest, params)
   assert _bits(frozen2) == _bits(frozen)
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_a_learnable_temperature_trains_under_every_tuning(method):
+  # loss.learn_temperature's log_scale is the objective's, not the backbone's: a tuning that freezes
+  # the backbone still trains it (Task.task_params), else the option would do nothing.
+  from jembed.tasks.contrastive_text import ContrastiveTextModel, ContrastiveTextTask
+  adapter_dim = 4 if method == "adapter" else 0
+  model = ContrastiveTextModel(dataclasses.replace(CFG, adapter_dim=adapter_dim), "mean", True, 0.07,
+                               rngs=nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  kw = {"trainable": ""} if method == "lora" else {}
+  with_task = peft.tuning_from_config(peft_config(method=method, **kw),
+                                      task_params=ContrastiveTextTask.task_params)
+  trained, frozen = with_task.split(params, jax.random.key(0))
+  assert [p for p in tree.flatten(trained) if p.endswith("log_scale")]
+  assert not [p for p in tree.flatten(frozen) if p.endswith("log_scale")]
+  without = _tuning(method, **kw)   # what every tuning but full did before
+  assert [p for p in tree.flatten(without.split(params, jax.random.key(0))[1]) if p.endswith("log_scale")]
+  # The trained scale reaches the model: combine puts a changed value back where the loss reads it.
+  moved = jax.tree.map(lambda x: x + 1.0, trained)
+  combined = with_task.combine(moved, frozen)
+  assert float(tree.flatten(combined)["log_scale"]) == float(params["log_scale"]) + 1.0

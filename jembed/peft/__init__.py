@@ -12,8 +12,15 @@ from jembed.peft.lora import LoraConfig, LoraTuning
 METHODS = ("full", "linear_probe", "lora", "adapter")
 
 
-def tuning_from_config(peft: Any = None) -> Tuning:
-  """The tuning named by the `peft` config section's `method` (full when there is no section)."""
+def tuning_from_config(peft: Any = None, task_params: str = "") -> Tuning:
+  """The tuning named by the `peft` config section's `method` (full when there is no section);
+  `task_params`: a regex of the task's own parameters, which train whatever the method."""
+  tuning = _tuning(peft)
+  tuning.task_params = task_params
+  return tuning
+
+
+def _tuning(peft: Any) -> Tuning:
   method = "full" if peft is None else peft["method"]
   if method == "full":
     return FullTuning()

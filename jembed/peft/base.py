@@ -33,13 +33,16 @@ class Tuning:
   name = "tuning"
   backbone_mode = "train"   # "inference": the frozen backbone keeps BatchNorm statistics, no dropout
   new_params = ""           # regex of parameters a warm start may lack ("" = none)
+  task_params = ""          # regex of the task's own parameters (Task.task_params): always trained
 
   def trains(self, path: str, leaf: Any) -> bool:
     raise NotImplementedError
 
   def labels(self, params: dict) -> dict:
     """The label tree: TRAINED or FROZEN at every leaf of `params` (values or abstract shapes)."""
-    return tree.labels(params, lambda p, x: TRAINED if self.trains(p, x) else FROZEN)
+    task = re.compile(self.task_params) if self.task_params else None
+    return tree.labels(params, lambda p, x: TRAINED if self.trains(p, x) or (
+        task is not None and task.search(p)) else FROZEN)
 
   def split(self, params: dict, key: jax.Array) -> tuple[dict, dict]:
     """(trained, frozen) values. `key` seeds parameters a tuning adds (LoRA factors)."""

@@ -17,6 +17,9 @@ from flax import nnx
 
 from jembed import init as init_lib
 
+# The metric a loss reports its weight in (see `Task.loss`).
+LOSS_WEIGHT = "loss_weight"
+
 
 @dataclasses.dataclass
 class Data:
@@ -36,6 +39,13 @@ class Task(abc.ABC):
   # The attribute of the task model that holds the backbone: what a warm start restores from another
   # task's checkpoint, what a frozen-backbone tuning runs in inference mode, what `embed` runs.
   backbone = "encoder"
+  # Why gradient accumulation (config.grad_accum_steps > 1) would change this task's objective, or
+  # "" when it does not. A loss that compares examples within the batch (in-batch negatives) would
+  # see one micro-batch's worth of them: such tasks refuse accumulation with this reason.
+  no_accumulation = ""
+  # A regex of task-owned parameters (e.g. a learnable temperature) that train under every tuning:
+  # a LoRA or adapter tuning freezes the backbone, not the objective's own scalars.
+  task_params = ""
 
   def __init__(self, config, workdir: str):
     self.config = config
@@ -78,11 +88,22 @@ class Task(abc.ABC):
     """The backbone and heads from `spec` alone, unsharded; `rngs` has `params` and `dropout`."""
 
   # -- objective (inside jit) --
+  def prepare(self, batch: dict[str, jax.Array], rng: jax.Array, train: bool) -> dict[str, jax.Array]:
+    """The batch with its random inputs drawn (MLM masks, augmentations), once for the whole global
+    batch and before it is split into micro-batches, so they do not depend on grad_accum_steps.
+    Runs inside the step; `loss` receives its result. Default: the batch unchanged."""
+    return batch
+
   @abc.abstractmethod
   def loss(self, model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array, train: bool
            ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Scalar loss and a dict of scalar metrics (means over the global batch); `accuracy` expected.
-    The model is already in train or eval mode."""
+    """Scalar loss and a dict of scalar metrics; `accuracy` expected. The model is already in train
+    or eval mode; `batch` comes from `prepare`.
+
+    The loss and the metrics are means over the batch with one weight: the number of examples, or,
+    when the loss is a mean over something else (MLM: the masked tokens), that total as the metric
+    `LOSS_WEIGHT`. Gradient accumulation weights each micro-batch by it, so the accumulated update
+    is the full batch's (the loop removes it from the logged metrics)."""
 
   def value_and_grad(self, make_model: Callable[..., nnx.Module], trained: Any, batch, rng):
     """((loss, (metrics, model_state)), grads w.r.t. `trained`); `make_model(trained)` merges the

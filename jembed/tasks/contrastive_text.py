@@ -50,6 +50,10 @@ class ContrastiveTextModel(nnx.Module):
 
 
 class ContrastiveTextTask(TextTask):
+  no_accumulation = ("the in-batch negatives would shrink to one micro-batch; set "
+                     "grad_accum_steps=1 and loss.chunk_size (GradCache: the full batch's "
+                     "negatives and gradient, one chunk in memory at a time)")
+  task_params = r"^log_scale$"   # loss.learn_temperature's scale trains under LoRA and adapters too
 
   def __init__(self, config, workdir):
     super().__init__(config, workdir)
@@ -199,7 +203,7 @@ class ContrastiveTextTask(TextTask):
       spec = self.model_spec()
       self._embedder = TextEmbedder(TransformerConfig.from_json(spec["encoder"]), params,
                                     self.tokenizer, self.ids, pooling=spec["pooling"], normalize=True,
-                                    max_seq_length=int(self.config.data.seq_len))
+                                    max_seq_length=spec["max_seq_length"])  # the model's, as embed
     else:
       self._embedder.set_params(params)
     return self._embedder.embed(texts, batch_size=int(self.config.retrieval_batch))

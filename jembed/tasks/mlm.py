@@ -22,7 +22,7 @@ from jembed.data import pipeline, streaming, text, token_cache
 from jembed.errors import UserError
 from jembed.models.heads import MlmHead
 from jembed.models.transformer import TransformerConfig, TransformerEncoder
-from jembed.tasks.base import Data
+from jembed.tasks.base import LOSS_WEIGHT, Data
 from jembed.tasks.text_base import TextTask
 
 
@@ -180,15 +180,21 @@ class MlmTask(TextTask):
   def build_model(cls, spec, rngs):
     return MlmModel(TransformerConfig.from_json(spec["encoder"]), rngs=rngs)
 
-  def loss(self, model, batch, rng, train):
-    tokens = batch["tokens"]
+  def prepare(self, batch, rng, train):
+    # The masks of the whole batch, drawn before any split into micro-batches.
     inputs, positions, targets, weights = mask_tokens(
-        rng, tokens, special_ids=self.ids.values(), mask_id=self.ids["mask"],
+        rng, batch["tokens"], special_ids=self.ids.values(), mask_id=self.ids["mask"],
         vocab_size=self.vocab, num_predictions=self.num_predictions,
         mask_prob=self.config.data.mask_prob)
-    logits = model(inputs, tokens != self.ids["pad"], positions).astype(jnp.float32)
+    return dict(batch, inputs=inputs, positions=positions, targets=targets, weights=weights)
+
+  def loss(self, model, batch, rng, train):
+    tokens, positions, targets, weights = (batch[k] for k in ("tokens", "positions", "targets",
+                                                             "weights"))
+    logits = model(batch["inputs"], tokens != self.ids["pad"], positions).astype(jnp.float32)
     xent = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    n = jnp.maximum(weights.sum(), 1.0)
+    count = weights.sum()
+    n = jnp.maximum(count, 1.0)
     loss = (xent * weights).sum() / n
     # "The target's logit is the largest" instead of argmax: a plain max-reduce, where argmax's
     # variadic (value, index) reduce over the vocabulary is slow on CPU. Exact ties are vanishingly rare.
@@ -198,6 +204,7 @@ class MlmTask(TextTask):
         "loss": loss,
         "accuracy": (correct * weights).sum() / n,
         "baseline_accuracy": ((targets == self.most_frequent) * weights).sum() / n,
+        LOSS_WEIGHT: count,  # a mean over the masked tokens: accumulation weights by their count
     }
     return loss, metrics
 

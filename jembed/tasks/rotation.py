@@ -42,13 +42,15 @@ class RotationTask(VisionTask):
   def items_per_example(self) -> int:
     return 1  # throughput counts source images; each is seen 4 times
 
-  def loss(self, model, batch, rng, train):
-    images = to_float(batch["image"])
+  def prepare(self, batch, rng, train):
     aug = self.config.get("augment", None)
-    if aug and train:
-      # Crops make the angle harder to read off low-level cues, so the backbone learns more shape.
-      images = augment.simclr_augment(rng, images, **dict(aug))
-    images, labels = augment.rotate_batch(images)
+    if not (aug and train):
+      return batch
+    # Crops make the angle harder to read off low-level cues, so the backbone learns more shape.
+    return dict(batch, image=augment.simclr_augment(rng, to_float(batch["image"]), **dict(aug)))
+
+  def loss(self, model, batch, rng, train):
+    images, labels = augment.rotate_batch(to_float(batch["image"]))
     logits = model(standardize(images, model.preprocess)).astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     accuracy = (logits.argmax(-1) == labels).mean()

@@ -34,6 +34,8 @@ class SimclrModel(nnx.Module):
 
 class SimclrTask(VisionTask):
   pretext_name = "contrastive accuracy (partner is top-1 of 2B-1)"
+  no_accumulation = ("NT-Xent's negatives are the other views of the batch, and a micro-batch would "
+                     "have fewer of them; set grad_accum_steps=1 and fit the batch with more devices")
 
   def head_spec(self):
     return {"projection": self.config.model.projection.to_dict()}

@@ -66,11 +66,29 @@ class TextTask(Task):
                       "or raise model.max_position")
     return cfg
 
+  def max_seq_length(self, cfg: TransformerConfig | None = None) -> int:
+    """The model's inference length: what `embed`, `evaluate` and `export` truncate at
+    (model.json's max_seq_length). Separate from the training truncation `data.seq_len`: fine-tuning
+    at 64 tokens does not make a 256-token model a 64-token one. model.max_seq_length, else the
+    warm-start source's, else the position table."""
+    cfg = cfg or self.encoder_config()
+    length = int(self.config.model.get("max_seq_length", 0) or 0)
+    if not length and self.init is not None:
+      length = int(self.init.spec.get("max_seq_length") or 0)
+    length = length or cfg.max_position
+    if not 2 <= length <= cfg.max_position:
+      raise UserError(f"model.max_seq_length={length} does not fit the position table "
+                      f"(max_position={cfg.max_position}); use 2..{cfg.max_position} or 0 for the default")
+    return length
+
   def text_spec(self, **extra: Any) -> dict[str, Any]:
-    """The text part of the model description: encoder, tokenizer file, special ids, length."""
-    return dict(task=self.config.task, encoder=self.encoder_config().to_json(),
+    """The text part of the model description: encoder, tokenizer file, special ids, the training
+    length (seq_len) and the model's inference length (max_seq_length)."""
+    cfg = self.encoder_config()
+    return dict(task=self.config.task, encoder=cfg.to_json(),
                 tokenizer=TOKENIZER_FILE, special_ids=dict(self.ids),
-                seq_len=int(self.config.data.seq_len), **extra)
+                seq_len=int(self.config.data.seq_len), max_seq_length=self.max_seq_length(cfg),
+                **extra)
 
   def save_artifacts(self) -> None:
     path = fs.join(self.workdir, TOKENIZER_FILE)
