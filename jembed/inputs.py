@@ -173,8 +173,9 @@ def list_inputs(path: str, field: str = "path") -> tuple[list[str], list[str]]:
   (.txt: one a line; .jsonl / .csv: the `field` column; relative paths are relative to the list)."""
   if fs.isdir(path):
     root = fs.path(path)
-    paths = sorted(str(p) for p in root.rglob("*")
-                   if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    # walk, not rglob: epath refuses recursive globs (on GCS one listing a folder is cheaper).
+    paths = sorted(str(d / name) for d, _, files in root.walk() for name in files
+                   if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith("."))
     if not paths:
       raise UserError(f"no images under '{path}' (looked for {', '.join(IMAGE_EXTENSIONS)}); give a "
                       "folder of images or a list file")
