@@ -296,6 +296,9 @@ class ImageEmbedder(_Embedder):
     self._head = nnx.split(head) if head is not None else None
     self._backbone_spec = backbone_spec
     self._fns: dict[Any, Any] = {}
+    devices = jax.local_devices()
+    self.mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                              devices=devices)
 
   @property
   def backbone(self) -> nnx.Module:
@@ -323,7 +326,9 @@ class ImageEmbedder(_Embedder):
         out = nnx.merge(head[0], states[1])(out).astype(jnp.float32)
       return out
 
-    states = (state, head[1] if head is not None else None)
+    # Weights replicated once; batches split over the local devices (data-parallel, as for texts).
+    rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    states = jax.device_put((state, head[1] if head is not None else None), rep)
     self._fns[key] = (fn, states)
     return self._fns[key]
 
@@ -371,11 +376,15 @@ class ImageEmbedder(_Embedder):
     """Device outputs of model-ready images (uint8 at the model's size, or normalised floats), in
     batches padded to `batch_size` so one compile serves every batch."""
     fn, states = self._forward(dtype, what, preprocessed)
+    n_dev = self.mesh.size
+    batch = -(-batch_size // n_dev) * n_dev  # a multiple of the devices: every device gets images
+    data = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
     outs = []
-    for lo in range(0, len(images), batch_size):
-      chunk = images[lo:lo + batch_size]
-      pad = np.zeros((batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)
-      outs.append(np.asarray(fn(states, np.concatenate([chunk, pad])))[:len(chunk)])
+    for lo in range(0, len(images), batch):
+      chunk = images[lo:lo + batch]
+      pad = np.zeros((batch - len(chunk),) + chunk.shape[1:], chunk.dtype)
+      x = jax.device_put(np.concatenate([chunk, pad]), data)
+      outs.append(np.asarray(fn(states, x))[:len(chunk)])
       if bar is not None:
         bar.update(len(chunk))
     return np.concatenate(outs) if outs else np.empty((0, self.dim), np.float32)
