@@ -371,3 +371,13 @@ def test_embed_cli_text_options(text_run, text_model, tmp_path, capsys):
   assert embed.main(["--model", text_run, "--input", str(src), "--output", str(out),
                      "--prompt-name", "query"]) == 2
   assert "prompt_name 'query' is not one of" in capsys.readouterr().err
+
+
+def test_output_formats_and_parquet_without_pyarrow(monkeypatch):
+  from jembed import outputs
+  assert [outputs.format_of(f"v{e}") for e in (".npy", ".jsonl", ".parquet")] == [".npy", ".jsonl", ".parquet"]
+  with pytest.raises(UserError, match="must end in .npy, .jsonl, .parquet"):
+    outputs.format_of("v.csv")
+  monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)  # as if it were not installed
+  with pytest.raises(UserError, match=r"needs pyarrow \(pip install pyarrow\)"):
+    outputs.format_of("v.parquet")
