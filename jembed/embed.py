@@ -652,7 +652,7 @@ def run(args) -> str:
   dt = time.perf_counter() - t0
   names = outputs.sidecar(args.output, key) if args.output.endswith(".npy") and data.has_ids else ""
   return (f"{data.n} {data.modality}s -> {args.output} ({width} dims, {args.dtype}, "
-          f"{data.n / dt:.0f} {data.modality}s/s)" + (f"; {key}s -> {names}" if names else ""))
+          f"{data.n / dt:.3g} {data.modality}s/s)" + (f"; {key}s -> {names}" if names else ""))
 
 
 def _head_rows(path: str, n: int) -> np.ndarray:

@@ -66,7 +66,7 @@ def run(args) -> str:
   bar.close()
   dt = time.perf_counter() - t0
   return (f"{data.n} {data.modality}s -> {args.output} (top {k} of {len(classes)} classes, "
-          f"{data.n / dt:.0f} {data.modality}s/s)")
+          f"{data.n / dt:.3g} {data.modality}s/s)")
 
 
 def main(argv=None) -> int:
