@@ -338,6 +338,8 @@ def test_embed_cli_images_in_every_format(image_run, image_model, tmp_path):
     ("embed", ["--model", "TEXT", "--input", "LATIN1"], "bad.txt:2 holds bytes that are not UTF-8"),
     ("predict", ["--input", "EMPTYDIR"], "no images under"),
     ("embed", ["--input", "IMGS", "--prompt", "q: "], "are for text models"),
+    ("predict", ["--input", "IMGS", "--k", "0"], "--k 0 must be >= 1"),
+    ("predict", ["--model", "TEXT", "--input", "IMGS"], "is a folder; a text model takes"),
 ])
 def test_cli_bad_input_is_one_line(image_run, text_run, tmp_path, capsys, cli, args, message):
   bad = tmp_path / "imgs" / "broken.png"
