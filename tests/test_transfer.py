@@ -88,3 +88,15 @@ def test_text_classifier_pools_as_its_source_and_takes_the_transfer_rate(mean_po
   assert setup.config.learning_rate == 5e-5     # full fine-tuning from a source
   explicit = _setup(source, train_file, str(tmp_path / "b"), pooling="cls")
   assert explicit.spec["pooling"] == "cls"      # a pooling you set is kept
+
+
+def test_predict_refuses_a_model_without_a_classifier_head(mean_pooled_source, tmp_path, capsys):
+  """An MLM run has a head, but not a classifier's: jembed.predict says what to load instead."""
+  from jembed import predict
+  source, _ = mean_pooled_source
+  (tmp_path / "in.txt").write_text("a text\n")
+  out = tmp_path / "p.jsonl"
+  assert predict.main(["--model", source, "--input", str(tmp_path / "in.txt"), "--output", str(out)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "has no classifier head" in err and "finetune_text.py" in err and len(err.splitlines()) == 1
+  assert not out.exists()
