@@ -534,6 +534,14 @@ def _load_workdir(path: str, max_seq_length: int | None, step: int | None):
                        preprocess=spec.get("preprocess"), backbone_spec=spec.get("backbone"))
 
 
+def load_image(path: str, image_shape) -> np.ndarray:
+  """One image file squashed to (H, W, C) uint8 (what jembed.index on main calls; new code should
+  give the paths to `ImageEmbedder.embed`, which applies the model's own preprocessing)."""
+  from jembed.data import image_transforms as T
+  h, w, c = (int(s) for s in image_shape)
+  return T.resize(inputs_lib.load_file(path, c), h, w)
+
+
 def modality_of(path: str) -> str:
   """"image" or "text": what a model takes, read from its description without loading weights (so
   a CLI can check its input first)."""
