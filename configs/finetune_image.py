@@ -1,26 +1,39 @@
-"""Image classification fine-tuning: a vision backbone (from a rotation / SimCLR run, or a pretrained
-torchvision / timm / Hugging Face / big_vision model) plus a classifier head.
+"""Image classification fine-tuning: a vision backbone (from a pretrained torchvision / timm /
+Hugging Face / big_vision model, or a jembed rotation / SimCLR run) plus a classifier head.
 
+  # from pretrained weights (torchvision / timm / Hugging Face ResNet or ViT, big_vision .npz):
+  python -m jembed.main --config configs/finetune_image.py --workdir /tmp/ft_img \
+      --config.init.pretrained=path/to/resnet18.pth --config.data.train=DIR
+  # from a jembed self-supervised run:
   python -m jembed.main --config configs/rotation.py --workdir /tmp/rot
   python -m jembed.main --config configs/finetune_image.py --workdir /tmp/ft_img \
       --config.init.checkpoint=/tmp/rot --config.peft.method=full
-  python -m jembed.main --config configs/finetune_image.py --workdir /tmp/ft_r18 \
-      --config.init.pretrained=resnet18.pth --config.data.train=DIR --config.data.eval=DIR
 
 With init.pretrained the architecture, the preprocessing (model.json `preprocess`) and, when the data
 has as many classes, the source's classifier head come from the source (jembed/interop); images
 are resized to the source's input size unless data.image_size says otherwise.
+
+Where the weights start (config.init): `init.pretrained` a weights file or directory of another
+library (format detected; its preprocessing comes along), or `init.checkpoint` a jembed --workdir (a
+rotation, SimCLR or image classification run); neither = the backbone from scratch.
+
+Defaults follow the source (jembed/transfer.py), and a value you set is always kept:
+  learning_rate = 0 (auto): from a source, full fine-tuning at 1e-4 (AdamW, as timm fine-tunes
+    ResNet / ViT), LoRA, adapters and linear probes at 1e-3; from scratch 2e-3. The chosen rate is
+    printed and saved in WORKDIR/config.json.
 
 With no data given it fine-tunes on the embedded scikit-learn 8x8 digits (10 classes, a fixed
 stratified 20% held out), so it runs anywhere without a download. Your own images:
 --config.data.train=DIR --config.data.eval=DIR (one sub-folder per class), or a TFDS dataset
 prepared under data.data_dir (--config.data.tfds_name=cifar10). At the end it prints a
 classification report and writes WORKDIR/classification_report.json and WORKDIR/confusion_matrix.png.
+Then `jembed.load(WORKDIR).predict(images)` (uint8 images of any size, or paths) or
+`python -m jembed.predict --model WORKDIR --input FOLDER --output preds.jsonl`.
 
 peft.method: full | linear_probe (backbone frozen, BatchNorm in inference mode) | lora (conv and dense
 kernels, with BatchNorm scale/bias and the head trained in full) | adapter (ViT backbones only).
-With init.checkpoint / init.pretrained, the backbone architecture comes from that source: leave the model fields at
-0/"" to take them from it; a field you set must match the checkpoint.
+With a source, the backbone architecture comes from it: leave the model fields at 0/"" to take them
+from it; a field you set must match the source.
 """
 import ml_collections
 
@@ -33,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.task = "classification"
   c.total_steps = 400
   c.batch_size = 64
-  c.learning_rate = 2e-3
+  c.learning_rate = 0.0         # 0 = auto: from the source and peft.method (see above)
   c.warmup_steps = 40
   c.weight_decay = 1e-4
   c.log_every = 50

@@ -1,8 +1,24 @@
-"""Text classification fine-tuning: a BERT encoder (from an MLM pretraining run) plus a fresh head.
+"""Text classification fine-tuning: a pretrained encoder plus a fresh head.
 
+  # from a Hugging Face / sentence-transformers directory (fetched beforehand; nothing downloads):
+  python -m jembed.main --config configs/finetune_text.py --workdir /tmp/ft \
+      --config.init.hf=path/to/all-MiniLM-L6-v2
+  # from a jembed pretraining run:
   python -m jembed.main --config configs/mlm.py --workdir /tmp/run1
   python -m jembed.main --config configs/finetune_text.py --workdir /tmp/ft \
       --config.init.checkpoint=/tmp/run1 --config.peft.method=lora --config.peft.rank=8
+
+Where the weights start (config.init): `init.hf` a Hugging Face / sentence-transformers text
+directory (BERT-family; read without torch), or `init.checkpoint` a jembed --workdir (its latest
+checkpoint, or `init.step`); neither = a BERT-tiny from scratch. (Image models start from
+`init.pretrained`, see configs/finetune_image.py.)
+
+Defaults follow the source (jembed/transfer.py), and a value you set is always kept:
+  learning_rate = 0 (auto): from a source, full fine-tuning at 5e-5 (AdamW, the BERT /
+    sentence-transformers recipe), LoRA, adapters and linear probes at 1e-3; from scratch 1e-3.
+    The chosen rate is printed and saved in WORKDIR/config.json.
+  model.pooling = "" (auto): the source's pooling (mean for a mean-pooled sentence-transformers
+    model), else [CLS].
 
 With no data given it trains on an embedded dataset that needs no download: docstrings of the
 installed Python standard library (functions, classes, methods) labelled by the topic of their module,
@@ -11,11 +27,12 @@ Your own data: --config.data.train=train.jsonl --config.data.eval=test.jsonl (on
 object per line; a .csv with a text,label header works too), or --config.data.tfds_name=imdb_reviews
 (prepared under data.data_dir). At the end it prints a classification report and writes
 WORKDIR/classification_report.json and WORKDIR/confusion_matrix.png (LoRA runs also write
-WORKDIR/lora_adapter/ and WORKDIR/merged/).
+WORKDIR/lora_adapter/ and WORKDIR/merged/). Then `jembed.load(WORKDIR).predict(texts)` or
+`python -m jembed.predict --model WORKDIR --input texts.txt --output preds.jsonl`.
 
 peft.method: full | linear_probe (encoder frozen) | lora | adapter (Houlsby bottleneck adapters).
-With init.checkpoint, the encoder architecture and tokenizer come from that run: leave the model
-fields at 0/"" to take them from it; a field you set must match the checkpoint.
+With a source, the encoder architecture and tokenizer come from it: leave the model fields at 0/""
+to take them from it; a field you set must match the source.
 """
 import ml_collections
 
@@ -28,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.task = "classification"
   c.total_steps = 600
   c.batch_size = 32
-  c.learning_rate = 1e-3
+  c.learning_rate = 0.0         # 0 = auto: from the source and peft.method (see above)
   c.warmup_steps = 60
   c.log_every = 50
   c.eval_every = 200
@@ -37,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.init = init_config()
   # LoRA on every dense kernel: on the embedded data, query/value-only LoRA at rank 8 learned far
-  # more slowly (see README's measured figures); LoRA also wants a higher learning rate (3e-3).
+  # more slowly (see README's measured figures).
   c.peft = peft_config(targets="all_dense")
 
   # 0 / "" / False = as in the pretraining run (or BERT-tiny from scratch).
@@ -56,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
       attention_dropout=0.1,
       dtype="auto",             # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU; params stay float32
       remat="none",             # none | full | dots: recompute layer activations in the backward pass
-      pooling="cls",            # cls ([CLS] token) | mean (over non-padding tokens)
+      pooling="",               # "" = the source's pooling, else cls | cls ([CLS] token) | mean | max | mean_sqrt_len
   ))
 
   c.data = ml_collections.ConfigDict(dict(

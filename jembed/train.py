@@ -30,6 +30,7 @@ from jembed import metrics as metrics_lib
 from jembed import modelspec
 from jembed import multihost
 from jembed import sharding
+from jembed import transfer
 from jembed.data import pipeline
 from jembed.errors import UserError
 from jembed.tasks import get_task
@@ -230,6 +231,9 @@ class Setup:
   and its data, the model description, mesh, shardings, tuning and optimizer."""
 
   def __init__(self, config, workdir: str, devices=None, task=None):
+    auto = transfer.resolve(config)  # fields left at 0 = auto, from the source and the tuning
+    if auto:
+      _info(auto)
     config_lib.validate(config)
     self.config = config
     self.workdir = workdir

@@ -1,18 +1,16 @@
-"""Text classification: a Transformer encoder pooled by [CLS] or the mean over tokens
-(`model.pooling`), then a fresh linear head. Data: jembed/data/labeled_text.py."""
+"""Text classification: a Transformer encoder pooled as `model.pooling` says ("" = as the warm-start
+source pools, else [CLS]), then a fresh linear head. Data: jembed/data/labeled_text.py."""
 from __future__ import annotations
 
 from flax import nnx
 
 from jembed.data import encode, labeled_text
 from jembed.errors import UserError
-from jembed.models.heads import Classifier, pool
+from jembed.models.heads import POOLINGS, Classifier, pool
 from jembed.models.transformer import TransformerConfig, TransformerEncoder
 from jembed.tasks.base import Data
 from jembed.tasks.classification import ClassificationTask
 from jembed.tasks.text_base import TextTask
-
-POOLINGS = ("cls", "mean")
 
 
 class TextClassifier(nnx.Module):
@@ -45,7 +43,9 @@ class TextClassificationTask(TextTask, ClassificationTask):
         "classes": len(self.class_names), "vocab_size": self.vocab})
 
   def model_spec(self):
-    pooling = self.config.model.get("pooling", "cls")
+    # "" = the source's pooling (a sentence-transformers model's mean, say), else [CLS].
+    pooling = (self.config.model.get("pooling", "")
+               or (self.init.spec.get("pooling", "") if self.init is not None else "") or "cls")
     if pooling not in POOLINGS:
       raise UserError(f"model.pooling='{pooling}' is unknown; use one of {', '.join(POOLINGS)}")
     return self.text_spec(modality="text", pooling=pooling, normalize=False,
