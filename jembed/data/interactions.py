@@ -178,9 +178,8 @@ def _add(rows: Rows, rec, cols: dict, where: str, config) -> None:
 # ----------------------------------------------------------------------------- the default data
 
 
-@functools.lru_cache(maxsize=1)
-def _stdlib_rows() -> tuple:
-  root = sysconfig.get_paths()["stdlib"]
+@functools.lru_cache(maxsize=2)
+def _stdlib_rows(root: str) -> tuple:
   users, items, times = [], [], []
   for directory, dirs, files in os.walk(root):
     dirs[:] = sorted(d for d in dirs if d not in STDLIB_SKIP)
@@ -208,8 +207,10 @@ def _stdlib_rows() -> tuple:
   return tuple(users), tuple(items), tuple(times)
 
 
-def stdlib_interactions() -> Rows:
-  users, items, times = _stdlib_rows()
+def stdlib_interactions(root: str | None = None) -> Rows:
+  """The default interactions: modules under `root` (default: this interpreter's standard library)
+  as users, the modules they import as items."""
+  users, items, times = _stdlib_rows(root or sysconfig.get_paths()["stdlib"])
   return Rows(list(users), list(items), [math.nan] * len(users), list(times))
 
 
