@@ -285,3 +285,31 @@ def test_sharded_tables_equal_one_device(tmp_path):
   assert spec8[0] == ("data", "fsdp", "tensor")   # rows over the whole mesh
   np.testing.assert_allclose(l1, l8, rtol=1e-5)
   np.testing.assert_allclose(t1, t8, rtol=1e-4, atol=1e-6)
+
+
+def test_format_override_reads_an_unnamed_file(tmp_path):
+  path = tmp_path / "plays.txt"
+  path.write_text("1\ta\t5\t1\n")
+  with pytest.raises(UserError, match="data.format"):
+    inter.read_file(str(path), data_config())
+  assert inter.read_file(str(path), data_config(format="tsv")).item == ["a"]
+
+
+@pytest.mark.parametrize("override", [{"loss.logq": False}, {"loss.remove_accidental_hits": False},
+                                      {"loss.temperature": 0.5}, {"model.normalize": True},
+                                      {"model.mlp_dims": (8,)}])
+def test_every_model_and_loss_field_changes_the_loss(tmp_path, override):
+  from flax import nnx
+  from jembed.tasks.two_tower import TwoTowerTask
+  path = write_udata(tmp_path / "u.data", synthetic(n_groups=1, group_items=12))
+
+  def loss_with(**kw):
+    c = tiny_config(path, **kw)
+    task = TwoTowerTask(c, str(tmp_path))
+    data = task.load_data()
+    model = task.build_model(task.model_spec(), nnx.Rngs(params=0, dropout=0))
+    batch = {k: jnp.asarray(v[:32]) for k, v in data.train.items()}
+    assert len(np.unique(data.train["item"][:32])) < 32   # the batch holds accidental hits
+    return float(task.loss(model, batch, None, True)[0])
+
+  assert loss_with(**override) != pytest.approx(loss_with())
