@@ -14,6 +14,7 @@ popularity ranking (`popularity_*`). `jembed.load(workdir)` gives a jembed.recom
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -61,18 +62,27 @@ class TwoTowerModel(nnx.Module):
     self.item_tower = Tower(num_items, dim, mlp_dims, normalize, rngs=rngs)
 
 
+@functools.lru_cache(maxsize=8)
+def _tower_fn(graphdef):
+  """The jitted tower of a model structure (cached: every evaluation reuses the compile)."""
+  def embed(state, ids, user):
+    m = nnx.merge(graphdef, state)
+    return (m.user_tower if user else m.item_tower)(ids)
+  return jax.jit(embed, static_argnums=2)
+
+
 def tower_vectors(model: TwoTowerModel, num_users: int, num_items: int, chunk: int = 65536
                   ) -> tuple[np.ndarray, np.ndarray]:
-  """Every user's and item's vector as float32 NumPy arrays, `chunk` ids per call."""
+  """Every user's and item's vector as float32 NumPy arrays, at most `chunk` ids per call."""
   graphdef, state = nnx.split(model)
-  fn = jax.jit(lambda s, ids, user: jax.lax.cond(
-      user, lambda: nnx.merge(graphdef, s).user_tower(ids), lambda: nnx.merge(graphdef, s).item_tower(ids)))
+  fn = _tower_fn(graphdef)
 
   def run(n, user):
+    size = min(chunk, 1 << max(n - 1, 1).bit_length())   # one shape per table: one compile
     out = []
-    for lo in range(0, n, chunk):
-      ids = np.arange(lo, lo + chunk, dtype=np.int32) % max(n, 1)   # one shape: one compile
-      out.append(np.asarray(fn(state, ids, user), np.float32)[:min(chunk, n - lo)])
+    for lo in range(0, n, size):
+      ids = np.arange(lo, lo + size, dtype=np.int32) % n
+      out.append(np.asarray(fn(state, ids, user), np.float32)[:min(size, n - lo)])
     return np.concatenate(out)
 
   return run(num_users, True), run(num_items, False)
