@@ -22,23 +22,23 @@ from jembed.config import base_config
 def get_config() -> ml_collections.ConfigDict:
   c = base_config()
   c.task = "two_tower"
-  c.total_steps = 600
+  c.total_steps = 1000
   c.batch_size = 256            # interactions per step over all devices: each sees 255 in-batch negatives
   c.learning_rate = 0.01
   c.warmup_steps = 30
   c.weight_decay = 0.0
   c.log_every = 100
-  c.eval_every = 200
+  c.eval_every = 250
   c.eval_batches = 4
-  c.checkpoint_every = 600
+  c.checkpoint_every = 1000
 
   c.model = ml_collections.ConfigDict(dict(
       dim=32,                   # embedding width of both towers
       mlp_dims=(),              # hidden widths of an MLP on top of each table; () = the table row itself
-      normalize=False,          # L2-normalise both towers' outputs (then lower loss.temperature, e.g. 0.05)
+      normalize=True,           # L2-normalise both towers' outputs (cosine / temperature)
   ))
   c.loss = ml_collections.ConfigDict(dict(
-      temperature=1.0,          # logits = user . item / temperature
+      temperature=0.2,          # logits = user . item / temperature (on the stdlib default 0.2 beat 0.1 and 0.05)
       logq=True,                # subtract log(item's sampling probability) from its logit (Yi et al. 2019)
       remove_accidental_hits=True,  # mask in-batch columns holding the row's own positive item
   ))
