@@ -208,7 +208,9 @@ def _check_k(k) -> None:
 def load(path: str, step: int | None = None) -> Recommender:
   import jembed
   rec = jembed.load(path, step=step)
-  if not isinstance(rec, Recommender):
+  # By attribute, not isinstance: under `python -m jembed.recommend` this module is __main__, and the
+  # Recommender jembed.load builds is jembed.recommend's.
+  if getattr(rec, "modality", "") != "recommendation":
     raise UserError(f"'{path}' is not a two-tower workdir (train one with configs/two_tower.py)")
   return rec
 

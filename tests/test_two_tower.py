@@ -296,7 +296,7 @@ def test_format_override_reads_an_unnamed_file(tmp_path):
 
 
 @pytest.mark.parametrize("override", [{"loss.logq": False}, {"loss.remove_accidental_hits": False},
-                                      {"loss.temperature": 0.5}, {"model.normalize": True},
+                                      {"loss.temperature": 0.5}, {"model.normalize": False},
                                       {"model.mlp_dims": (8,)}])
 def test_every_model_and_loss_field_changes_the_loss(tmp_path, override):
   from flax import nnx
@@ -313,3 +313,18 @@ def test_every_model_and_loss_field_changes_the_loss(tmp_path, override):
     return float(task.loss(model, batch, None, True)[0])
 
   assert loss_with(**override) != pytest.approx(loss_with())
+
+
+def test_recommend_command_line(trained):
+  import subprocess
+  import sys
+  workdir, _, _ = trained
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+  run = lambda *a: subprocess.run([sys.executable, "-m", "jembed.recommend", "--model", workdir, *a],
+                                  capture_output=True, text=True, env=env)
+  ok = run("--users", "u0,u1", "--k", "3")
+  assert ok.returncode == 0, ok.stderr
+  lines = [json.loads(l) for l in ok.stdout.splitlines()]
+  assert [l["user"] for l in lines] == ["u0", "u1"] and all(len(l["items"]) == 3 for l in lines)
+  bad = run("--users", "nobody")
+  assert bad.returncode == 2 and "user 'nobody'" in bad.stderr and len(bad.stderr.splitlines()) == 1
