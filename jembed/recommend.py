@@ -143,7 +143,8 @@ class Recommender:
     vocab = json.loads(fs.read_text(fs.join(path, spec["vocab"])))
     history = read_npz(fs.join(path, spec["history"]))
     users, items = vocab["users"], vocab["items"]
-    seen = _seen(history["user"], history["item"], len(users))
+    from jembed.data.interactions import seen_items
+    seen = seen_items(history["user"], history["item"], len(users))
     u, i = tower_vectors(model, len(users), len(items))
     return cls(u, i, users, items, seen, normalize=spec["backbone"]["normalize"],
                source=f"{path} step {step}", devices=devices)
@@ -191,13 +192,6 @@ class Recommender:
     from jembed import index
     return index.write(directory, self.item_vectors, ids=self.items,
                        normalized=self.normalize, overwrite=overwrite)
-
-
-def _seen(user: np.ndarray, item: np.ndarray, n_users: int) -> list[np.ndarray]:
-  order = np.lexsort((item, user))
-  bounds = np.searchsorted(user[order], np.arange(n_users + 1))
-  items = item[order].astype(np.int64)
-  return [items[bounds[u]:bounds[u + 1]] for u in range(n_users)]
 
 
 def _check_k(k) -> None:

@@ -328,3 +328,14 @@ def test_recommend_command_line(trained):
   assert [l["user"] for l in lines] == ["u0", "u1"] and all(len(l["items"]) == 3 for l in lines)
   bad = run("--users", "nobody")
   assert bad.returncode == 2 and "user 'nobody'" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+def test_bad_settings_are_one_line_errors(tmp_path):
+  path = write_udata(tmp_path / "u.data", synthetic())
+  for kw, words in [(dict(train=str(tmp_path / "missing.csv")), "does not exist"),
+                    (dict(train=path, split="temporal"), "data.split='temporal'"),
+                    (dict(train=path, split="random", eval_fraction=1.5), "eval_fraction=1.5"),
+                    (dict(train=path, min_rating=9.0), "no interactions left")]:
+    with pytest.raises(UserError, match=words) as e:
+      inter.load(data_config(**kw))
+    assert "\n" not in str(e.value)

@@ -80,10 +80,15 @@ class Interactions:
 
   def seen(self) -> list[np.ndarray]:
     """Each user's training items (sorted)."""
-    order = np.lexsort((self.train_item, self.train_user))
-    bounds = np.searchsorted(self.train_user[order], np.arange(len(self.users) + 1))
-    items = self.train_item[order]
-    return [items[bounds[u]:bounds[u + 1]] for u in range(len(self.users))]
+    return seen_items(self.train_user, self.train_item, len(self.users))
+
+
+def seen_items(user: np.ndarray, item: np.ndarray, n_users: int) -> list[np.ndarray]:
+  """For each of `n_users` users, the sorted int64 items of its (user, item) pairs."""
+  order = np.lexsort((item, user))
+  bounds = np.searchsorted(user[order], np.arange(n_users + 1))
+  items = item[order].astype(np.int64)
+  return [items[bounds[u]:bounds[u + 1]] for u in range(n_users)]
 
 
 # ----------------------------------------------------------------------------- reading files
