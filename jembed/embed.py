@@ -559,6 +559,9 @@ def _load_workdir(path: str, max_seq_length: int | None, step: int | None):
   from jembed import modelspec
   from jembed.tasks import task_class
   spec, model, step = modelspec.load_model(path, step)
+  if spec["task"] == "two_tower":   # a recommender: recommend(users, k), similar_items(items, k)
+    from jembed.recommend import Recommender
+    return Recommender.from_workdir(path, spec, model, step)
   backbone = getattr(model, task_class(spec["task"]).backbone_of(spec))
   desc = f"{path} step {step}"
   # Only a classification run's `head` maps features to its `class_names` (a rotation run's head

@@ -200,3 +200,34 @@ def grad_cache(encode: Callable[[Any, Any, jax.Array], Any],
   total, _ = jax.lax.scan(pull_back, start, (chunks, index, cotangent))
   grads = jax.tree.map(lambda t, p: t.astype(jnp.result_type(p)), total, params)
   return (loss, aux), grads
+
+
+# ----------------------------------------------------------------------------- sampled softmax
+
+
+def sampled_softmax(query: jax.Array, candidates: jax.Array, item_ids: jax.Array, *,
+                    temperature: float = 1.0, log_q: jax.Array | None = None,
+                    remove_accidental_hits: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """In-batch sampled softmax of a retrieval two-tower (Yi et al., RecSys 2019).
+
+  query: (B, D) user embeddings; candidates: (B, D) the embeddings of their positive items, which
+  are also every other row's negatives; item_ids: (B,) the positives' ids. logits = q @ c.T /
+  temperature. log_q: (B,) log of the probability that each in-batch item was sampled (its share of
+  the training interactions); it is subtracted from its column, so popular items, which turn up as
+  negatives more often, are not pushed down for it. With `remove_accidental_hits` a column whose item
+  is the row's own positive (other than the diagonal) is masked out: it is not a negative.
+
+  Plain jnp over the global batch, so the negatives span every device. Returns (loss, metrics with
+  `loss` and `accuracy`: how often a row's own positive scores highest)."""
+  logits = (query.astype(jnp.float32) @ candidates.astype(jnp.float32).T) / temperature
+  if log_q is not None:
+    logits = logits - log_q.astype(jnp.float32)[None, :]
+  b = logits.shape[0]
+  eye = jnp.eye(b, dtype=bool)
+  if remove_accidental_hits:
+    same = item_ids[:, None] == item_ids[None, :]
+    logits = jnp.where(same & ~eye, -jnp.inf, logits)
+  positive = jnp.diagonal(logits)
+  loss = (jax.nn.logsumexp(logits, axis=-1) - positive).mean()
+  accuracy = (logits.argmax(-1) == jnp.arange(b)).mean()
+  return loss, {"loss": loss, "accuracy": accuracy}

@@ -22,7 +22,8 @@ from jembed.errors import UserError
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # The default plan: batch over data and fsdp, weights' embed dim over fsdp (ZeRO-3 style), the
-# wide dims (mlp, heads, vocab, conv output channels) over tensor (Megatron style).
+# wide dims (mlp, heads, vocab, conv output channels) over tensor (Megatron style); the rows of an ID
+# embedding table over the whole mesh.
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
@@ -31,6 +32,9 @@ DEFAULT_RULES = (
     ("heads", "tensor"),
     ("vocab", "tensor"),
     ("conv_out", "tensor"),
+    # Rows of an ID embedding table (two-tower users / items): over every device, so a catalogue of
+    # millions of items takes 1/N of the memory on each.
+    ("table_rows", ("data", "fsdp", "tensor")),
     ("kv", None),
     ("length", None),
 )

@@ -12,6 +12,7 @@ REGISTRY = {
     "simclr": "jembed.tasks.simclr:SimclrTask",
     "classification": "jembed.tasks.classification:ClassificationTask",
     "contrastive_text": "jembed.tasks.contrastive_text:ContrastiveTextTask",
+    "two_tower": "jembed.tasks.two_tower:TwoTowerTask",
 }
 
 
