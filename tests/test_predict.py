@@ -176,7 +176,7 @@ def test_headless_model_refuses_predictions(image_model, text_model):
 def test_text_predict_agrees_with_the_forward(text_run, text_model):
   spec, model, _ = modelspec.load_model(text_run)
   ids = spec["special_ids"]
-  tokens = encode.encode_texts(text_model.tokenizer, TEXTS, spec["seq_len"], ids)
+  tokens = encode.encode_texts(text_model.tokenizer, TEXTS, spec["max_seq_length"], ids)
   want = np.asarray(model(tokens, tokens != ids["pad"]))
   logits = text_model.logits(TEXTS, batch_size=2)
   np.testing.assert_allclose(logits, want, atol=1e-5)
