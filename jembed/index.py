@@ -65,7 +65,7 @@ def model_fingerprint(model) -> str:
                 vocab=int(model.tokenizer.get_vocab_size()))
   else:
     from flax import nnx
-    params = nnx.to_pure_dict(model._state)
+    params = nnx.to_pure_dict(model._backbone[1])
     desc.update(image_shape=list(model.image_shape))
   h.update(json.dumps(desc, sort_keys=True).encode())
   for name, leaf in sorted(tree.flatten(params).items()):
@@ -185,9 +185,8 @@ def _check_ids(items: Iterable[tuple[Any, str, dict]], taken: set, where: str) -
 def _embed_chunk(model, payloads: list[str], batch_size: int, bar) -> np.ndarray:
   if model.modality == "text":
     return model._embed_rows(model.tokenize(payloads), batch_size, "float32", None, bar)
-  from jembed.embed import load_image
-  images = np.stack([load_image(p, model.image_shape) for p in payloads])
-  out = model.embed(images, batch_size=batch_size)
+  # File paths: the model reads and preprocesses them as it declares (resize, crop, mean / std).
+  out = model.embed(list(payloads), batch_size=batch_size)
   bar.update(len(payloads))
   return out
 

@@ -81,7 +81,10 @@ class Searcher:
       padded = np.zeros((size, self.dim), np.float32)
       padded[:len(batch)] = batch
       fn = self._function(size, k, recall_target)
-      s, i = fn(self.rows, jax.device_put(padded, NamedSharding(self.mesh, P())))
+      # Its own mesh, whatever mesh the caller has set (a task's evaluation runs inside the train
+      # loop's): shard_map needs the context mesh to be the one it maps over.
+      with jax.set_mesh(self.mesh):
+        s, i = fn(self.rows, jax.device_put(padded, NamedSharding(self.mesh, P())))
       scores[lo:lo + len(batch)] = np.asarray(s)[:len(batch)]
       ids[lo:lo + len(batch)] = np.asarray(i)[:len(batch)]
     return scores, ids

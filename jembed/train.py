@@ -411,9 +411,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if not changes:
       raise
     more = f" and {len(changes) - 4} more" if len(changes) > 4 else ""
-    raise UserError(f"{workdir} holds checkpoints of a run with another config ({'; '.join(changes[:4])}"
-                    f"{more}) that do not fit this one: rerun with the old values to resume it, or "
-                    "train into a new --workdir (the checkpoints were left untouched)") from e
+    raise UserError(f"{e}; the workdir's run had another config ({'; '.join(changes[:4])}{more}): "
+                    "rerun with its values to resume it, or train into a new --workdir") from e
   if restored is not None:
     state = restored
   start = int(jax.device_get(state.step))

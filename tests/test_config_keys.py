@@ -32,6 +32,7 @@ VARIANTS = {
     "mlm": [LORA, ADAPTER, {"data.train": "CORPUS"}],
     "rotation": [CONV_LORA, {**ADAPTER, "model.backbone": "vit"}, {"data.train": "IMAGES", "batch_size": 8}],
     "simclr": [CONV_LORA, {**ADAPTER, "model.backbone": "vit"}, {"data.train": "IMAGES", "batch_size": 8}],
+    "two_tower": [{"data.train": "INTERACTIONS", "data.format": "csv", "batch_size": 8}],
 }
 # Smaller values that keep the test fast; which keys are read does not depend on them.
 TEXT_CHEAP = {"data.vocab_size": 256, "model.num_layers": 1, "model.hidden_size": 16,
@@ -146,7 +147,11 @@ def files(tmp_path_factory):
     for i in range(8):
       Image.fromarray(np.full((8, 8), 20 * i + (cls == "b") * 100, np.uint8)).save(
           root / "images" / cls / f"{i}.png")
-  return {"PAIRS": str(pairs), "IMAGES": str(root / "images"), "CORPUS": write_corpus(str(root))}
+  interactions = root / "interactions.csv"
+  interactions.write_text("user,item,rating,timestamp\n" + "".join(
+      f"u{u},i{(u * 7 + j) % 13},{1 + j % 5},{j}\n" for u in range(12) for j in range(6)))
+  return {"PAIRS": str(pairs), "IMAGES": str(root / "images"), "CORPUS": write_corpus(str(root)),
+          "INTERACTIONS": str(interactions)}
 
 
 @pytest.fixture(scope="module")

@@ -211,13 +211,13 @@ def test_sentence_transformers_options_change_the_output(text_model):
     m.embed(TEXTS, prompt_name="doc")
   # max_seq_length is settable and truncates.
   long_text = TEXTS[-1]
-  before = m.embed([long_text])
+  before, original = m.embed([long_text]), m.max_seq_length
   m.max_seq_length = 8
   try:
     assert len(m.tokenize([long_text])[0]) == 8
     assert not np.allclose(m.embed([long_text]), before, atol=1e-4)
   finally:
-    m.max_seq_length = 32
+    m.max_seq_length = original
   with pytest.raises(UserError, match="max_seq_length"):
     m.max_seq_length = 1
   # similarity: cosine by default, the model's function when it names another.

@@ -477,7 +477,7 @@ def test_cli_builds_and_warms_up_every_batch_shape(model_dir):
       assert desc.startswith("tiny-bert: 32 dims, at most 16 tokens")
       assert app.state.batcher.shapes() == [(8, 16)]
       fns = app.state.model._fns  # pylint: disable=protected-access
-      assert (fns["bfloat16"][0]._cache_size() if fns else 0) == compiled
+      assert (fns[("bfloat16", "pooled")][0]._cache_size() if fns else 0) == compiled
     finally:
       app.state.batcher.close()
   args = cli.parser().parse_args(["--model", model_dir, "--no-warm-up", "--api-key", "k", "--truncate",
