@@ -67,6 +67,12 @@ def setup_jax(batch: int, res: int):
 
 def setup_torch(batch: int, res: int):
   """torchvision's step as a closure, or None without torch/torchvision."""
+  import sys
+  import types
+  # PyPI's torchvision is built against CUDA torch: its compiled detection ops cannot load with the
+  # CPU torch wheel; the model code used here is pure Python (tests/conftest.py does the same).
+  sys.modules.setdefault("torchvision._meta_registrations",
+                         types.ModuleType("torchvision._meta_registrations"))
   try:
     import torch
     import torchvision
