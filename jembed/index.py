@@ -36,7 +36,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from jembed import fs
+from jembed import fs, inputs
 from jembed.errors import UserError, run_cli
 
 INDEX_FILE = "index.json"
@@ -104,18 +104,11 @@ def read_items(path: str, *, modality: str = "text", id_field: str = "id",
       except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text (after line {line_no}); convert it to UTF-8") from None
   elif ext == ".jsonl":
-    with builtins.open(path, encoding="utf-8") as f:
-      for i, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          obj = json.loads(line)
-        except ValueError:
-          raise UserError(f"{path}:{i} is not valid JSON; fix or remove that line") from None
-        if not isinstance(obj, dict):
-          raise UserError(f"{path}:{i} is not a JSON object; each line must be {{\"{id_field}\": ..., "
-                          f"\"{text_field}\": ...}}")
-        yield _item(obj, f"{path}:{i}", id_field, text_field)
+    for i, obj in inputs.json_lines(path):
+      if not isinstance(obj, dict):
+        raise UserError(f"{path}:{i} is not a JSON object; each line must be {{\"{id_field}\": ..., "
+                        f"\"{text_field}\": ...}}")
+      yield _item(obj, f"{path}:{i}", id_field, text_field)
   elif ext == ".parquet":
     try:
       import pyarrow.parquet as pq
@@ -624,18 +617,11 @@ def read_queries(path: str, id_field: str = "id", text_field: str = "text") -> l
     with builtins.open(path, encoding="utf-8") as f:
       out = [(i, line.rstrip("\n")) for i, line in enumerate(f, 1)]
   elif ext == ".jsonl":
-    with builtins.open(path, encoding="utf-8") as f:
-      for i, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          obj = json.loads(line)
-        except ValueError:
-          raise UserError(f"{path}:{i} is not valid JSON; fix or remove that line") from None
-        if not isinstance(obj, dict) or text_field not in obj:
-          raise UserError(f"{path}:{i} has no field '{text_field}'; each line must be "
-                          f"{{\"{id_field}\": ..., \"{text_field}\": ...}} (or pass --text-field)")
-        out.append((obj.get(id_field, i), str(obj[text_field])))
+    for i, obj in inputs.json_lines(path):
+      if not isinstance(obj, dict) or text_field not in obj:
+        raise UserError(f"{path}:{i} has no field '{text_field}'; each line must be "
+                        f"{{\"{id_field}\": ..., \"{text_field}\": ...}} (or pass --text-field)")
+      out.append((obj.get(id_field, i), str(obj[text_field])))
   else:
     raise UserError(f"queries '{path}' is not .jsonl or .txt; use one of those")
   if not out:

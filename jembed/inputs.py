@@ -58,6 +58,18 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
       yield i, line.rstrip("\r\n")
 
 
+def json_lines(path: str) -> Iterator[tuple[int, Any]]:
+  """(line number, parsed value) of each non-blank line of a JSONL file; a line that is not JSON (or
+  not UTF-8) is one error naming the file and line."""
+  for i, line in _lines(path):
+    if not line.strip():
+      continue
+    try:
+      yield i, json.loads(line)
+    except ValueError:
+      raise UserError(f"{path}:{i} is not valid JSON; fix or remove that line") from None
+
+
 def check_input(path: str) -> None:
   """Refuses a missing --input before anything slow (loading the model) starts."""
   if not fs.exists(path):
@@ -75,13 +87,7 @@ def read_records(path: str, field: str = "text", id_field: str | None = "id"
     for _, line in _lines(path):
       yield None, line
   elif ext == ".jsonl":
-    for i, line in _lines(path):
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except ValueError:
-        raise UserError(f"{path}:{i} is not valid JSON; fix or remove that line") from None
+    for i, obj in json_lines(path):
       if not isinstance(obj, dict) or field not in obj:
         have = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise UserError(f"{path}:{i} has no field '{field}' (it has {have}); pass --field NAME")
