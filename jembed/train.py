@@ -439,8 +439,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
               f"data: {', '.join(f'{k}={v}' for k, v in setup.data.info.items())}")
   if setup.sharding_report:
     logger.info(setup.sharding_report)
-  if warmup_steps(config)[1]:
-    logger.info(warmup_steps(config)[1])
+  _, warmup_note = warmup_steps(config)
+  if warmup_note:
+    logger.info(warmup_note)
   bad = pipeline.bad_records()
   if bad["skipped"]:
     logger.info(f"data: skipped {bad['skipped']} bad record(s) (data.on_bad_record='skip'), e.g. "

@@ -115,15 +115,10 @@ def _chunks(docs: Iterator[str], size: int = CHUNK_DOCS) -> Iterator[list[str]]:
 # ---------------------------------------------------------------------------------------------------
 # prepare
 # ---------------------------------------------------------------------------------------------------
-def prepare(config, out: str, *, shards: int = 8, overwrite: bool = False,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Writes the prepared corpus of `config.data` into `out`; returns its prepared.json contents.
-  A contrastive config's pairs go to jembed.data.prepare_pairs."""
-  if config.get("task", "") == "contrastive_text":
-    from jembed.data import prepare_pairs
-    return prepare_pairs.prepare_pairs(config, out, shards=shards, overwrite=overwrite, log=log)
-  from array_record.python import array_record_module
-  d = config.data
+def check_output(out: str, *, shards: int, overwrite: bool, seq_len: int) -> tuple[str, int]:
+  """(absolute output directory, seq_len), after the checks every prepare makes before reading any
+  data: the shard count (and that many files may be open), a local and empty (or --overwrite)
+  output directory, and room for [CLS], a token and [SEP]."""
   if shards < 1:
     raise UserError(f"--shards={shards} must be at least 1")
   _allow_open_files(shards + 64)
@@ -133,9 +128,21 @@ def prepare(config, out: str, *, shards: int = 8, overwrite: bool = False,
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
     raise UserError(f"--out={out} exists and is not empty; choose a new directory or pass "
                     "--overwrite to replace it")
-  seq_len = int(d.seq_len)
   if seq_len < 3:
     raise UserError(f"data.seq_len={seq_len} is too short; need room for [CLS], a token and [SEP]")
+  return out, seq_len
+
+
+def prepare(config, out: str, *, shards: int = 8, overwrite: bool = False,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Writes the prepared corpus of `config.data` into `out`; returns its prepared.json contents.
+  A contrastive config's pairs go to jembed.data.prepare_pairs."""
+  if config.get("task", "") == "contrastive_text":
+    from jembed.data import prepare_pairs
+    return prepare_pairs.prepare_pairs(config, out, shards=shards, overwrite=overwrite, log=log)
+  from array_record.python import array_record_module
+  d = config.data
+  out, seq_len = check_output(out, shards=shards, overwrite=overwrite, seq_len=int(d.seq_len))
   pipeline.reset_bad_records()
   train_stream, eval_stream, description = text.document_streams(d)
   eval_fraction = float(d.get("eval_fraction", 0.05))

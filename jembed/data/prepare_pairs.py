@@ -108,18 +108,8 @@ def _negatives(train: Callable[[], Iterator[pairs_lib.TextPair]], setting: int) 
 def prepare_pairs(config, out: str, *, shards: int, overwrite: bool, log) -> dict[str, Any]:
   from array_record.python import array_record_module
   d = config.data
-  if shards < 1:
-    raise UserError(f"--shards={shards} must be at least 1")
-  prepare_lib._allow_open_files(shards + 64)  # pylint: disable=protected-access
-  if not fs.is_local(out):
-    raise UserError(f"--out={out} is not a local path; prepare locally, then copy the directory")
-  out = os.path.abspath(os.path.expanduser(out))
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
-    raise UserError(f"--out={out} exists and is not empty; choose a new directory or pass "
-                    "--overwrite to replace it")
-  seq_len = int(d.seq_len)
-  if seq_len < 3:
-    raise UserError(f"data.seq_len={seq_len} is too short; need room for [CLS], a token and [SEP]")
+  out, seq_len = prepare_lib.check_output(out, shards=shards, overwrite=overwrite,
+                                         seq_len=int(d.seq_len))
   train, held, skipped = _streams(d)
   tok = _tokenizer(config, train, log)
   ids = text.special_ids(tok)
