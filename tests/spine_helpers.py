@@ -78,3 +78,13 @@ def write_workdir(config, workdir: str, devices=None):
   saver.save(0, state, None)
   saver.close()
   return setup, state
+
+
+def tiny_text_workdir(root: str) -> str:
+  """A mean-pooling tiny MLM workdir under `root` (no training step): the small text model the
+  embedding, index and serving tests load."""
+  config = tiny_mlm_config(write_corpus(root))
+  config.model.pooling = "mean"
+  wd = os.path.join(root, "run")
+  write_workdir(config, wd)
+  return wd

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jembed import embed
-from spine_helpers import tiny_mlm_config, write_corpus, write_workdir
+from spine_helpers import tiny_text_workdir
 
 TEXTS = ["a short one", "", "x " * 200, "the quick brown fox jumps over the lazy dog " * 3,
          "Return the absolute value of the argument.", "open a file and return a stream"]
@@ -15,12 +15,7 @@ TEXTS = ["a short one", "", "x " * 200, "the quick brown fox jumps over the lazy
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp("embed"))
-  config = tiny_mlm_config(write_corpus(root))
-  config.model.pooling = "mean"
-  wd = os.path.join(root, "run")
-  write_workdir(config, wd)
-  return wd
+  return tiny_text_workdir(str(tmp_path_factory.mktemp("embed")))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from jembed import index as index_lib
 from jembed import knn
 from jembed.embed import load
 from jembed.errors import UserError
-from spine_helpers import tiny_mlm_config, write_corpus, write_workdir
+from spine_helpers import tiny_text_workdir
 
 DOCS = [{"id": f"d{i}", "text": t, "lang": "en", "n": i} for i, t in enumerate([
     "open a file and return a stream", "the quick brown fox", "return the absolute value",
@@ -24,12 +24,7 @@ DOCS = [{"id": f"d{i}", "text": t, "lang": "en", "n": i} for i, t in enumerate([
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp("index_model"))
-  config = tiny_mlm_config(write_corpus(root))
-  config.model.pooling = "mean"
-  wd = os.path.join(root, "run")
-  write_workdir(config, wd)
-  return wd
+  return tiny_text_workdir(str(tmp_path_factory.mktemp("index_model")))
 
 
 @pytest.fixture(scope="module")
