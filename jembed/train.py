@@ -4,6 +4,10 @@ It knows objectives only through the `Task` interface (jembed/tasks/base.py), wh
 train only through a tuning built from `config.peft` (jembed/peft/), and warm starts only through
 `config.init` (jembed/init.py), so pretraining and fine-tuning of every task share it. The train
 step is a module-level pure function (`train_step`) that tests and benchmarks reuse.
+
+Around it, in their own modules: the train state and the model split for jit (jembed/state.py), the
+optimizer and its schedule (jembed/optimizer.py), and what keeps a long run safe: non-finite steps,
+preemption, time-based saves, the multi-process barrier (jembed/reliability.py).
 """
 from __future__ import annotations
 
@@ -13,11 +17,9 @@ import json
 import time
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -29,103 +31,16 @@ from jembed import peft
 from jembed import metrics as metrics_lib
 from jembed import modelspec
 from jembed import multihost
+from jembed import reliability
 from jembed import sharding
 from jembed import transfer
 from jembed.data import pipeline
 from jembed.errors import UserError
+from jembed.optimizer import learning_rate_schedule, make_optimizer, warmup_steps
+from jembed.reliability import Preempted, StepsInFlight  # noqa: F401  (train.StepsInFlight, as before)
+from jembed.state import ModelDef, TrainState
 from jembed.tasks import get_task
 from jembed.tasks.base import LOSS_WEIGHT
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any        # the trained parameters (all of them for full training)
-  frozen: Any        # parameters that do not train (a frozen backbone, a LoRA base)
-  opt_state: Any     # optax state, for `params` only
-  model_state: Any   # non-parameter variables, e.g. BatchNorm statistics
-  nonfinite: Any = None  # on-device record of non-finite steps (see `nonfinite_record`)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Optimizer
-# ---------------------------------------------------------------------------------------------------
-def warmup_steps(config) -> tuple[int, str]:
-  """(warm-up steps, a note for the log). A warm-up as long as the run would leave it entirely inside
-  warm-up (never reaching the learning rate it asks for): it is scaled to a tenth of the run, and
-  the note says so."""
-  asked, total = int(config.warmup_steps), int(config.total_steps)
-  if asked < total or asked == 0:
-    return asked, ""
-  scaled = total // 10
-  return scaled, (f"warmup_steps={asked} >= total_steps={total}: warming up over the first {scaled} "
-                  "steps (a tenth of the run) instead; set --config.warmup_steps below total_steps to "
-                  "choose")
-
-
-def learning_rate_schedule(config) -> optax.Schedule:
-  warmup, _ = warmup_steps(config)
-  decay_steps = max(config.total_steps - warmup, 1)
-  peak, end = config.learning_rate, config.learning_rate * config.end_lr_fraction
-  if config.schedule == "cosine":
-    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.end_lr_fraction)
-  elif config.schedule == "linear":
-    decay = optax.linear_schedule(peak, end, decay_steps)
-  else:
-    decay = optax.constant_schedule(peak)
-  if warmup == 0:
-    return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-  # No weight decay on biases and norm parameters (the 1-D leaves), as in BERT.
-  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
-  adamw = optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2,
-                      weight_decay=config.weight_decay, mask=decay_mask)
-  if config.grad_clip:
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
-  return adamw
-
-
-# ---------------------------------------------------------------------------------------------------
-# Model and state
-# ---------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class ModelDef:
-  """A task model split for functional use: graph definitions in train and eval mode, and a template
-  for the dropout stream's state (reseeded every step, so its value never matters)."""
-  train_graph: Any
-  eval_graph: Any
-  rng_template: Any
-
-  @classmethod
-  def from_abstract(cls, model: nnx.Module, *, frozen_backbone: str | None = None) -> "ModelDef":
-    model.train()
-    if frozen_backbone:
-      # A frozen backbone runs in inference mode: no dropout, BatchNorm keeps its statistics.
-      getattr(model, frozen_backbone).eval()
-    train_graph, _, rng, _ = nnx.split(model, nnx.Param, nnx.RngState, ...)
-    model.eval()
-    eval_graph = nnx.split(model, nnx.Param, nnx.RngState, ...)[0]
-    template = jax.tree.map(lambda s: jax.random.key(0) if _is_key(s) else jnp.zeros(s.shape, s.dtype),
-                            rng)
-    return cls(train_graph, eval_graph, template)
-
-  def merge(self, params, model_state, *, train: bool, dropout_key=None) -> nnx.Module:
-    rng = self.rng_template
-    if train and dropout_key is not None:
-      # The dropout stream (the only stream models keep) starts from this step's key.
-      rng = jax.tree.map(lambda t: dropout_key if _is_key(t) else t, rng)
-    return nnx.merge(self.train_graph if train else self.eval_graph, params, rng, model_state)
-
-  @staticmethod
-  def model_state(model: nnx.Module):
-    """The non-parameter, non-RNG variables (BatchNorm statistics) as a pure dict."""
-    return nnx.to_pure_dict(nnx.split(model, nnx.Param, nnx.RngState, ...)[3])
-
-
-def _is_key(x) -> bool:
-  return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,13 +76,13 @@ def train_step(ctx: StepContext, state: TrainState, batch):
   params = optax.apply_updates(state.params, updates)
   # A step whose loss or gradient is not finite changes nothing (checked on device, every step);
   # the host reads the record at log steps and before each save.
-  finite = step_is_finite(metrics["loss"], grads, state.step)
-  params, opt_state, model_state = keep_if_finite(
+  finite = reliability.step_is_finite(metrics["loss"], grads, state.step)
+  params, opt_state, model_state = reliability.keep_if_finite(
       finite, (params, opt_state, model_state), (state.params, state.opt_state, state.model_state))
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             model_state=model_state,
-                            nonfinite=update_nonfinite(state.nonfinite, finite, state.step))
+                            nonfinite=reliability.update_nonfinite(state.nonfinite, finite, state.step))
   return new_state, metrics
 
 
@@ -298,7 +213,7 @@ class Setup:
     trained, frozen = self.tuning.split(params, key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=trained, frozen=frozen,
                       opt_state=self.tx.init(trained), model_state=model_state,
-                      nonfinite=nonfinite_record())
+                      nonfinite=reliability.nonfinite_record())
 
   def _state_shardings(self) -> TrainState:
     rep = sharding.replicated(self.mesh)
@@ -307,7 +222,7 @@ class Setup:
                                 transform_non_params=lambda _: rep)
     return TrainState(step=rep, params=self.trained_shardings, frozen=self.frozen_shardings,
                       opt_state=opt, model_state=self.rest_shardings,
-                      nonfinite=jax.tree.map(lambda _: rep, nonfinite_record()))
+                      nonfinite=jax.tree.map(lambda _: rep, reliability.nonfinite_record()))
 
   def init_state(self) -> TrainState:
     """A fresh state on the mesh, warm-started from `config.init` when it names a source."""
@@ -405,7 +320,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   abstract = ckpt.abstract_with_sharding(state, setup.shardings)
   try:
     restored, _ = ckpt.restore_latest(workdir, abstract, data_iter, fallback=config.checkpoint_fallback,
-                                      log=_info, legacy=_legacy_restore(abstract))
+                                      log=_info, legacy=reliability.legacy_restore(abstract))
   except UserError as e:
     changes = ckpt.config_changes(workdir, config)
     if not changes:
@@ -419,7 +334,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   # ---- compile the train step (the eval step compiles on first use) ----
   setup.compile(state, setup.to_global(_peek(data_iter)))
-  _all_processes_ready("compiled")
+  reliability.all_processes_ready("compiled")
 
   # Every check has passed: from here on the run writes into the workdir.
   if writer:
@@ -463,8 +378,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   t_last, steps_since = time.perf_counter(), 0
   t_saved = time.monotonic()
   step = start
-  stopper = StopSignals()
-  in_flight = StepsInFlight()
+  stopper = reliability.StopSignals()
+  in_flight = reliability.StepsInFlight()
   try:
     while step < stop_at:
       batch = setup.to_global(next(data_iter))
@@ -481,7 +396,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       last = step == config.total_steps
       log_step = step % config.log_every == 0 or last or step == stop_at
       if log_step:
-        record = check_nonfinite(state, config, checkpointer)
+        record = reliability.check_nonfinite(state, config, checkpointer)
         train_metrics = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
         dt = (time.perf_counter() - t_last) / steps_since
         row = dict(train_metrics, learning_rate=float(learning_rate_schedule(config)(step - 1)),
@@ -500,10 +415,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       # signal that came while the device ran step k stops the run at step k + 1 at the latest.
       preempted = stopper.reached(step, log_step)
       save = (step % config.checkpoint_every == 0 or last or step == stop_at or preempted
-              or _time_to_save(t_saved, config.checkpoint_every_secs, log_step))
+              or reliability.time_to_save(t_saved, config.checkpoint_every_secs, log_step))
       if save:
         if not log_step:
-          check_nonfinite(state, config, checkpointer)   # never save non-finite parameters
+          reliability.check_nonfinite(state, config, checkpointer)   # never save non-finite parameters
         checkpointer.save(step, state, data_iter)
         t_saved = time.monotonic()
       if preempted:
@@ -547,184 +462,6 @@ def _peek(data_iter):
   return batch
 
 
-def _all_processes_ready(name: str, timeout_s: int = 1800) -> None:
-  """A barrier on the coordination service (not a device collective). CPU collectives (gloo) give a
-  process 30 s to join the first collective of a program; a peer still compiling on a busy host
-  takes longer, so every process waits here until all have compiled."""
-  if jax.process_count() == 1:
-    return
-  try:  # the client jax.distributed.initialize() made (no public accessor in jax 0.10)
-    from jax._src import distributed
-    client = distributed.global_state.client
-  except (ImportError, AttributeError):
-    client = None
-  if client is not None:
-    client.wait_at_barrier(f"jembed_{name}", timeout_in_ms=timeout_s * 1000)
-
-
 def _info(text: str) -> None:
   if fs.is_writer():
     print(text, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Non-finite steps: caught on device every step, read by the host at log steps and before saves
-# ---------------------------------------------------------------------------------------------------
-def nonfinite_record() -> dict[str, jax.Array]:
-  """skipped: steps whose update was dropped; first: the first such step (-1: none); run: the
-  current streak of them; longest: the longest streak."""
-  z = lambda v=0: jnp.full((), v, jnp.int32)
-  return dict(skipped=z(), first=z(-1), run=z(), longest=z())
-
-
-def step_is_finite(loss, grads, step) -> jax.Array:
-  """Whether a step may be applied. Tests monkeypatch this to inject a non-finite step (it is
-  called when the step is traced, so a normal run pays nothing for that)."""
-  del step
-  return jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-
-
-def keep_if_finite(finite, new, old):
-  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-
-def update_nonfinite(record, finite, step) -> dict[str, jax.Array] | None:
-  if record is None:  # a state built without a record (e.g. by a benchmark) keeps none
-    return None
-  bad = jnp.logical_not(finite).astype(jnp.int32)
-  run = (record["run"] + 1) * bad
-  first = jnp.where((record["first"] < 0) & (bad > 0), step + 1, record["first"])
-  return dict(skipped=record["skipped"] + bad, first=first, run=run,
-              longest=jnp.maximum(record["longest"], run))
-
-
-def check_nonfinite(state: TrainState, config, checkpointer) -> dict[str, int]:
-  """Stops the run when a step was not finite (or, with config.skip_nonfinite, after
-  config.max_consecutive_nonfinite of them in a row). The parameters stay the last finite ones,
-  so nothing non-finite is ever saved."""
-  record = {k: int(v) for k, v in jax.device_get(state.nonfinite).items()}
-  if record["first"] < 0:
-    return record
-  if config.skip_nonfinite and record["longest"] < config.max_consecutive_nonfinite:
-    return record
-  checkpointer.wait()
-  good = checkpointer.latest_step()
-  where = f"the last good checkpoint is step {good}" if good is not None else "no checkpoint was saved"
-  if config.skip_nonfinite:
-    raise FloatingPointError(
-        f"{record['longest']} steps in a row had a non-finite loss or gradient (the first bad step was "
-        f"{record['first']}, {record['skipped']} skipped in all); {where}: lower --config.learning_rate "
-        "or raise warmup_steps")
-  raise FloatingPointError(
-      f"the loss or gradient is not finite at step {record['first']} (the update was not applied); {where}: "
-      "lower --config.learning_rate or raise warmup_steps, or set --config.skip_nonfinite=True to skip "
-      "such steps")
-
-
-def _legacy_restore(abstract: TrainState):
-  """Checkpoints written before TrainState had `nonfinite` restore with a clean record."""
-  def fill(restored):
-    fresh = nonfinite_record()
-    return restored.replace(nonfinite={k: jax.device_put(fresh[k], abstract.nonfinite[k].sharding)
-                                       for k in fresh})
-  return abstract.replace(nonfinite=None), fill
-
-
-# ---------------------------------------------------------------------------------------------------
-# Preemption and time-based checkpoints
-# ---------------------------------------------------------------------------------------------------
-class StepsInFlight:
-  """Bounds how far the host runs ahead of the device. JAX dispatches asynchronously: without a
-  bound the host queues steps up to the next log step's `device_get` and reads the stop flag only
-  then, so a SIGTERM could wait `log_every` steps (a spot VM gives ~30 s). After dispatching step k
-  the host waits for step k - `limit` + 1 (a scalar already computed), so at most `limit` steps are
-  queued: the device always has the next step waiting (no idle time), and a signal that arrives
-  while the device runs step j is read before step j + 2 is dispatched. `limit=None`: no bound
-  (what the loop did before; benchmarks/mlm_step.py --in-flight compares the two)."""
-
-  def __init__(self, limit: int | None = 2):
-    self.limit = limit
-    self._pending: list = []
-
-  def dispatched(self, result) -> None:
-    if self.limit is None:
-      return
-    self._pending.append(result)
-    while len(self._pending) >= self.limit:
-      jax.block_until_ready(self._pending.pop(0))
-
-
-class Preempted(Exception):
-  """The run stopped on SIGTERM / SIGINT after committing a checkpoint; the same command resumes."""
-
-
-class StopSignals:
-  """SIGTERM (what preemptible VMs, SLURM and Kubernetes send) and SIGINT ask the loop to finish the
-  step in progress, save it and stop. A second Ctrl-C stops at once.
-
-  Every process must stop at the same step. One process: a local flag. Several: SIGTERM goes to
-  JAX's preemption sync manager (active after jax.distributed.initialize; it catches SIGTERM itself
-  and agrees on a step, read with `reached_preemption_sync_point` every step), and a Ctrl-C on any
-  process is agreed on at log steps by an all-gather of the flags.
-  """
-
-  def __init__(self):
-    import signal
-    self._signal = signal
-    self.signal_name = ""
-    self._previous = {}
-    self.multi = jax.process_count() > 1
-    if threading_is_main():
-      wanted = [signal.SIGINT] if self.multi else [signal.SIGINT, signal.SIGTERM]
-      for sig in wanted:
-        self._previous[sig] = signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    name = self._signal.Signals(signum).name
-    if self.signal_name and signum == self._signal.SIGINT:
-      raise KeyboardInterrupt  # a second Ctrl-C: stop now (the last committed checkpoint stands)
-    self.signal_name = name
-    print(f"jembed: {name} received: finishing the current step and saving a checkpoint",
-          flush=True)
-
-  def reached(self, step: int, log_step: bool) -> bool:
-    if not self.multi:
-      return bool(self.signal_name)
-    from jax.experimental import multihost_utils
-    try:
-      if multihost_utils.reached_preemption_sync_point(step):
-        self.signal_name = self.signal_name or "SIGTERM"
-        return True
-    except RuntimeError:  # the preemption service is off (jax_enable_preemption_service)
-      pass
-    if not log_step:
-      return False
-    flags = multihost_utils.process_allgather(np.asarray(bool(self.signal_name)))
-    if np.any(flags):
-      self.signal_name = self.signal_name or "SIGINT"
-      return True
-    return False
-
-  def restore(self) -> None:
-    for sig, handler in self._previous.items():
-      self._signal.signal(sig, handler)
-    self._previous = {}
-
-
-def threading_is_main() -> bool:
-  import threading
-  return threading.current_thread() is threading.main_thread()
-
-
-def _time_to_save(t_saved: float, every_secs: float, log_step: bool) -> bool:
-  """config.checkpoint_every_secs: every process must decide alike, so with several processes
-  process 0's clock decides, broadcast at log steps (one process: checked every step)."""
-  if not every_secs:
-    return False
-  due = time.monotonic() - t_saved >= every_secs
-  if jax.process_count() == 1:
-    return due
-  if not log_step:
-    return False
-  from jax.experimental import multihost_utils
-  return bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))

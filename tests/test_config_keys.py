@@ -158,18 +158,18 @@ def files(tmp_path_factory):
 def loop_reads(tmp_path_factory):
   """The keys the train loop reads, over one short real run (the loop is every task's) in which a
   step is not finite and skipped (what skip_nonfinite and max_consecutive_nonfinite govern)."""
-  from jembed import train
+  from jembed import reliability, train
   tmp = tmp_path_factory.mktemp("loop")
   config = tiny_mlm_config(write_corpus(str(tmp)), total_steps=2, log_every=1, eval_every=2,
                            checkpoint_every=2, skip_nonfinite=True)
   config.lock()
-  original = train.step_is_finite
-  train.step_is_finite = lambda loss, grads, step: original(loss, grads, step) & (step != 0)
+  original = reliability.step_is_finite
+  reliability.step_is_finite = lambda loss, grads, step: original(loss, grads, step) & (step != 0)
   try:
     with recording(config) as read:
       train.train_and_evaluate(config, str(tmp / "run"))
   finally:
-    train.step_is_finite = original
+    reliability.step_is_finite = original
   return {k for k in read if "." not in k}
 
 

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import pytest
 
-from jembed import checkpoint, train
+from jembed import checkpoint, reliability, train
 from jembed.errors import UserError
 from spine_helpers import ROOT, tiny_mlm_config, write_corpus
 
@@ -320,12 +320,12 @@ def test_keep_checkpoints_never_removes_the_only_good_one(corpus, reference, tmp
 
 def inject_nonfinite(monkeypatch, steps):
   """Makes steps `steps` (1-based) non-finite in the compiled step, as a NaN loss would."""
-  original = train.step_is_finite
+  original = reliability.step_is_finite
 
   def step_is_finite(loss, grads, step):
     bad = jax.numpy.isin(step + 1, jax.numpy.asarray(steps))
     return original(loss, grads, step) & ~bad
-  monkeypatch.setattr(train, "step_is_finite", step_is_finite)
+  monkeypatch.setattr(reliability, "step_is_finite", step_is_finite)
 
 
 def test_nan_between_log_steps_stops_before_it_is_saved(corpus, tmp_path, monkeypatch, cache):

@@ -109,7 +109,7 @@ class Task(abc.ABC):
     """((loss, (metrics, model_state)), grads w.r.t. `trained`); `make_model(trained)` merges the
     trained parameters into a train-mode model. Tasks that compute gradients another way (e.g. a
     gradient-cached contrastive loss) override it."""
-    from jembed.train import ModelDef
+    from jembed.state import ModelDef
 
     def loss_fn(t):
       model = make_model(t)

@@ -181,7 +181,7 @@ class ContrastiveTextTask(TextTask):
     chunk = int(self.config.loss.chunk_size)
     if not chunk:
       return super().value_and_grad(make_model, trained, batch, rng)
-    from jembed.train import ModelDef
+    from jembed.state import ModelDef
     model_state = ModelDef.model_state(make_model(trained))  # unchanged: text encoders keep none
 
     def encode_chunk(t, columns, key):
