@@ -165,13 +165,13 @@ class TextEmbedder(_Embedder):
       return self._fns[key]
     import dataclasses
     from jembed.models.heads import pool
-    from jembed.modelspec import _like
+    from jembed.modelspec import fill_like
     cfg = dataclasses.replace(self.config, dtype=jnp.dtype(dtype), dropout=0.0, attention_dropout=0.0,
                               remat="none")
     abstract = nnx.eval_shape(lambda: self._encoder_cls(cfg, rngs=nnx.Rngs(params=0, dropout=0)))
     abstract.eval()
     graphdef, abs_params = nnx.split(abstract, nnx.Param)
-    state = _like(abs_params, self._params)
+    state = fill_like(abs_params, self._params)
     rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     # Parameters in the compute dtype, once: the bandwidth of every matmul halves in bfloat16.
     # LayerNorm still normalises in float32 (layers.LayerNorm). The head stays float32.

@@ -18,12 +18,14 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
+import io
 import json
 import os
 import tempfile
 import uuid
 from typing import Any, Callable
 
+import numpy as np
 from etils import epath
 
 from jembed.errors import UserError
@@ -268,3 +270,14 @@ def swap_dir(final: PathLike, build: Callable[[str], None], *, all_processes: bo
       with contextlib.suppress(Exception):
         remove_tree(tmp)
     raise
+
+
+def write_npz(path: str, **arrays) -> None:
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  write_bytes(path, buf.getvalue())
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+  with np.load(io.BytesIO(read_bytes(path))) as z:
+    return {k: z[k] for k in z.files}

@@ -15,15 +15,17 @@ tuning adds (adapters) may be missing. A new source kind is one more `_open_*` f
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from jembed import fs, tree
+from jembed import checkpoint as ckpt_lib
+from jembed import fs, hf, interop, modelspec, tree
 from jembed.errors import UserError
+from jembed.models import vit as vit_model
+from jembed.tasks import task_class
 
 
 @dataclasses.dataclass
@@ -48,7 +50,6 @@ class Source:
     """The attribute of the source's task model that holds its backbone."""
     if self.kind == "hf":
       return "encoder"
-    from jembed.tasks import task_class
     return task_class(self.task).backbone_of(self.spec)
 
 
@@ -78,8 +79,6 @@ def source_from_config(config) -> Source | None:
 
 
 def open_workdir(workdir: str, step: int | None = None) -> Source:
-  from jembed import checkpoint as ckpt_lib
-  from jembed import modelspec
   if not fs.isdir(workdir):
     raise UserError(f"init.checkpoint '{workdir}' does not exist; point it at the --workdir of a "
                     "jembed run")
@@ -96,25 +95,13 @@ def open_workdir(workdir: str, step: int | None = None) -> Source:
 
   def load():
     state, restored = ckpt_lib.restore_params_only(workdir, step)
-    params = dense_params(workdir, state)
+    params = modelspec.dense_params(workdir, state)
     return params, dict(state.get("model_state") or {})
 
   return Source("workdir", workdir, spec, load, tokenizer, description=f"{workdir} (jembed workdir)")
 
 
-def dense_params(workdir: str, state: dict) -> dict:
-  """The full parameter tree of a checkpoint: trained and frozen parts put back together by the
-  tuning the run used (LoRA factors merged into their kernels)."""
-  import ml_collections
-  from jembed import peft
-  run_config = json.loads(fs.read_text(fs.join(workdir, "config.json")))
-  tuning = peft.tuning_from_config(ml_collections.ConfigDict(run_config["peft"])
-                                   if run_config.get("peft") else None)
-  return tuning.combine(state.get("params") or {}, state.get("frozen") or {})
-
-
 def open_hf(path: str) -> Source:
-  from jembed import hf
   model = hf.load_dir(path)
   spec = {"task": "mlm" if model.mlm_head is not None else "hf",
           "encoder": dict(model.encoder_config), "pooling": model.pooling,
@@ -128,7 +115,6 @@ def open_hf(path: str) -> Source:
 
 def open_pretrained(path: str) -> Source:
   """A pretrained image model (jembed/interop): its architecture, preprocessing and head come along."""
-  from jembed import interop
   imported = interop.open_image_model(path)
   spec = imported.spec
   backbone = spec["backbone"]
@@ -136,7 +122,6 @@ def open_pretrained(path: str) -> Source:
   def adapt(name: str, value: np.ndarray, shape: tuple) -> np.ndarray:
     if backbone["backbone"] != "vit" or not name.endswith("backbone/position"):
       return value
-    from jembed.models import vit as vit_model
     cls = int(bool(backbone["vit"].get("class_token", True)))
     old, new = value.shape[1] - cls, shape[1] - cls
     og, ng = int(round(np.sqrt(old))), int(round(np.sqrt(new)))

@@ -30,14 +30,14 @@ def _want_distributed() -> bool:
 
 def main(argv) -> None:
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}; pass options as --flag=value "
+    fail(f"unexpected arguments: {' '.join(argv[1:])}; pass options as --flag=value "
           "(config fields as --config.key=value)")
   from jembed.errors import UserError
-  config = _load_config()
+  config = load_config()
   if config is None:
-    _fail("no config given; pass --config configs/mlm.py (or another file in configs/)")
+    fail("no config given; pass --config configs/mlm.py (or another file in configs/)")
   if not _WORKDIR.value:
-    _fail("no workdir given; pass --workdir DIR (checkpoints, logs and metrics go there)")
+    fail("no workdir given; pass --workdir DIR (checkpoints, logs and metrics go there)")
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   import jax
@@ -48,7 +48,7 @@ def main(argv) -> None:
   try:
     train.train_and_evaluate(config, _WORKDIR.value)
   except (UserError, FloatingPointError) as e:
-    _fail(str(e))
+    fail(str(e))
   except train.Preempted as e:
     # A distinct status, so that a job script can tell "stopped cleanly, resume me" (3) from a
     # user error (2) and a crash (1).
@@ -71,7 +71,7 @@ def _enable_compile_cache(jax) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def _load_config():
+def load_config():
   """config_flags may load the file lazily, on first access; its failures become one line."""
   try:
     config = _CONFIG.value
@@ -79,7 +79,7 @@ def _load_config():
       config.keys()  # a file that failed to load raises on first use
     return config
   except Exception as e:  # pylint: disable=broad-except
-    _fail(_config_error(e))
+    fail(_config_error(e))
 
 
 def _config_path(argv=None) -> str:
@@ -126,34 +126,35 @@ def _initialize_distributed(jax) -> None:
     jax.distributed.initialize()
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
+  """The one-line error and exit status 2 of jembed's flag-based commands (also jembed.data.prepare)."""
   print(f"jembed: error: {message}", file=sys.stderr)
   sys.exit(2)
 
 
-def _parse_flags(argv):
+def parse_flags(argv):
   # Flag errors (unknown config key, wrong type, missing config file) are one line, exit 2.
   path = _config_path(argv)
   if path != "?" and not os.path.isfile(path.split(":", 1)[0]):
-    _fail(_config_error(FileNotFoundError(path), argv))
+    fail(_config_error(FileNotFoundError(path), argv))
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
     # config_flags reports a key the locked config does not have this way (its message spans
     # lines and names only the last part): name the whole dotted key and the closest field.
     from jembed import config as config_lib
-    _fail(config_lib.unknown_key_line(e, argv, _config_path(argv)))
+    fail(config_lib.unknown_key_line(e, argv, _config_path(argv)))
   except (flags.Error, ValueError, TypeError) as e:
     if "Error whilst parsing config file" in str(e) or "loading config file" in str(e):
-      _fail(_config_error(e, argv))
-    _fail(str(e).strip().splitlines()[0])
+      fail(_config_error(e, argv))
+    fail(str(e).strip().splitlines()[0])
   except Exception as e:  # pylint: disable=broad-except
     # The config file itself failed (a syntax error, an exception in get_config, no such file).
-    _fail(_config_error(e, argv))
+    fail(_config_error(e, argv))
 
 
 def run() -> None:
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

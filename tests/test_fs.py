@@ -240,7 +240,7 @@ def test_gcs_embed_and_evaluate_read_and_write_urls(gcs_run):
 def test_gcs_lora_export_writes_the_bucket_not_a_local_dir(gcs_run, tmp_path, monkeypatch):
   import jax
   from jembed import checkpoint, peft
-  from jembed.peft import export
+  from jembed.peft import export, lora
   monkeypatch.chdir(tmp_path)   # a mishandled URL would appear here as ./gs:/...
   state, _ = checkpoint.restore_params_only(gcs_run["local"])
   tuning = peft.LoraTuning(peft.LoraConfig(rank=2, targets="attention"))
@@ -249,7 +249,7 @@ def test_gcs_lora_export_writes_the_bucket_not_a_local_dir(gcs_run, tmp_path, mo
   adapter_dir, merged_dir = export.export_lora(workdir, tuning, trained, frozen)
   assert os.listdir(tmp_path) == []
   assert sorted(p.name for p in fs.path(workdir).iterdir()) == [export.ADAPTER_DIR, export.MERGED_DIR]
-  got, cfg = export.load_adapters(adapter_dir, frozen, trained["extra"])
+  got, cfg = lora.load_adapters(adapter_dir, frozen, trained["extra"])
   assert cfg == tuning.cfg
   _same_tree(got, trained)
   _same_tree(export.load_params(merged_dir), jax.jit(tuning.combine)(trained, frozen))

@@ -235,7 +235,7 @@ def test_adapter_checkpoint_round_trips(saved):
   out, _, tuning, trained, frozen = saved
   assert (out / "lora_config.json").exists()
   assert not [p for p in os.listdir(out.parent) if ".tmp-" in p]
-  got, got_cfg = export.load_adapters(str(out), frozen, jax.tree.map(jnp.zeros_like, trained["extra"]))
+  got, got_cfg = lora.load_adapters(str(out), frozen, jax.tree.map(jnp.zeros_like, trained["extra"]))
   assert got_cfg == tuning.cfg
   assert jax.tree.structure(got) == jax.tree.structure(trained)  # int layer keys as in memory
   for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(trained)):
@@ -262,16 +262,16 @@ def test_adapter_checkpoint_refuses_another_base(saved):
   other = tree.replace(frozen, {"layers/1/attention/query/kernel":
                                 tree.get(frozen, "layers/1/attention/query/kernel") * 1.01})
   with pytest.raises(UserError, match="different base model"):
-    export.load_adapters(str(out), other, trained["extra"])
+    lora.load_adapters(str(out), other, trained["extra"])
 
 
 def test_adapter_checkpoint_missing_or_corrupt(saved, tmp_path):
   import shutil
   out, _, _, trained, frozen = saved
   with pytest.raises(UserError, match="does not exist"):
-    export.load_adapters(str(tmp_path / "nope"), frozen, trained["extra"])
+    lora.load_adapters(str(tmp_path / "nope"), frozen, trained["extra"])
   broken = tmp_path / "broken"
   shutil.copytree(out, broken)
   (broken / "lora_config.json").write_text("{not json")
   with pytest.raises(UserError, match="missing or corrupt"):
-    export.load_adapters(str(broken), frozen, trained["extra"])
+    lora.load_adapters(str(broken), frozen, trained["extra"])

@@ -176,7 +176,7 @@ def test_lora_adapter_checkpoint_is_small_and_round_trips(lora_run):
   full = _dir_bytes(lora_run["workdir"] / export.MERGED_DIR)
   assert small < 0.5 * full, (small, full)
   extra_like = jax.tree.map(jnp.zeros_like, trained2["extra"])
-  got, cfg = export.load_adapters(str(lora_run["workdir"] / export.ADAPTER_DIR), frozen2, extra_like)
+  got, cfg = lora.load_adapters(str(lora_run["workdir"] / export.ADAPTER_DIR), frozen2, extra_like)
   assert cfg == tuning.cfg
   assert jax.tree.structure(got) == jax.tree.structure(trained2)
   for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(trained2)):
@@ -189,7 +189,7 @@ def test_lora_adapter_checkpoint_refuses_another_base(lora_run):
   _, other_frozen = tuning.split(other, jax.random.key(0))
   extra_like = jax.tree.map(jnp.zeros_like, lora_run["trained2"]["extra"])
   with pytest.raises(UserError, match="different base"):
-    export.load_adapters(str(lora_run["workdir"] / export.ADAPTER_DIR), other_frozen, extra_like)
+    lora.load_adapters(str(lora_run["workdir"] / export.ADAPTER_DIR), other_frozen, extra_like)
 
 
 def test_linear_probe_trains_only_the_head(base):

@@ -64,7 +64,7 @@ def _split_rule(train_docs: Callable[[], Iterator[str]], eval_fraction: float
     raise UserError(f"data.eval_fraction={eval_fraction} is outside [0, 1); use e.g. 0.05")
   any_held, lowest, first, distinct = False, None, None, False
   for doc in train_docs():
-    unit = text._doc_hash_unit(doc)  # pylint: disable=protected-access
+    unit = text._doc_hash_unit(doc)
     if unit < eval_fraction:
       any_held = True
       break
@@ -265,23 +265,23 @@ def run() -> None:
 
   def action(argv) -> None:
     if len(argv) > 1:
-      main_lib._fail(f"unexpected arguments: {' '.join(argv[1:])}")  # pylint: disable=protected-access
+      main_lib.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     for name in ("workdir", "compile_cache", "distributed"):
       if flags.FLAGS[name].present:
-        main_lib._fail(f"--{name} is a flag of jembed.main; prepare takes --config, --out, "  # pylint: disable=protected-access
+        main_lib.fail(f"--{name} is a flag of jembed.main; prepare takes --config, --out, "
                        "--shards and --overwrite")
-    config = main_lib._load_config()  # pylint: disable=protected-access
+    config = main_lib.load_config()
     if config is None:
-      main_lib._fail("no config given; pass --config configs/mlm.py")  # pylint: disable=protected-access
+      main_lib.fail("no config given; pass --config configs/mlm.py")
     if not out.value:
-      main_lib._fail("no --out given; pass --out DIR (the prepared corpus goes there)")  # pylint: disable=protected-access
+      main_lib.fail("no --out given; pass --out DIR (the prepared corpus goes there)")
     try:
       prepare(config, out.value, shards=n_shards.value, overwrite=overwrite.value,
               log=lambda line: print(line, flush=True))
     except UserError as e:
-      main_lib._fail(str(e))  # pylint: disable=protected-access
+      main_lib.fail(str(e))
 
-  app.run(action, flags_parser=main_lib._parse_flags)  # pylint: disable=protected-access
+  app.run(action, flags_parser=main_lib.parse_flags)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ import os
 from typing import Any
 
 import numpy as np
+from flax import nnx
 
-from jembed import fs, tree
+from jembed import fs, modelspec, tree
 from jembed.data import image_transforms
 from jembed.errors import UserError
 from jembed.interop import resnet as resnet_io
@@ -65,12 +66,10 @@ class ImportedImageModel:
   def build(self):
     """The task model (jembed.tasks.classification_image.ImageClassifier) with these weights, in
     eval mode."""
-    from flax import nnx
-    from jembed import modelspec
     abstract = nnx.eval_shape(lambda: modelspec.build(self.spec, nnx.Rngs(params=0, dropout=0)))
     graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
-    model = nnx.merge(graphdef, modelspec._like(abs_params, self.params),  # pylint: disable=protected-access
-                      modelspec._like(rest, self.model_state))  # pylint: disable=protected-access
+    model = nnx.merge(graphdef, modelspec.fill_like(abs_params, self.params),
+                      modelspec.fill_like(rest, self.model_state))
     model.eval()
     return model
 
@@ -215,8 +214,7 @@ def _class_names(n: int, hf_cfg, timm_cfg) -> list[str]:
 
 def _assemble(kind: str, cfg: dict, image_shape, backbone: dict, stats: dict, head, pp,
               path: str, fmt: str, hf_cfg, timm_cfg) -> ImportedImageModel:
-  from jembed.tasks.vision import DEFAULT_BACKBONE
-  description = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEFAULT_BACKBONE.items()}
+  description = {k: (dict(v) if isinstance(v, dict) else v) for k, v in modelspec.DEFAULT_BACKBONE.items()}
   description["backbone"] = kind
   description[kind] = cfg
   spec = {"task": "classification", "modality": "image", "backbone": description,
@@ -233,8 +231,6 @@ def _assemble(kind: str, cfg: dict, image_shape, backbone: dict, stats: dict, he
 
 def _check_shapes(m: ImportedImageModel) -> None:
   """Every leaf of the model the spec describes is present with its shape (and nothing else)."""
-  from flax import nnx
-  from jembed import modelspec
   abstract = nnx.eval_shape(lambda: modelspec.build(m.spec, nnx.Rngs(params=0, dropout=0)))
   for what, cls, have in (("parameter", nnx.Param, m.params), ("statistic", nnx.BatchStat, m.model_state)):
     want = tree.flatten(nnx.to_pure_dict(nnx.state(abstract, cls)))

@@ -43,7 +43,7 @@ def resnet_files(spec: dict, params: dict, model_state: dict) -> tuple[dict, dic
   if cfg.get("stem") != "imagenet" or cfg.get("norm", "batch") != "batch":
     raise UserError(f"this ResNet has stem={cfg.get('stem')!r}, norm={cfg.get('norm')!r}; Hugging Face's "
                     "ResNet has the ImageNet stem and BatchNorm only (model.resnet.stem=imagenet, norm=batch)")
-  kind, counts = resnet_model._DEPTHS[int(cfg["depth"])]  # pylint: disable=protected-access
+  kind, counts = resnet_model.DEPTHS[int(cfg["depth"])]
   stages = int(cfg["num_stages"])
   width = int(cfg["width"])
   expansion = 4 if kind == "bottleneck" else 1

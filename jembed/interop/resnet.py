@@ -88,7 +88,7 @@ def infer(sd: dict, source: str) -> dict:
     raise UserError(f"{source} has no ResNet stages layer1..layerN; {SUPPORTED}")
   kind = "bottleneck" if "layer1.0.conv3.weight" in sd else "basic"
   counts = tuple(len(blocks[s]) for s in stages)
-  depth = next((d for d, (k, c) in resnet_model._DEPTHS.items()  # pylint: disable=protected-access
+  depth = next((d for d, (k, c) in resnet_model.DEPTHS.items()
                 if k == kind and c[:len(counts)] == counts), None)
   if depth is None:
     raise UserError(f"{source} is a ResNet with {kind} blocks {list(counts)} per stage, which is no "
@@ -106,7 +106,7 @@ def infer(sd: dict, source: str) -> dict:
 
 def _tv_blocks(cfg: dict):
   """(jembed block index, torchvision 'layerS.I') in order."""
-  _, counts = resnet_model._DEPTHS[int(cfg["depth"])]  # pylint: disable=protected-access
+  _, counts = resnet_model.DEPTHS[int(cfg["depth"])]
   i = 0
   for s in range(int(cfg["num_stages"])):
     for j in range(counts[s]):
@@ -116,7 +116,7 @@ def _tv_blocks(cfg: dict):
 
 def _name_pairs(cfg: dict, has_downsample) -> list[tuple[str, str, str]]:
   """(jembed path without prefix, torchvision prefix, kind 'conv'|'bn')."""
-  kind, _ = resnet_model._DEPTHS[int(cfg["depth"])]  # pylint: disable=protected-access
+  kind, _ = resnet_model.DEPTHS[int(cfg["depth"])]
   n_convs = 3 if kind == "bottleneck" else 2
   pairs = [("stem_conv", "conv1", "conv"), ("stem_norm", "bn1", "bn")]
   for i, tv in _tv_blocks(cfg):

@@ -17,7 +17,7 @@ from jembed.errors import UserError
 from jembed.models.layers import Conv, compute_dtype, logical
 
 # (block type, blocks per stage) per depth.
-_DEPTHS = {
+DEPTHS = {
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),
     50: ("bottleneck", (3, 4, 6, 3)),
@@ -126,8 +126,8 @@ class ResNet(nnx.Module):
                norm: str = "batch", in_channels: int = 3, num_stages: int = 4,
                dtype: Any = jnp.float32, zero_init_residual: bool = False, *,
                rngs: nnx.Rngs):
-    if depth not in _DEPTHS:
-      raise UserError(f"ResNet depth {depth} is not supported; use one of {sorted(_DEPTHS)}")
+    if depth not in DEPTHS:
+      raise UserError(f"ResNet depth {depth} is not supported; use one of {sorted(DEPTHS)}")
     if stem not in _STEMS:
       raise UserError(f"ResNet stem {stem!r} is unknown; use one of {_STEMS}")
     if norm not in _NORMS:
@@ -136,7 +136,7 @@ class ResNet(nnx.Module):
       raise UserError(f"ResNet num_stages={num_stages} must be in 1..4")
     if width < 1:
       raise UserError(f"ResNet width={width} must be positive")
-    kind, blocks_per_stage = _DEPTHS[depth]
+    kind, blocks_per_stage = DEPTHS[depth]
     block_cls = BasicBlock if kind == "basic" else Bottleneck
     self.stem_kind = stem
     self.norm_kind = norm

@@ -9,13 +9,13 @@
 Each directory is written beside the old one and swapped in only when complete (fs.swap_dir), so a
 crash mid-save never leaves a half-written export. WORKDIR may be local or gs://. In a multi-process
 run every process calls these functions (the merge and the fingerprint are collectives, orbax writes
-each process's shards); process 0 alone writes lora_config.json and renames.
+each process's shards); process 0 alone writes lora_config.json and renames. Reading an adapter
+back (it needs the LoRA settings) is jembed.peft.lora.load_adapters.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 from typing import Any
 
@@ -23,13 +23,11 @@ import jax
 import numpy as np
 
 from jembed import fs, multihost, tree
-from jembed.errors import UserError
-from jembed.peft.lora import LoraConfig, LoraTuning, init_adapters, nest
 
 ADAPTER_DIR = "lora_adapter"
 MERGED_DIR = "merged"
-_CONFIG_FILE = "lora_config.json"
-_STATE_DIR = "state"
+CONFIG_FILE = "lora_config.json"
+STATE_DIR = "state"
 
 
 def _sample_index(shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
@@ -95,61 +93,20 @@ def load_params(directory: str) -> dict:
   return ocp.StandardCheckpointer().restore(fs.path(directory), checkpoint.local_target(directory))
 
 
-def save_adapters(directory: str, tuning: LoraTuning, trained: dict, frozen: dict) -> None:
+def save_adapters(directory: str, tuning: "LoraTuning", trained: dict, frozen: dict) -> None:
   """The adapter-only checkpoint: the trained tree and lora_config.json with the fingerprint of
   `frozen` (the base without the trained extras, which change in training). Local or gs://; with
   several processes every process calls it (process 0 writes lora_config.json)."""
   meta = {"config": dataclasses.asdict(tuning.cfg), "base_fingerprint": fingerprint(frozen)}
 
   def write(tmp):
-    _save_tree(fs.join(tmp, _STATE_DIR), trained)
+    _save_tree(fs.join(tmp, STATE_DIR), trained)
     if fs.is_writer():
-      fs.write_json(fs.join(tmp, _CONFIG_FILE), meta)
+      fs.write_json(fs.join(tmp, CONFIG_FILE), meta)
   fs.swap_dir(fs.absolute(directory), write, all_processes=True)
 
 
-def _read_config(directory: str) -> tuple[LoraConfig, str]:
-  path = fs.join(directory, _CONFIG_FILE)
-  if not fs.isdir(directory):
-    raise UserError(f"adapter directory {directory} does not exist; pass the directory written "
-                    "by save_adapters (WORKDIR/lora_adapter)")
-  try:
-    meta = json.loads(fs.read_text(path))
-    return LoraConfig.from_peft(meta["config"]), str(meta["base_fingerprint"])
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise UserError(f"{path} is missing or corrupt ({type(e).__name__}: {e}); re-save the "
-                    "adapter with save_adapters") from None
-
-
-def load_adapters(directory: str, frozen: dict, extra_like: dict) -> tuple[dict, LoraConfig]:
-  """(trained, cfg) from an adapter-only checkpoint, for `LoraTuning(cfg).combine(trained, frozen)`.
-  `frozen` is the base the adapters were trained on (refused otherwise); `extra_like` has the
-  structure of the trained extras (e.g. a fresh head). Leaves keep `frozen`'s and `extra_like`'s
-  shardings (the default device where they have none)."""
-  import orbax.checkpoint as ocp
-  directory = fs.absolute(directory)
-  cfg, saved_fp = _read_config(directory)
-  actual = fingerprint(frozen)
-  if saved_fp != actual:
-    raise UserError(f"adapter was trained on a different base model: {directory} expects base "
-                    f"fingerprint {saved_fp}, this base is {actual}; load the matching base weights")
-  full = tree.merge(frozen, extra_like)
-  shapes = jax.eval_shape(lambda p: init_adapters(p, cfg, jax.random.key(0)), full)
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  like = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
-                                        sharding=getattr(x, "sharding", None) or dev)
-  abstract = {"adapters": jax.tree.map(like, nest(shapes, like=frozen)),
-              "extra": jax.tree.map(like, extra_like)}
-  try:
-    trained = ocp.StandardCheckpointer().restore(fs.path(fs.join(directory, _STATE_DIR)), abstract)
-  except (FileNotFoundError, ValueError, KeyError) as e:
-    raise UserError(f"cannot restore adapters from {directory} ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0] if str(e) else ''}); re-save them with "
-                    "save_adapters") from None
-  return trained, cfg
-
-
-def export_lora(workdir: str, tuning: LoraTuning, trained: dict, frozen: dict) -> tuple[str, str]:
+def export_lora(workdir: str, tuning: "LoraTuning", trained: dict, frozen: dict) -> tuple[str, str]:
   """Writes the adapter-only checkpoint and the merged dense params; returns both directories.
   `workdir` may be local or gs://. With several processes EVERY process calls it: the merge and the
   fingerprint are jitted over global arrays and orbax saves each process's shards."""

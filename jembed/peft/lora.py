@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import re
 from typing import Any
@@ -36,8 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jembed import tree
+from jembed import fs, tree
 from jembed.errors import UserError
+from jembed.peft import export
 from jembed.peft.base import HEAD_REGEX, Tuning, count
 
 Tree = dict[Any, Any]
@@ -254,7 +256,6 @@ class LoraTuning(Tuning):
                  dropout_key=rng if train else None)
 
   def export(self, workdir, state):
-    from jembed.peft import export  # orbax, only needed at the end of a run
     export.export_lora(workdir, self, state.params, state.frozen)
 
   def describe(self, trained, frozen):
@@ -264,3 +265,44 @@ class LoraTuning(Tuning):
             f" {len(flat(trained['adapters']))} kernels): {n_ad + n_extra:,} trained parameters"
             f" ({n_ad:,} LoRA + {n_extra:,} extra) on a {base:,}-parameter base"
             f" ({100 * (n_ad + n_extra) / max(base, 1):.2f}%)")
+
+
+def read_adapter_config(directory: str) -> tuple[LoraConfig, str]:
+  path = fs.join(directory, export.CONFIG_FILE)
+  if not fs.isdir(directory):
+    raise UserError(f"adapter directory {directory} does not exist; pass the directory written "
+                    "by save_adapters (WORKDIR/lora_adapter)")
+  try:
+    meta = json.loads(fs.read_text(path))
+    return LoraConfig.from_peft(meta["config"]), str(meta["base_fingerprint"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f"{path} is missing or corrupt ({type(e).__name__}: {e}); re-save the "
+                    "adapter with save_adapters") from None
+
+
+def load_adapters(directory: str, frozen: dict, extra_like: dict) -> tuple[dict, LoraConfig]:
+  """(trained, cfg) from an adapter-only checkpoint, for `LoraTuning(cfg).combine(trained, frozen)`.
+  `frozen` is the base the adapters were trained on (refused otherwise); `extra_like` has the
+  structure of the trained extras (e.g. a fresh head). Leaves keep `frozen`'s and `extra_like`'s
+  shardings (the default device where they have none)."""
+  import orbax.checkpoint as ocp
+  directory = fs.absolute(directory)
+  cfg, saved_fp = read_adapter_config(directory)
+  actual = export.fingerprint(frozen)
+  if saved_fp != actual:
+    raise UserError(f"adapter was trained on a different base model: {directory} expects base "
+                    f"fingerprint {saved_fp}, this base is {actual}; load the matching base weights")
+  full = tree.merge(frozen, extra_like)
+  shapes = jax.eval_shape(lambda p: init_adapters(p, cfg, jax.random.key(0)), full)
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  like = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                        sharding=getattr(x, "sharding", None) or dev)
+  abstract = {"adapters": jax.tree.map(like, nest(shapes, like=frozen)),
+              "extra": jax.tree.map(like, extra_like)}
+  try:
+    trained = ocp.StandardCheckpointer().restore(fs.path(fs.join(directory, export.STATE_DIR)), abstract)
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    raise UserError(f"cannot restore adapters from {directory} ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}); re-save them with "
+                    "save_adapters") from None
+  return trained, cfg

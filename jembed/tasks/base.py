@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jembed import init as init_lib
+from jembed.state import ModelDef
 
 # The metric a loss reports its weight in (see `Task.loss`).
 LOSS_WEIGHT = "loss_weight"
@@ -109,8 +110,6 @@ class Task(abc.ABC):
     """((loss, (metrics, model_state)), grads w.r.t. `trained`); `make_model(trained)` merges the
     trained parameters into a train-mode model. Tasks that compute gradients another way (e.g. a
     gradient-cached contrastive loss) override it."""
-    from jembed.state import ModelDef
-
     def loss_fn(t):
       model = make_model(t)
       loss, metrics = self.loss(model, batch, rng, True)

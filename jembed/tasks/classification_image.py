@@ -16,7 +16,7 @@ from jembed.errors import UserError
 from jembed.models.heads import Classifier
 from jembed.tasks import vision
 from jembed.tasks.base import Data
-from jembed.tasks.classification import ClassificationTask
+from jembed.tasks.classification_base import ClassificationBase
 
 
 class ImageClassifier(nnx.Module):
@@ -38,7 +38,7 @@ class ImageClassifier(nnx.Module):
     return features if self.head is None else self.head(features)
 
 
-class ImageClassificationTask(ClassificationTask):
+class ImageClassificationTask(ClassificationBase):
   unit = "images"
   backbone = "backbone"
 

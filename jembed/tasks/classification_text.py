@@ -9,7 +9,7 @@ from jembed.errors import UserError
 from jembed.models.heads import POOLINGS, Classifier, pool
 from jembed.models.transformer import TransformerConfig, TransformerEncoder
 from jembed.tasks.base import Data
-from jembed.tasks.classification import ClassificationTask
+from jembed.tasks.classification_base import ClassificationBase
 from jembed.tasks.text_base import TextTask
 
 
@@ -24,7 +24,7 @@ class TextClassifier(nnx.Module):
     return self.head(pool(self.encoder(tokens, mask), mask, self.pooling))
 
 
-class TextClassificationTask(TextTask, ClassificationTask):
+class TextClassificationTask(TextTask, ClassificationBase):
 
   def load_data(self) -> Data:
     d = self.config.data

@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jembed import init as init_lib
 from jembed import losses, retrieval
+from jembed.state import ModelDef
 from jembed.data import encode, pairs as pairs_lib
 from jembed.errors import UserError
 from jembed.models.heads import pool
@@ -181,7 +183,6 @@ class ContrastiveTextTask(TextTask):
     chunk = int(self.config.loss.chunk_size)
     if not chunk:
       return super().value_and_grad(make_model, trained, batch, rng)
-    from jembed.state import ModelDef
     model_state = ModelDef.model_state(make_model(trained))  # unchanged: text encoders keep none
 
     def encode_chunk(t, columns, key):
@@ -221,11 +222,9 @@ class ContrastiveTextTask(TextTask):
 
   def _start_model(self):
     """The model the run started from: the warm-start source, else the same random init."""
-    from jembed import init as init_lib
-    from jembed import modelspec
     spec = self.model_spec()
     seed = int(self.config.seed)
-    model = modelspec.build(spec, nnx.Rngs(params=seed, dropout=seed))
+    model = self.build_model(spec, nnx.Rngs(params=seed, dropout=seed))
     if self.init is not None:
       params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
       params, _ = init_lib.warm_start(self.init, jax.tree.map(jnp.asarray, params), {},

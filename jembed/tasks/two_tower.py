@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jembed import fs, losses
+from jembed import fs, losses, ranking
 from jembed.data import interactions as inter
 from jembed.errors import UserError
 from jembed.models.layers import logical
@@ -128,8 +128,7 @@ class TwoTowerTask(Task):
   def save_artifacts(self) -> None:
     fs.write_json(fs.join(self.workdir, VOCAB_FILE), {"users": self.data.users, "items": self.data.items},
                   indent=None)
-    from jembed.recommend import write_npz
-    write_npz(fs.join(self.workdir, HISTORY_FILE), user=self.data.train_user, item=self.data.train_item)
+    fs.write_npz(fs.join(self.workdir, HISTORY_FILE), user=self.data.train_user, item=self.data.train_item)
 
   # -- model --
   def model_spec(self) -> dict[str, Any]:
@@ -157,10 +156,9 @@ class TwoTowerTask(Task):
 
   # -- evaluation (host side) --
   def retrieval_metrics(self, model) -> dict[str, float]:
-    from jembed import recommend
     x = self.data
     users, items = tower_vectors(model, len(x.users), len(x.items))
-    return recommend.evaluate(users, items, x.item_counts(), self.seen, x.eval_user, x.eval_item)
+    return ranking.evaluate(users, items, x.item_counts(), self.seen, x.eval_user, x.eval_item)
 
   def extra_eval(self, model, step):
     return self.retrieval_metrics(model)

@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jembed import evaluate as evaluate_lib
-from jembed import modelspec
+from jembed import modelspec, probe
 from jembed.data import image_stream
 from jembed.data import image_transforms
 from jembed.data import images as images_lib
@@ -24,10 +23,7 @@ from jembed.tasks.base import Data, Task
 BACKBONES = ("resnet", "vit")
 
 
-# The image backbone's description with its defaults, sized for 8x8 digits on a CPU (each
-# backbone's section from its module's DEFAULTS). The image configs' `model` section is built from it
-# (configs/common.py), and a fine-tuning run from scratch fills the fields it leaves at 0/"" from it.
-DEFAULT_BACKBONE = dict(backbone="resnet", resnet=dict(resnet.DEFAULTS), vit=dict(vit.DEFAULTS))
+DEFAULT_BACKBONE = modelspec.DEFAULT_BACKBONE  # the defaults of an image backbone's description
 # Fields that change how the same weights run, never taken from a pretraining run.
 _RUNTIME = ("dropout", "attention_dropout", "dtype", "remat", "adapter_dim", "zero_init_residual")
 
@@ -192,7 +188,7 @@ class VisionTask(Task):
       self._features_fn = jax.jit(
           lambda g, s, x: backbone_features(nnx.merge(g, s), model_input(x, pp)), static_argnums=0)
     batch = int(self._eval_cfg().get("batch", 256))
-    return evaluate_lib.extract_features(lambda x: self._features_fn(graphdef, state, x), images, batch)
+    return probe.extract_features(lambda x: self._features_fn(graphdef, state, x), images, batch)
 
   def _eval_split(self):
     """Labelled (train, test) images for the probes; the train side capped at max_train."""
@@ -212,16 +208,16 @@ class VisionTask(Task):
     """Probe and kNN accuracy of the model's frozen backbone features, and of a random-init
     backbone of the same architecture (computed once and cached) as `random_*`."""
     (tr_x, tr_y), (te_x, te_y) = self._eval_split()
-    kwargs = evaluate_lib.eval_kwargs(self.config)
+    kwargs = probe.eval_kwargs(self.config)
     kwargs["num_classes"] = self.train_ds.num_classes
     feats = (self._features(model.backbone, tr_x), self._features(model.backbone, te_x))
-    out = evaluate_lib.feature_metrics(feats[0], tr_y, feats[1], te_y, **kwargs)
+    out = probe.feature_metrics(feats[0], tr_y, feats[1], te_y, **kwargs)
     if with_random:
       if self._random_metrics is None:
         seed = int(self.config.seed) + 7919
-        rand = modelspec.build(self.model_spec(), nnx.Rngs(params=seed, dropout=seed)).backbone
+        rand = self.build_model(self.model_spec(), nnx.Rngs(params=seed, dropout=seed)).backbone
         rfeats = (self._features(rand, tr_x), self._features(rand, te_x))
-        rnd = evaluate_lib.feature_metrics(rfeats[0], tr_y, rfeats[1], te_y, **kwargs)
+        rnd = probe.feature_metrics(rfeats[0], tr_y, rfeats[1], te_y, **kwargs)
         self._random_metrics = {f"random_{k}": v for k, v in rnd.items()}
       out.update(self._random_metrics)
     return out
@@ -242,4 +238,4 @@ class VisionTask(Task):
       logger.info(f"held-out {self.pretext_name} {metrics['accuracy']:.4f} (loss {metrics['loss']:.4f})")
     if "probe_acc" in metrics:
       logger.info("frozen-embedding evaluation (linear probe and weighted kNN on backbone features):\n"
-                  + evaluate_lib.format_table(metrics))
+                  + probe.format_table(metrics))
