@@ -1,46 +1,28 @@
 """Config sections shared by several configs/*.py files (import them as `configs.common`; the
 `configs` package is installed with jembed, so this works from any directory).
 
-The library's defaults equal these (jembed.peft.LoraConfig, AdapterTuning and
-jembed.tasks.vision.DEFAULT_BACKBONE; tests check that they agree), so a config section that leaves a
-field out means the same thing.
+The defaults have one home: jembed.config (SECTIONS: init, peft, frozen_eval; base_config: the
+top-level fields) and jembed.modelspec.DEFAULT_BACKBONE; the sections here are built from them, and a
+config that leaves a field out gets the same value from jembed.config.complete.
 """
 import copy
 
 import ml_collections
 
-from jembed.tasks.vision import DEFAULT_BACKBONE
+from jembed import config as config_lib
+from jembed.modelspec import DEFAULT_BACKBONE
 
 
 def peft_config(**overrides) -> ml_collections.ConfigDict:
-  """`config.peft`: which parameters train (jembed/peft), with overrides."""
-  c = ml_collections.ConfigDict(dict(
-      method="full",            # full | linear_probe | lora | adapter
-      rank=8,                   # LoRA
-      alpha=16.0,
-      rslora=False,             # scale alpha/sqrt(rank) instead of alpha/rank
-      dropout=0.0,              # on the LoRA input features (rows of A)
-      targets="attention_qv",   # a preset (attention_qv | attention | all_dense | all_dense_and_conv) or a regex over parameter paths
-      exclude=r"^head/",        # regex of kernels never LoRA-adapted
-      trainable=r"^head/",      # regex of extra leaves trained in full next to LoRA (head, biases, norms)
-      adapter_dim=64,           # bottleneck width of the Houlsby adapters
-  ))
-  c.update(overrides)
-  return c
+  """`config.peft`: which parameters train (jembed/peft), with overrides; fields and defaults in
+  jembed.config.SECTIONS["peft"]."""
+  return config_lib.section("peft", **overrides)
 
 
 def init_config(**overrides) -> ml_collections.ConfigDict:
-  """`config.init`: where a run's weights start (jembed/init.py); empty = random init."""
-  c = ml_collections.ConfigDict(dict(
-      checkpoint="",            # a jembed --workdir (its latest checkpoint, or `step`)
-      step=0,                   # 0 = the latest
-      hf="",                    # or a Hugging Face / sentence-transformers directory (text models)
-      pretrained="",            # or a pretrained image model (image tasks): a torchvision/timm .pth or
-                                # .safetensors, a HF/timm ResNet or ViT directory, a big_vision .npz;
-                                # architecture, preprocessing and (same class count) head come from it
-  ))
-  c.update(overrides)
-  return c
+  """`config.init`: where a run's weights start (jembed/init.py); empty = random init. Fields and
+  defaults in jembed.config.SECTIONS["init"]."""
+  return config_lib.section("init", **overrides)
 
 
 def vision_model_config() -> ml_collections.ConfigDict:
@@ -73,15 +55,6 @@ def vision_data_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def frozen_eval_config() -> ml_collections.ConfigDict:
-  """The linear probe / kNN evaluation of frozen backbone features (every eval_every steps)."""
-  return ml_collections.ConfigDict(dict(
-      enabled=True,
-      probe_steps=300,          # full-batch Adam steps of the logistic regression
-      probe_lr=0.05,
-      probe_l2=1e-4,
-      knn_k=20,
-      knn_temperature=0.07,
-      n_per_class=10,           # the low-label variant; 0 turns it off
-      max_train=10000,          # labelled training images used (0 = all)
-      batch=256,                # feature-extraction batch
-  ))
+  """The linear probe / kNN evaluation of frozen backbone features (every eval_every steps); fields
+  and defaults in jembed.config.SECTIONS["frozen_eval"]."""
+  return config_lib.section("frozen_eval")

@@ -74,6 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
       dtype="auto",             # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU; params stay float32
       remat="none",             # none | full | dots: recompute layer activations in the backward pass
       pooling="",               # "" = the source's pooling, else cls | cls ([CLS] token) | mean | max | mean_sqrt_len
+      pooler=False,             # BERT's tanh pooler over [CLS] (pooler_output); from scratch only, a source brings its own
   ))
 
   c.data = ml_collections.ConfigDict(dict(

@@ -1,5 +1,13 @@
-"""Defaults shared by every experiment config, and checks run before any compute."""
+"""Defaults shared by every experiment config, and checks run before any compute.
+
+The one home of defaults: `base_config()` (the fields every config has) and `SECTIONS` (the shared
+sections, and the optional fields of `data` / `model`, that a config may leave out). configs/*.py
+build on both; `complete(config)` gives a config that lacks a field the base's value, so library
+code reads `config.x.y` directly and never carries a default of its own (tests/test_config_defaults.py).
+"""
 from __future__ import annotations
+
+import copy
 
 import ml_collections
 
@@ -39,6 +47,88 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The shared sections (configs/common.py hands them to the configs), and the optional fields of the
+# task-specific `data` and `model` sections, with their defaults.
+SECTIONS = dict(
+    init=dict(                  # where a run's weights start (jembed/init.py); empty = random init
+        checkpoint="",          # a jembed --workdir (its latest checkpoint, or `step`)
+        step=0,                 # 0 = the latest
+        hf="",                  # or a Hugging Face / sentence-transformers directory (text models)
+        pretrained="",          # or a pretrained image model (image tasks): a torchvision/timm .pth or
+                                # .safetensors, a HF/timm ResNet or ViT directory, a big_vision .npz;
+                                # architecture, preprocessing and (same class count) head come from it
+    ),
+    peft=dict(                  # which parameters train (jembed/peft)
+        method="full",          # full | linear_probe | lora | adapter
+        rank=8,                 # LoRA
+        alpha=16.0,
+        rslora=False,           # scale alpha/sqrt(rank) instead of alpha/rank
+        dropout=0.0,            # on the LoRA input features (rows of A)
+        targets="attention_qv",  # a preset (attention_qv | attention | all_dense | all_dense_and_conv) or a regex over parameter paths
+        exclude=r"^head/",      # regex of kernels never LoRA-adapted
+        trainable=r"^head/",    # regex of extra leaves trained in full next to LoRA (head, biases, norms)
+        adapter_dim=64,         # bottleneck width of the Houlsby adapters
+    ),
+    frozen_eval=dict(           # linear probe / kNN of frozen backbone features (image tasks, every eval)
+        enabled=True,
+        probe_steps=300,        # full-batch Adam steps of the logistic regression
+        probe_lr=0.05,
+        probe_l2=1e-4,
+        knn_k=20,
+        knn_temperature=0.07,
+        n_per_class=10,         # the low-label variant; 0 turns it off
+        max_train=10000,        # labelled training images used (0 = all)
+        batch=256,              # feature-extraction batch
+    ),
+    data=dict(
+        modality="text",        # classification: text | image
+        on_bad_record="error",  # error | skip (counted and reported) for records that fail to read
+        tokenizer="",           # text: a tokenizer.json; "" = the warm-start source's, else trained on the corpus
+        vocab_size=8192,        # text: the WordPiece vocabulary trained when there is no tokenizer
+        prepared="",            # text: a directory written by python -m jembed.data.prepare
+        streams=0,              # text: read a prepared corpus in this many streams (0 = in memory)
+        cache_dir="",           # mlm: cache of the tokenized corpus
+        max_predictions=0,      # mlm: masked tokens per sequence (0 = mask_prob x seq_len)
+        item_features="",       # two_tower: item feature file (not supported yet)
+    ),
+    model=dict(
+        pooling="",             # text: mean | cls | max ...; "" = the source's, else the task's
+        max_seq_length=0,       # text: tokens per input at embed time; 0 = the source's, else data.seq_len
+        pooler=False,           # text: keep BERT's tanh pooler (an imported checkpoint's round-trips)
+    ),
+)
+OPTIONAL_TOP = dict(augment=None)  # image pretraining augmentations; None = the task's own
+
+
+def section(name: str, **overrides) -> ml_collections.ConfigDict:
+  """The shared section `name` (SECTIONS) with its defaults, and `overrides`."""
+  c = ml_collections.ConfigDict(copy.deepcopy(SECTIONS[name]))
+  c.update(overrides)
+  return c
+
+
+def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds to `config`, in place (a locked config too), each base field it lacks: the fields of
+  `base_config()`, the shared sections and the optional fields of `data` and `model`. Fields it has
+  are never changed. Idempotent; returns `config`."""
+  base = base_config()
+  with config.unlocked():
+    for key in base.keys():
+      if key not in config:
+        config[key] = base[key]
+    for key, value in OPTIONAL_TOP.items():
+      if key not in config:
+        config[key] = value
+    for name, fields in SECTIONS.items():
+      if name not in config or config[name] is None:
+        config[name] = ml_collections.ConfigDict()
+      target = config[name]
+      for key, value in fields.items():
+        if key not in target:
+          target[key] = copy.deepcopy(value)
+  return config
+
+
 def _check(cond: bool, message: str) -> None:
   if not cond:
     raise UserError(message)
@@ -57,7 +147,7 @@ def validate(c) -> None:
   _check(c.checkpoint_every_secs >= 0, f"config.checkpoint_every_secs={c.checkpoint_every_secs} must be >= 0")
   _check(isinstance(c.max_consecutive_nonfinite, int) and c.max_consecutive_nonfinite > 0,
          f"config.max_consecutive_nonfinite={c.max_consecutive_nonfinite!r} must be a positive integer")
-  on_bad = c.data.get("on_bad_record", "error")
+  on_bad = c.data.on_bad_record
   _check(on_bad in ("error", "skip"),
          f"config.data.on_bad_record='{on_bad}' is unknown; use 'error' or 'skip'")
 

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from jembed import checkpoint as ckpt_lib
+from jembed import config as config_lib
 from jembed import fs, hf, interop, modelspec, tree
 from jembed.errors import UserError
 from jembed.models import vit as vit_model
@@ -54,25 +55,22 @@ class Source:
 
 
 def source_from_config(config) -> Source | None:
-  init = config.get("init", None)
-  if init is None:
-    return None
-  checkpoint, hf_dir = str(init.get("checkpoint", "") or ""), str(init.get("hf", "") or "")
-  pretrained = str(init.get("pretrained", "") or "")
+  init = config_lib.complete(config).init
+  checkpoint, hf_dir = str(init.checkpoint or ""), str(init.hf or "")
+  pretrained = str(init.pretrained or "")
   named = [k for k, v in (("checkpoint", checkpoint), ("hf", hf_dir), ("pretrained", pretrained)) if v]
   if len(named) > 1:
     raise UserError(f"config.init.{named[0]} and config.init.{named[1]} are both set; a run warm-starts "
                     "from one source: clear one of them")
   if pretrained:
-    image_task = config.get("task", "") in ("rotation", "simclr") or (
-        config.get("task", "") == "classification"
-        and config.get("data", {}).get("modality", "text") == "image")
+    image_task = config.task in ("rotation", "simclr") or (
+        config.task == "classification" and config.data.modality == "image")
     if not image_task:
       raise UserError("config.init.pretrained is for image tasks (rotation, simclr, image "
                       "classification); warm-start a text model with config.init.hf")
     return open_pretrained(pretrained)
   if checkpoint:
-    return open_workdir(checkpoint, int(init.get("step", 0) or 0) or None)
+    return open_workdir(checkpoint, int(init.step or 0) or None)
   if hf_dir:
     return open_hf(hf_dir)
   return None

@@ -56,6 +56,8 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 from typing import Any  # noqa: E402
 
+from jembed import config as config_lib  # noqa: E402  (ml_collections only: no jax yet)
+
 # The batch search stops here (a tiny model "fits" any batch a real run would use).
 MAX_BATCH = 2**20
 GiB = 2.0**30
@@ -114,21 +116,19 @@ class Compiled:
 def planning_config(config) -> tuple[Any, list[str]]:
   """A copy of `config` whose data section is cheap to load with the same shapes, and notes on
   what was replaced. Only existing fields are set, so a locked ConfigDict takes them."""
-  c = copy.deepcopy(config)
+  c = config_lib.complete(copy.deepcopy(config))
   notes = []
-  d = c.get("data", None)
-  if d is None:
-    return c, notes
-  external = bool(d.get("tfds_name", "")) or _big(str(d.get("train", "")))
+  d = c.data
+  external = bool(d.get("tfds_name")) or _big(str(d.get("train") or ""))
   if "seq_len" in d and external:  # a text task: only seq_len and the vocabulary shape the model
     notes.append("shapes from the embedded corpus (vocabulary: model.vocab_size, else the tokenizer's)")
     d.source, d.train, d.eval, d.tfds_name = "embedded", "", "", ""
-  elif "image_size" in d and external and d.get("image_size", 0) and d.get("channels", 0):
+  elif "image_size" in d and external and d.image_size and d.channels:
     notes.append(f"shapes from the embedded digits at {d.image_size}x{d.image_size}x{d.channels}")
     d.source, d.train, d.eval, d.tfds_name = "embedded", "", "", ""
   # The accelerators planned for are TPUs and GPUs, where a compute dtype of "auto" is bfloat16 (on
   # this CPU it would resolve to float32 and overstate the activations).
-  autos = _auto_dtypes(c.get("model", None) or {})
+  autos = _auto_dtypes(c.model)
   for section in autos:
     section.dtype = "bfloat16"
   if autos:
@@ -140,7 +140,7 @@ def planning_config(config) -> tuple[Any, list[str]]:
 
 def _auto_dtypes(section) -> list:
   """The model config sections (nested too) whose compute dtype is "auto"."""
-  found = [section] if section.get("dtype", "") == "auto" else []
+  found = [section] if section.get("dtype") == "auto" else []
   for value in section.values():
     if hasattr(value, "values") and hasattr(value, "get"):
       found += _auto_dtypes(value)
@@ -229,7 +229,7 @@ def plan(config, devices, accelerator: str, batch: int = 0, search: bool = True)
   shape = sharding.mesh_shape(config.mesh, n)  # refuses a mesh that does not fill the devices
   mesh = dict(zip(sharding.MESH_AXES, shape))
   # The default rules' batch axes, times the micro-batches of gradient accumulation.
-  shards = math.prod(mesh[a] for a in ("data", "fsdp")) * int(config.get("grad_accum_steps", 1) or 1)
+  shards = math.prod(mesh[a] for a in ("data", "fsdp")) * int(config.grad_accum_steps or 1)
   if batch < 0:
     raise UserError(f"--batch={batch} must be positive (0 = the config's batch_size)")
   if batch:
@@ -238,7 +238,7 @@ def plan(config, devices, accelerator: str, batch: int = 0, search: bool = True)
     notes.append(f"batch_size {config.batch_size} rounded up to a multiple of {shards} batch shards")
     config.batch_size = -(-config.batch_size // shards) * shards
   setup = build_setup(config, devices)
-  shards = setup.batch_shards * int(config.get("grad_accum_steps", 1) or 1)
+  shards = setup.batch_shards * int(config.grad_accum_steps or 1)
   state = abstract_state(setup)
   hbm = usable_bytes(accelerator)
 
@@ -435,7 +435,6 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
-    from jembed import config as config_lib
     path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
                 argv[argv.index("--config") + 1] if "--config" in argv[:-1] else "?")
     _fail(config_lib.unknown_key_line(e, argv, path))

@@ -141,12 +141,10 @@ def feature_metrics(train_x, train_y, test_x, test_y, *, probe_steps: int = 300,
 
 def eval_kwargs(config) -> dict:
   """feature_metrics keyword arguments from `config.frozen_eval`."""
-  f = config.get("frozen_eval", None) or {}
-  get = lambda key, default: f.get(key, default) if hasattr(f, "get") else default
-  return dict(probe_steps=int(get("probe_steps", 300)), probe_l2=float(get("probe_l2", 1e-4)),
-              probe_lr=float(get("probe_lr", 0.05)), knn_k=int(get("knn_k", 20)),
-              knn_temperature=float(get("knn_temperature", 0.07)),
-              n_per_class=int(get("n_per_class", 10)), seed=int(config.get("seed", 0)))
+  f = config.frozen_eval
+  return dict(probe_steps=int(f.probe_steps), probe_l2=float(f.probe_l2), probe_lr=float(f.probe_lr),
+              knn_k=int(f.knn_k), knn_temperature=float(f.knn_temperature),
+              n_per_class=int(f.n_per_class), seed=int(config.seed))
 
 
 def format_table(metrics: dict[str, float]) -> str:

@@ -70,7 +70,7 @@ def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> Mesh:
 
 
 def rules_from_config(config) -> tuple:
-  rules = config.get("sharding_rules", None)
+  rules = config.sharding_rules
   if not rules:
     return DEFAULT_RULES
   return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules)

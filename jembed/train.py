@@ -146,6 +146,7 @@ class Setup:
   and its data, the model description, mesh, shardings, tuning and optimizer."""
 
   def __init__(self, config, workdir: str, devices=None, task=None):
+    config_lib.complete(config)  # a field the config lacks takes the base's value (jembed/config.py)
     auto = transfer.resolve(config)  # fields left at 0 = auto, from the source and the tuning
     if auto:
       _info(auto)
@@ -153,7 +154,7 @@ class Setup:
     self.config = config
     self.workdir = workdir
     self.task = task or get_task(config, workdir)
-    self.tuning = peft.tuning_from_config(config.get("peft", None), task_params=self.task.task_params)
+    self.tuning = peft.tuning_from_config(config.peft, task_params=self.task.task_params)
 
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules_from_config(config)

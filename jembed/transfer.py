@@ -22,6 +22,7 @@ jembed/tasks/classification_text.py).
 """
 from __future__ import annotations
 
+from jembed import config as config_lib
 from jembed.errors import UserError
 
 # (modality, pretrained source?, peft.method) -> learning rate; "*" matches any method.
@@ -42,11 +43,8 @@ SOURCE_FIELDS = ("checkpoint", "hf", "pretrained")
 
 def source_of(config) -> str:
   """The warm-start source a config names ("" for none)."""
-  init = config.get("init", None)
-  if init is None:
-    return ""
   for field in SOURCE_FIELDS:
-    value = init.get(field, "")
+    value = config.init[field]
     if value:
       return str(value)
   return ""
@@ -54,8 +52,8 @@ def source_of(config) -> str:
 
 def auto_learning_rate(config) -> float:
   """The rate `LEARNING_RATES` gives this config's modality, source and peft.method."""
-  modality = config.data.get("modality", "text")
-  method = config.get("peft", {}).get("method", "full") if config.get("peft", None) else "full"
+  modality = config.data.modality
+  method = config.peft.method
   pretrained = bool(source_of(config))
   for key in ((modality, pretrained, method), (modality, pretrained, "*")):
     if key in LEARNING_RATES:
@@ -67,11 +65,12 @@ def auto_learning_rate(config) -> float:
 def resolve(config) -> str:
   """Fills the fields left at 0 = auto (today: `learning_rate` of a classification config) in
   place; returns a line saying what was chosen and why ("" when nothing was)."""
-  if config.learning_rate != 0 or config.get("task", "") != "classification":
+  config_lib.complete(config)
+  if config.learning_rate != 0 or config.task != "classification":
     return ""
   config.learning_rate = auto_learning_rate(config)
   source = source_of(config)
-  method = config.get("peft", {}).get("method", "full") if config.get("peft", None) else "full"
+  method = config.peft.method
   why = f"fine-tuning {source} with peft.method={method}" if source else "training from scratch"
   return (f"learning_rate={config.learning_rate:g} (auto: {why}; set --config.learning_rate to "
           "choose another)")

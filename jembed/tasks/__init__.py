@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 
+from jembed import config as config_lib
 from jembed.errors import UserError
 
 # name -> "module:Class"; modules are imported lazily so a text run never imports vision code.
@@ -24,4 +25,4 @@ def task_class(name: str):
 
 
 def get_task(config, workdir: str):
-  return task_class(config.task).create(config, workdir)
+  return task_class(config.task).create(config_lib.complete(config), workdir)

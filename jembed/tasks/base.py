@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jembed import config as config_lib
 from jembed import init as init_lib
 from jembed.state import ModelDef
 
@@ -49,7 +50,7 @@ class Task(abc.ABC):
   task_params = ""
 
   def __init__(self, config, workdir: str):
-    self.config = config
+    self.config = config_lib.complete(config)  # fields it lacks take the base's values
     self.workdir = workdir
     # The warm-start source named by config.init (None: from scratch). Resolved (and its path checked)
     # before any data is read, so tasks can take their architecture and tokenizer from it.

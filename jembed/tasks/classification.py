@@ -15,7 +15,7 @@ class ClassificationTask(ClassificationBase):
 
   @classmethod
   def create(cls, config, workdir):
-    return _modality_class(config.data.get("modality", "text"))(config, workdir)
+    return _modality_class(config.data.modality)(config, workdir)
 
   @classmethod
   def build_model(cls, spec, rngs):

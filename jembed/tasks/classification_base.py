@@ -64,7 +64,7 @@ class ClassificationBase(Task):
   def final_summary(self, model, eval_metrics, logger) -> None:
     labels, preds = self.eval_predictions(model)
     report = report_lib.classification_report(labels, preds, self.class_names)
-    method = self.config.get("peft", {}).get("method", "full")
+    method = self.config.peft.method
     report["method"] = method
     if jax.process_index() == 0:
       report_lib.save_report(report, self.workdir)

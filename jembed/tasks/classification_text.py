@@ -44,7 +44,7 @@ class TextClassificationTask(TextTask, ClassificationBase):
 
   def model_spec(self):
     # "" = the source's pooling (a sentence-transformers model's mean, say), else [CLS].
-    pooling = (self.config.model.get("pooling", "")
+    pooling = (self.config.model.pooling
                or (self.init.spec.get("pooling", "") if self.init is not None else "") or "cls")
     if pooling not in POOLINGS:
       raise UserError(f"model.pooling='{pooling}' is unknown; use one of {', '.join(POOLINGS)}")

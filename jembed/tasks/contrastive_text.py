@@ -67,10 +67,10 @@ class ContrastiveTextTask(TextTask):
   # -- data --
   def load_data(self) -> Data:
     d = self.config.data
-    if d.get("streams", 0) and not d.get("prepared", ""):
+    if d.streams and not d.prepared:
       raise UserError(f"data.streams={d.streams} applies only to data.prepared (pairs made by "
                       "jembed.data.prepare); set data.prepared or leave data.streams at 0")
-    if d.get("prepared", ""):
+    if d.prepared:
       return self._load_prepared()
     train, held, self.skipped = pairs_lib.load_pair_splits(d)
     texts = [t for p in train for t in (p.anchor, p.positive, *p.negatives)]
@@ -95,7 +95,7 @@ class ContrastiveTextTask(TextTask):
     from jembed.data import streaming, text
     d = self.config.data
     where = d.prepared
-    meta, train = streaming.open_prepared(where, int(d.get("streams", 0)), kind="pairs")
+    meta, train = streaming.open_prepared(where, int(d.streams), kind="pairs")
     seq_len = int(d.seq_len)
     if int(meta["seq_len"]) != seq_len:
       raise UserError(f"data.seq_len={seq_len} but data.prepared={where} holds rows of "
@@ -142,7 +142,7 @@ class ContrastiveTextTask(TextTask):
   # -- model --
   def model_spec(self):
     m = self.config.model
-    pooling = m.get("pooling", "") or (self.init.spec.get("pooling") if self.init else "") or "mean"
+    pooling = m.pooling or (self.init.spec.get("pooling") if self.init else "") or "mean"
     if pooling not in POOLINGS:
       raise UserError(f"model.pooling='{pooling}' is unknown; use one of {', '.join(POOLINGS)}")
     loss = self.config.loss

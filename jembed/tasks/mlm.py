@@ -76,17 +76,17 @@ class MlmTask(TextTask):
     super().__init__(config, workdir)
     d = config.data
     self.seq_len = d.seq_len
-    self.num_predictions = d.get("max_predictions", 0) or math.ceil(d.mask_prob * d.seq_len)
+    self.num_predictions = d.max_predictions or math.ceil(d.mask_prob * d.seq_len)
 
   def items_per_example(self) -> int:
     return self.seq_len
 
   def load_data(self) -> Data:
     d = self.config.data
-    if d.get("streams", 0) and not d.get("prepared", ""):
+    if d.streams and not d.prepared:
       raise UserError(f"data.streams={d.streams} applies only to data.prepared (a corpus made by "
                       "jembed.data.prepare); set data.prepared or leave data.streams at 0")
-    if d.get("prepared", ""):
+    if d.prepared:
       return self._load_prepared()
     cache, how = self._token_cache()
     rows = None
@@ -119,7 +119,7 @@ class MlmTask(TextTask):
     """(the token cache of a files corpus, or None; how it was used, for the log line)."""
     d = self.config.data
     if text.resolve_source(d) != "files":
-      if d.get("cache_dir", ""):
+      if d.cache_dir:
         raise UserError(f"data.cache_dir={d.cache_dir!r} applies only to text files (data.train); "
                         "leave it empty")
       return None, ""
@@ -134,7 +134,7 @@ class MlmTask(TextTask):
     only), the held-out rows in memory, the tokenizer and baseline from its metadata."""
     d = self.config.data
     where = d.prepared
-    meta, train = streaming.open_prepared(where, int(d.get("streams", 0)))
+    meta, train = streaming.open_prepared(where, int(d.streams))
     if int(meta["seq_len"]) != self.seq_len:
       raise UserError(f"data.seq_len={self.seq_len} but data.prepared={where} holds rows of "
                       f"seq_len={meta['seq_len']}; set --config.data.seq_len={meta['seq_len']} or "
@@ -145,7 +145,7 @@ class MlmTask(TextTask):
       raise UserError(f"{tok_path} is not the tokenizer the rows of data.prepared={where} were made "
                       "with (its sha256 differs from prepared.json); run jembed.data.prepare again")
     tok = text.build_tokenizer((), self.vocab_size_setting(), path=tok_path)
-    for other, what in ((d.get("tokenizer", ""), "data.tokenizer"),
+    for other, what in ((d.tokenizer, "data.tokenizer"),
                         (self._saved_tokenizer_path(), "the workdir's tokenizer.json")):
       if other and text.build_tokenizer((), 0, path=other).to_str() != tok.to_str():
         raise UserError(f"{what} ({other}) differs from the tokenizer of data.prepared={where}; "
@@ -173,7 +173,7 @@ class MlmTask(TextTask):
       self._cache_pending = None
 
   def model_spec(self):
-    return self.text_spec(pooling=self.config.model.get("pooling", "mean"), normalize=False,
+    return self.text_spec(pooling=self.config.model.pooling or "mean", normalize=False,
                           most_frequent=self.most_frequent)
 
   @classmethod

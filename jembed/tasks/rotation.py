@@ -43,7 +43,7 @@ class RotationTask(VisionTask):
     return 1  # throughput counts source images; each is seen 4 times
 
   def prepare(self, batch, rng, train):
-    aug = self.config.get("augment", None)
+    aug = self.config.augment
     if not (aug and train):
       return batch
     # Crops make the angle harder to read off low-level cues, so the backbone learns more shape.

@@ -54,5 +54,5 @@ class SimclrTask(VisionTask):
     return loss, {"loss": loss, "accuracy": accuracy}
 
   def augment_kwargs(self) -> dict:
-    aug = self.config.get("augment", None)
+    aug = self.config.augment
     return dict(aug) if aug else {}

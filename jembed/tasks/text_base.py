@@ -28,13 +28,13 @@ class TextTask(Task):
     return saved if fs.exists(saved) else ""
 
   def _tokenizer_path(self) -> str:
-    path = self.config.data.get("tokenizer", "")
+    path = self.config.data.tokenizer
     if not path and self.init is None:
       path = self._saved_tokenizer_path()  # a resumed run keeps its vocabulary
     return path
 
   def vocab_size_setting(self) -> int:
-    return int(self.config.data.get("vocab_size", 8192))
+    return int(self.config.data.vocab_size)
 
   def tokenizer_needs_texts(self) -> bool:
     """Whether `resolve_tokenizer` trains a tokenizer (so needs the texts): no tokenizer file, no
@@ -45,7 +45,7 @@ class TextTask(Task):
     d = self.config.data
     path = self._tokenizer_path()
     if path or self.init is None or self.init.tokenizer is None:
-      tok = text_lib.build_tokenizer(train_texts, int(d.get("vocab_size", 8192)), path=path or None)
+      tok = text_lib.build_tokenizer(train_texts, int(d.vocab_size), path=path or None)
     else:
       tok = encode.plain(self.init.tokenizer)
     self.tokenizer = tok
@@ -72,7 +72,7 @@ class TextTask(Task):
     at 64 tokens does not make a 256-token model a 64-token one. model.max_seq_length, else the
     warm-start source's, else the position table."""
     cfg = cfg or self.encoder_config()
-    length = int(self.config.model.get("max_seq_length", 0) or 0)
+    length = int(self.config.model.max_seq_length or 0)
     if not length and self.init is not None:
       length = int(self.init.spec.get("max_seq_length") or 0)
     length = length or cfg.max_position

@@ -96,10 +96,9 @@ class TwoTowerTask(Task):
     super().__init__(config, workdir)
     if self.init is not None:
       raise UserError("config.init: two_tower trains its id tables from scratch; leave config.init empty")
-    peft = config.get("peft", None)
-    if peft is not None and peft.get("method", "full") != "full":
-      raise UserError(f"peft.method='{peft.method}': two_tower trains its tables in full; use full")
-    if config.data.get("item_features", ""):
+    if config.peft.method != "full":
+      raise UserError(f"peft.method='{config.peft.method}': two_tower trains its tables in full; use full")
+    if config.data.item_features:
       raise UserError("data.item_features: feature towers (item text through a text encoder) are not "
                       "implemented yet; leave it empty to train id towers")
     if float(config.loss.temperature) <= 0:

@@ -133,8 +133,8 @@ class VisionTask(Task):
     """Folders, lists and TFDS streamed from disk (jembed/data/image_stream.py). The probes of the
     frozen-feature evaluation read at most frozen_eval.max_train images of each split into memory
     (in the evaluation view), when they first run."""
-    enabled = bool(self._eval_cfg().get("enabled", True))
-    if enabled and not int(self._eval_cfg().get("max_train", 0)):
+    enabled = bool(self.config.frozen_eval.enabled)
+    if enabled and not int(self.config.frozen_eval.max_train):
       raise UserError("frozen_eval.max_train=0 would read the whole streamed training split into memory "
                       "for the probes; set --config.frozen_eval.max_train=N (e.g. 10000) or "
                       "--config.frozen_eval.enabled=False")
@@ -153,7 +153,7 @@ class VisionTask(Task):
     split, the first max_train held-out images)."""
     if self.train_ds is not None:
       return
-    cap = int(self._eval_cfg().get("max_train", 0))
+    cap = int(self.config.frozen_eval.max_train)
     tr, ev = self.train_stream, self.eval_stream
     idx = np.arange(len(tr))
     if len(tr) > cap:
@@ -176,8 +176,6 @@ class VisionTask(Task):
     return {}
 
   # -- frozen-feature evaluation (host side) --
-  def _eval_cfg(self):
-    return self.config.get("frozen_eval", None) or {}
 
   def _features(self, backbone: nnx.Module, images: np.ndarray) -> np.ndarray:
     backbone.eval()
@@ -187,14 +185,14 @@ class VisionTask(Task):
       pp = preprocess_of(self.model_spec())
       self._features_fn = jax.jit(
           lambda g, s, x: backbone_features(nnx.merge(g, s), model_input(x, pp)), static_argnums=0)
-    batch = int(self._eval_cfg().get("batch", 256))
+    batch = int(self.config.frozen_eval.batch)
     return probe.extract_features(lambda x: self._features_fn(graphdef, state, x), images, batch)
 
   def _eval_split(self):
     """Labelled (train, test) images for the probes; the train side capped at max_train."""
     if getattr(self, "train_stream", None) is not None:
       self._probe_data()
-    cap = int(self._eval_cfg().get("max_train", 0))
+    cap = int(self.config.frozen_eval.max_train)
     train, test = self.train_ds, self.eval_ds
     if len(test) == 0:
       raise UserError("frozen-feature evaluation needs held-out labelled images; raise "
@@ -223,7 +221,7 @@ class VisionTask(Task):
     return out
 
   def extra_eval(self, model, step):
-    if not bool(self._eval_cfg().get("enabled", True)):
+    if not bool(self.config.frozen_eval.enabled):
       return {}
     return self.frozen_eval_metrics(model)
 
@@ -232,7 +230,7 @@ class VisionTask(Task):
 
   def final_summary(self, model, eval_metrics, logger) -> None:
     metrics = dict(eval_metrics or {})
-    if "probe_acc" not in metrics and bool(self._eval_cfg().get("enabled", True)):
+    if "probe_acc" not in metrics and bool(self.config.frozen_eval.enabled):
       metrics.update(self.frozen_eval_metrics(model))
     if "accuracy" in metrics:
       logger.info(f"held-out {self.pretext_name} {metrics['accuracy']:.4f} (loss {metrics['loss']:.4f})")
