@@ -189,7 +189,7 @@ def test_add_appends_and_refuses_duplicates(built, model, tmp_path, capsys):
   assert idx.fields(len(DOCS) + 1) == {"text": "another one"}
   assert {h["id"] for h in hit} == set(idx.ids)
   # One writer at a time.
-  holder = index_lib._Writer(copy, index_lib.read_meta(copy))
+  holder = index_lib.Writer(copy, index_lib.read_meta(copy))
   (tmp_path / "fresh.jsonl").write_text(json.dumps({"id": "fresh", "text": "x"}) + "\n")
   with pytest.raises(UserError, match="another process is adding"):
     index_lib.add(copy, str(tmp_path / "fresh.jsonl"), model=model, progress=False)
