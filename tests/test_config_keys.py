@@ -37,9 +37,13 @@ VARIANTS = {
 # Smaller values that keep the test fast; which keys are read does not depend on them.
 TEXT_CHEAP = {"data.vocab_size": 256, "model.num_layers": 1, "model.hidden_size": 16,
               "model.num_heads": 2, "model.mlp_dim": 32}
-IMAGE_CHEAP = {"frozen_eval.probe_steps": 2, "frozen_eval.max_train": 64, "frozen_eval.batch": 64}
+IMAGE_MODEL_CHEAP = {"model.resnet.width": 4, "model.resnet.num_stages": 1, "model.vit.hidden_size": 16,
+                     "model.vit.num_layers": 1, "model.vit.num_heads": 2, "model.vit.mlp_dim": 32}
+IMAGE_CHEAP = {"frozen_eval.probe_steps": 2, "frozen_eval.max_train": 64, "frozen_eval.batch": 64,
+               **IMAGE_MODEL_CHEAP}
 CHEAP = {"contrastive_text": TEXT_CHEAP, "finetune_text": TEXT_CHEAP, "mlm": TEXT_CHEAP,
-         "rotation": IMAGE_CHEAP, "simclr": IMAGE_CHEAP}
+         "rotation": IMAGE_CHEAP, "simclr": IMAGE_CHEAP,
+         "finetune_image": IMAGE_MODEL_CHEAP}
 
 # Keys whose reading needs what a test cannot have offline (a prepared TFDS dataset, a warm-start
 # source) or a whole run's end: where each is read, so a reviewer can check it.
