@@ -249,9 +249,15 @@ def comments(path: str) -> dict[tuple[str, str], str]:
     with open(file, encoding="utf-8") as f:
       source = f.read()
     lines = source.splitlines()
-    sections, section = [], None
+    sections, section, in_sections = [], None, False
     for line in lines:
-      if m := builder.match(line):
+      if line.startswith("SECTIONS = dict("):  # this file's shared sections: `    name=dict(`
+        section, in_sections = None, True
+      elif in_sections and (m := re.match(r"^    (\w+)=dict\(", line)):
+        section = m.group(1)
+      elif in_sections and line.startswith(")"):
+        section, in_sections = None, False
+      elif m := builder.match(line):
         section = "" if m.group(1) == "base" else m.group(1)
       elif line.startswith("def "):
         section = None
