@@ -61,12 +61,12 @@ def main() -> None:
   ap.add_argument("--batches", type=int, default=50)
   args = ap.parse_args()
   import shutil
-  from jembed.data import pairs as pairs_lib, text
+  from jembed.data import pairs as pairs_lib, wordpiece
   shutil.rmtree(args.dir, ignore_errors=True)
   os.makedirs(args.dir)
   tok = os.path.join(args.dir, "tokenizer.json")
   train, held = pairs_lib.embedded_pairs()
-  text.build_tokenizer([t for p in train + held for t in (p.anchor, p.positive)], 8192, save_to=tok)
+  wordpiece.build_tokenizer([t for p in train + held for t in (p.anchor, p.positive)], 8192, save_to=tok)
   py = sys.executable
   results = {}
   for n in (int(s) for s in args.sizes.split(",")):

@@ -19,7 +19,7 @@ def load_config_file(name: str) -> ml_collections.ConfigDict:
 
 
 def write_corpus(directory: str, n_docs: int = 300) -> str:
-  from jembed.data.text import embedded_documents
+  from jembed.data.corpus_embedded import embedded_documents
   path = os.path.join(directory, "corpus.txt")
   if not os.path.exists(path):
     with open(path, "w") as f:

@@ -74,8 +74,8 @@ def test_prepared_pairs_equal_the_in_memory_rows(prepared, in_memory):
   rows = np.concatenate([cols["anchor"], cols["positive"], cols["negative"].reshape(n, -1)], axis=1)
   for i, s in enumerate(meta["shards"]):   # pair j is row j of shard j % SHARDS
     np.testing.assert_array_equal(read_shard(os.path.join(out, s["file"])), rows[i::SHARDS])
-  from jembed.data import text
-  assert text.build_tokenizer((), 0, path=os.path.join(out, "tokenizer.json")).to_str() == \
+  from jembed.data import wordpiece
+  assert wordpiece.build_tokenizer((), 0, path=os.path.join(out, "tokenizer.json")).to_str() == \
       task.tokenizer.to_str()
   held, _ = pairs_lib.load_pairs(os.path.join(out, "eval.jsonl"))
   assert held == task.held_out

@@ -1,11 +1,13 @@
 """Tokenizes and packs a text corpus once, into ArrayRecord shards that training streams from disk.
+The same command prepares contrastive pairs (jembed/data/prepare_pairs.py) and labelled text for
+classification (jembed/data/prepare_labeled.py): the config's task says which.
 
   python -m jembed.data.prepare --config configs/mlm.py --out DIR [--shards 8] [--overwrite] \
       [--config.data.train='corpus/*.jsonl' --config.data.seq_len=128 ...]
 
 Reads the config's text source (data.source / train / eval / eval_fraction / tfds_*, read the way
 training reads it), uses data.tokenizer or trains the same WordPiece tokenizer training would, and
-packs rows of data.seq_len exactly as `text.pack_documents` does. Files are read line by line and
+packs rows of data.seq_len exactly as `packing.pack_documents` does. Files are read line by line and
 rows written as they are made, so memory stays bounded whatever the corpus size (the word counts
 for training a tokenizer are the one thing that grows, with the number of distinct words).
 
@@ -17,7 +19,6 @@ temporary name and renamed into place: it is complete or absent.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import sys
@@ -27,7 +28,7 @@ import numpy as np
 
 from jembed import fs
 from jembed.data import pipeline
-from jembed.data import text
+from jembed.data import documents, packing, sources, wordpiece
 from jembed.errors import UserError
 
 FORMAT_VERSION = 1
@@ -52,34 +53,6 @@ def decode_row(record: bytes) -> np.ndarray:
   return np.frombuffer(record, "<i4").astype(np.int32)
 
 
-# ---------------------------------------------------------------------------------------------------
-# The split: `text.split_train_eval` applied one document at a time
-# ---------------------------------------------------------------------------------------------------
-def _split_rule(train_docs: Callable[[], Iterator[str]], eval_fraction: float
-                ) -> Callable[[str], bool]:
-  """Whether a document of the train stream is held out: its hash, plus split_train_eval's
-  tiny-corpus fallback (hold out the lowest-hash document when none fell below the fraction and the
-  corpus has two different documents), found by one pass that keeps O(1) documents in memory."""
-  if not 0.0 <= eval_fraction < 1.0:
-    raise UserError(f"data.eval_fraction={eval_fraction} is outside [0, 1); use e.g. 0.05")
-  any_held, lowest, first, distinct = False, None, None, False
-  for doc in train_docs():
-    unit = text._doc_hash_unit(doc)  # pylint: disable=protected-access
-    if unit < eval_fraction:
-      any_held = True
-      break
-    if lowest is None or (unit, doc) < lowest:
-      lowest = (unit, doc)
-    if first is None:
-      first = doc
-    elif doc != first:
-      distinct = True
-  if any_held or eval_fraction == 0 or not distinct:
-    return lambda doc: text.is_held_out(doc, eval_fraction)
-  held_doc = lowest[1]
-  return lambda doc: doc == held_doc
-
-
 def _allow_open_files(needed: int) -> None:
   """Every shard is open while rows are dealt to them: raise the soft open-file limit as far as the
   hard one allows, and refuse a shard count beyond it."""
@@ -97,11 +70,94 @@ def _allow_open_files(needed: int) -> None:
                     "fewer shards (a few per host is enough) or raise `ulimit -n`")
 
 
+class Shards:
+  """Rows dealt round-robin into `count` ArrayRecord shards in `directory` (row j in shard j % count),
+  written as they come; `close` ends every file, `entries` lists them for prepared.json."""
+
+  def __init__(self, directory: str, count: int, unit: str = "rows"):
+    from array_record.python import array_record_module
+    self.names = [shard_name(i, count) for i in range(count)]
+    self.writers = [array_record_module.ArrayRecordWriter(os.path.join(directory, n), WRITER_OPTIONS)
+                    for n in self.names]
+    self.rows = [0] * count
+    self.written = 0
+    self.unit = unit
+
+  def write(self, rows: np.ndarray) -> None:
+    for row in rows:
+      j = self.written % len(self.writers)
+      self.writers[j].write(encode_row(row))
+      self.rows[j] += 1
+      self.written += 1
+
+  def close(self) -> None:
+    for w in self.writers:
+      w.close()
+
+  def check_filled(self) -> None:
+    """Refuses a training split with fewer rows than shards (a shard would be empty)."""
+    if self.written < len(self.writers):
+      raise UserError(f"the training split gives {self.written} {self.unit}, fewer than "
+                      f"--shards={len(self.writers)}; add data or use fewer shards")
+
+  def entries(self) -> list[dict]:
+    return [dict(file=n, rows=r) for n, r in zip(self.names, self.rows)]
+
+
+def write_rows(path: str, rows: Iterator[np.ndarray]) -> int:
+  """Writes every row of the row blocks `rows` into one ArrayRecord file (a held-out split); returns
+  how many."""
+  from array_record.python import array_record_module
+  writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
+  count = 0
+  try:
+    for block in rows:
+      for row in block:
+        writer.write(encode_row(row))
+        count += 1
+  finally:
+    writer.close()
+  return count
+
+
+def tokenizer_sha256(directory: str) -> str:
+  with open(os.path.join(directory, TOKENIZER_FILE), "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def write_directory(out: str, build: Callable[[str], None]) -> None:
+  """Builds `out` through `build(tmp)` beside it and swaps it in: complete or absent, with a full disk
+  or an unwritable path as one line."""
+  try:
+    fs.swap_dir(out, build)   # the temporary directory is removed on any failure
+  except RuntimeError as e:  # ArrayRecord's writer reports a full disk or an unwritable path so
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise UserError(f"cannot write {out} ({first}); free disk space or choose another --out "
+                    "(nothing was written)") from None
+
+
+def task_tokenizer(config, texts: Callable[[], Iterator[str]], log):
+  """The tokenizer a text task would use, for rows prepared ahead of training: data.tokenizer, else
+  the warm-start source's (config.init), else a WordPiece one trained on `texts()` (the word counts
+  are the one thing that grows, with the number of distinct words)."""
+  d = config.data
+  path = str(d.tokenizer or "")
+  if path:
+    return wordpiece.build_tokenizer((), int(d.vocab_size), path=path)
+  from jembed import init as init_lib
+  source = init_lib.source_from_config(config)
+  if source is not None and source.tokenizer is not None:
+    from jembed.data import encode
+    return encode.plain(source.tokenizer)
+  log("jembed.prepare: counting words to train the tokenizer")
+  return wordpiece.tokenizer_from_word_counts(wordpiece.word_counts(texts()), int(d.vocab_size))
+
+
 def _filtered(stream: Callable[[], Iterator[str]], keep: Callable[[str], bool]):
   return lambda: (d for d in stream() if keep(d))
 
 
-def _chunks(docs: Iterator[str], size: int = CHUNK_DOCS) -> Iterator[list[str]]:
+def chunks(docs: Iterator[str], size: int = CHUNK_DOCS) -> Iterator[list[str]]:
   chunk = []
   for doc in docs:
     chunk.append(doc)
@@ -135,98 +191,84 @@ def check_output(out: str, *, shards: int, overwrite: bool, seq_len: int) -> tup
 
 def prepare(config, out: str, *, shards: int = 8, overwrite: bool = False,
             log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Writes the prepared corpus of `config.data` into `out`; returns its prepared.json contents.
-  A contrastive config's pairs go to jembed.data.prepare_pairs."""
-  if config.get("task", "") == "contrastive_text":
+  """Writes the prepared data of `config.data` into `out`; returns its prepared.json contents. The
+  config's task says what is prepared: an MLM corpus (packed rows, here), contrastive pairs
+  (jembed.data.prepare_pairs) or labelled text for classification (jembed.data.prepare_labeled)."""
+  task = config.task
+  if task == "contrastive_text":
     from jembed.data import prepare_pairs
     return prepare_pairs.prepare_pairs(config, out, shards=shards, overwrite=overwrite, log=log)
-  from array_record.python import array_record_module
+  if task == "classification" and config.data.modality == "text":
+    from jembed.data import prepare_labeled
+    return prepare_labeled.prepare_labeled(config, out, shards=shards, overwrite=overwrite, log=log)
+  if task != "mlm":
+    raise UserError(f"jembed.data.prepare prepares text for the mlm, contrastive_text and text "
+                    f"classification tasks, not {task!r}{' (images)' if task == 'classification' else ''}"
+                    "; train on this config's data directly")
   d = config.data
   out, seq_len = check_output(out, shards=shards, overwrite=overwrite, seq_len=int(d.seq_len))
   pipeline.reset_bad_records()
-  train_stream, eval_stream, description = text.document_streams(d)
+  train_stream, eval_stream, description = documents.document_streams(d)
   eval_fraction = float(d.get("eval_fraction", 0.05))
   carved = eval_stream is None   # eval carved from the train files: one more pass over them
   if carved:
-    held = _split_rule(train_stream, eval_fraction)
+    held = sources.held_out_rule(train_stream, eval_fraction)
     eval_stream = _filtered(train_stream, held)
     train_stream = _filtered(train_stream, lambda doc: not held(doc))
     description["eval_fraction"] = eval_fraction
 
   tokenizer_path = str(d.get("tokenizer", "") or "")
   if tokenizer_path:
-    tok = text.build_tokenizer((), int(d.vocab_size), path=tokenizer_path)
+    tok = wordpiece.build_tokenizer((), int(d.vocab_size), path=tokenizer_path)
   else:
     log("jembed.prepare: counting words to train the tokenizer")
-    tok = text.tokenizer_from_word_counts(text.word_counts(train_stream()), int(d.vocab_size))
-  ids = text.special_ids(tok)
+    tok = wordpiece.tokenizer_from_word_counts(wordpiece.word_counts(train_stream()), int(d.vocab_size))
+  ids = wordpiece.special_ids(tok)
   vocab = tok.get_vocab_size()
   pipeline.reset_bad_records()  # the passes above read the same records: count them once, below
 
   def build(tmp: str) -> None:
     nonlocal meta
     tok.save(os.path.join(tmp, TOKENIZER_FILE))
-    names = [shard_name(i, shards) for i in range(shards)]
-    writers = [array_record_module.ArrayRecordWriter(os.path.join(tmp, n), WRITER_OPTIONS)
-               for n in names]
     counts = np.zeros(vocab, np.int64)
-    rows_in, written = [0] * shards, [0]
-    packer = text.Packer(tok, seq_len)
+    shards_out, packer = Shards(tmp, shards, f"rows of seq_len={seq_len}"), packing.Packer(tok, seq_len)
 
     def write(rows: np.ndarray) -> None:
-      for row in rows:
-        j = written[0] % shards
-        writers[j].write(encode_row(row))
-        rows_in[j] += 1
-        written[0] += 1
+      shards_out.write(rows)
       counts[:] += np.bincount(rows.ravel(), minlength=vocab)
 
     try:
-      for chunk in _chunks(train_stream()):
+      for chunk in chunks(train_stream()):
         write(packer.add(chunk))
-        log(f"jembed.prepare: {written[0]} rows")
+        log(f"jembed.prepare: {shards_out.written} rows")
       write(packer.finish())
     finally:
-      for w in writers:
-        w.close()
-    total = written[0]
-    if total < shards:
-      raise UserError(f"the training split packs into {total} rows of seq_len={seq_len}, fewer than "
-                      f"--shards={shards}; add data or use fewer shards")
+      shards_out.close()
+    shards_out.check_filled()
     bad = pipeline.bad_records()   # the train pass read every record of the train files once
-    eval_writer = array_record_module.ArrayRecordWriter(os.path.join(tmp, EVAL_FILE), WRITER_OPTIONS)
-    eval_packer, eval_rows = text.Packer(tok, seq_len), 0
-    try:
-      for chunk in itertools.chain(_chunks(eval_stream()), [None]):  # None: the last row
-        for row in (eval_packer.add(chunk) if chunk is not None else eval_packer.finish()):
-          eval_writer.write(encode_row(row))
-          eval_rows += 1
-    finally:
-      eval_writer.close()
+    eval_packer = packing.Packer(tok, seq_len)
+
+    def eval_blocks():
+      yield from map(eval_packer.add, chunks(eval_stream()))
+      yield eval_packer.finish()   # the short last row
+    eval_rows = write_rows(os.path.join(tmp, EVAL_FILE), eval_blocks())
     if eval_rows == 0:
       raise UserError("the held-out split is empty; give data.eval or raise data.eval_fraction")
     for i in ids.values():
-      counts[i] = 0  # as text.token_frequencies: the baseline never predicts a special token
-    with open(os.path.join(tmp, TOKENIZER_FILE), "rb") as f:
-      tok_sha = hashlib.sha256(f.read()).hexdigest()
+      counts[i] = 0  # as packing.token_frequencies: the baseline never predicts a special token
     if not carved:
       bad = pipeline.bad_records()   # plus those of the eval files
     meta = dict(format_version=FORMAT_VERSION, seq_len=seq_len, dtype="int32",
-                shards=[dict(file=n, rows=r) for n, r in zip(names, rows_in)],
-                train_rows=total, eval=dict(file=EVAL_FILE, rows=eval_rows),
-                tokenizer=TOKENIZER_FILE, tokenizer_sha256=tok_sha, special_ids=ids,
+                shards=shards_out.entries(), train_rows=shards_out.written,
+                eval=dict(file=EVAL_FILE, rows=eval_rows),
+                tokenizer=TOKENIZER_FILE, tokenizer_sha256=tokenizer_sha256(tmp), special_ids=ids,
                 vocab_size=vocab, most_frequent=int(np.argmax(counts)),
                 skipped_records=bad["skipped"], source=description)
     with open(os.path.join(tmp, PREPARED_FILE), "w") as f:
       json.dump(meta, f, indent=2)
 
   meta: dict[str, Any] = {}
-  try:
-    fs.swap_dir(out, build)   # the temporary directory is removed on any failure
-  except RuntimeError as e:  # ArrayRecord's writer reports a full disk or an unwritable path so
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-    raise UserError(f"cannot write {out} ({first}); free disk space or choose another --out "
-                    "(nothing was written)") from None
+  write_directory(out, build)
   log(f"jembed.prepare: wrote {meta['train_rows']} train rows in {shards} shards and "
       f"{meta['eval']['rows']} eval rows of seq_len={seq_len} to {out}")
   return meta
