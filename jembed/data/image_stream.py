@@ -596,8 +596,8 @@ def model_preprocess(data_config: Any, init_spec: dict | None = None,
 def is_streamed(data_config: Any) -> bool:
   """Whether config.data names a source this module streams (folders, lists, TFDS): everything
   but the embedded digits."""
-  from jembed.data.images import _resolve_source  # pylint: disable=import-outside-toplevel
-  return _resolve_source(data_config) != "embedded"
+  from jembed.data.images import resolve_source  # pylint: disable=import-outside-toplevel
+  return resolve_source(data_config) != "embedded"
 
 
 def default_workers() -> int:
@@ -631,8 +631,8 @@ def _options(config: Any) -> dict:
 def open_splits(data_config: Any, init_spec: dict | None = None
                 ) -> tuple[ImageStream, ImageStream]:
   """(train, held-out) streams for a folder, list or TFDS source (never the embedded digits)."""
-  from jembed.data.images import _resolve_source  # pylint: disable=import-outside-toplevel
-  source = _resolve_source(data_config)
+  from jembed.data.images import resolve_source  # pylint: disable=import-outside-toplevel
+  source = resolve_source(data_config)
   fraction = float(_field(data_config, "eval_fraction", 0.2))
   if not 0.0 <= fraction < 1.0:
     raise UserError(f"data.eval_fraction={fraction} must be in [0, 1)")
