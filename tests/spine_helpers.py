@@ -37,16 +37,34 @@ def tiny_mlm_config(corpus: str, **overrides) -> ml_collections.ConfigDict:
   c.checkpoint_every = 3
   c.eval_batches = 2
   c.async_checkpointing = False
-  c.model.num_layers = 1
-  c.model.hidden_size = 32
-  c.model.num_heads = 2
-  c.model.mlp_dim = 64
-  c.model.max_position = 64
+  tiny_encoder(c)
   c.data.train = corpus
   c.data.eval_fraction = 0.1
   c.data.vocab_size = 512
   c.data.seq_len = 32
   return apply_overrides(c, overrides)
+
+
+def tiny_encoder(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A text config's encoder at test size: one layer of width 32."""
+  c.model.num_layers = 1
+  c.model.hidden_size = 32
+  c.model.num_heads = 2
+  c.model.mlp_dim = 64
+  c.model.max_position = 64
+  return c
+
+
+def read_shard(path: str):
+  """Every row of an ArrayRecord file of prepared rows (jembed.data.prepare), in order."""
+  import numpy as np
+  from array_record.python import array_record_module
+  from jembed.data import prepare
+  reader = array_record_module.ArrayRecordReader(path)
+  try:
+    return np.stack([prepare.decode_row(r) for r in reader.read_all()])
+  finally:
+    reader.close()
 
 
 def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:

@@ -20,7 +20,7 @@ from jembed import checkpoint, train
 from jembed.data import corpus_embedded, documents, packing, prepare, sources, streaming, wordpiece
 from jembed.errors import UserError
 from jembed.tasks import get_task
-from spine_helpers import ROOT, tiny_mlm_config, write_corpus
+from spine_helpers import ROOT, read_shard, tiny_mlm_config, write_corpus
 
 SHARDS = 4
 RUN = dict(total_steps=4, log_every=1, eval_every=4, checkpoint_every=2, keep_checkpoints=10,
@@ -37,15 +37,6 @@ def prepared(corpus, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("prep") / "corpus")
   meta = prepare.prepare(tiny_mlm_config(corpus), out, shards=SHARDS, log=lambda _: None)
   return out, meta
-
-
-def read_shard(path) -> np.ndarray:
-  from array_record.python import array_record_module
-  reader = array_record_module.ArrayRecordReader(path)
-  try:
-    return np.stack([prepare.decode_row(r) for r in reader.read_all()])
-  finally:
-    reader.close()
 
 
 # ------------------------------------------------------------------------------ prepare
@@ -337,9 +328,9 @@ def test_token_cache_hit_miss_and_off(corpus, tmp_path, monkeypatch):
   def boom(*a, **k):
     raise AssertionError("read or tokenized on a cache hit")
   with monkeypatch.context() as m:
-    m.setattr(text, "load_documents", boom)
-    m.setattr(text, "pack_documents", boom)
-    m.setattr(text, "tokenizer_from_word_counts", boom)
+    m.setattr(documents, "load_documents", boom)
+    m.setattr(packing, "pack_documents", boom)
+    m.setattr(wordpiece, "tokenizer_from_word_counts", boom)
     task = get_task(config, workdir)
     data = task.load_data()
   assert data.info["token_cache"].startswith("hit")

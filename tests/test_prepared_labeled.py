@@ -13,7 +13,7 @@ import pytest
 from jembed.data import labeled_text, pipeline, prepare, streaming, wordpiece
 from jembed.errors import UserError
 from jembed.tasks import get_task
-from spine_helpers import apply_overrides, load_config_file
+from spine_helpers import apply_overrides, load_config_file, read_shard, tiny_encoder
 
 SHARDS = 3
 
@@ -27,11 +27,7 @@ def labelled_config(train_file, **overrides):
   c.eval_every = 2
   c.checkpoint_every = 2
   c.async_checkpointing = False
-  c.model.num_layers = 1
-  c.model.hidden_size = 32
-  c.model.num_heads = 2
-  c.model.mlp_dim = 64
-  c.model.max_position = 64
+  tiny_encoder(c)
   c.data.train = train_file
   c.data.eval_fraction = 0.25
   c.data.seq_len = 24
@@ -66,15 +62,6 @@ def in_memory(labelled_file, tmp_path_factory):
   return task, task.load_data()
 
 
-def read_rows(path) -> np.ndarray:
-  from array_record.python import array_record_module
-  reader = array_record_module.ArrayRecordReader(path)
-  try:
-    return np.stack([prepare.decode_row(r) for r in reader.read_all()])
-  finally:
-    reader.close()
-
-
 def test_prepared_labelled_rows_equal_the_in_memory_columns(prepared, in_memory):
   out, meta = prepared
   task, data = in_memory
@@ -86,9 +73,9 @@ def test_prepared_labelled_rows_equal_the_in_memory_columns(prepared, in_memory)
   assert meta["skipped_records"] == 1   # the one bad line, counted once over all the passes
   rows = np.concatenate([train_cols["tokens"], train_cols["label"][:, None]], axis=1)
   for i, s in enumerate(meta["shards"]):   # example j is row j of shard j % SHARDS
-    np.testing.assert_array_equal(read_rows(os.path.join(out, s["file"])), rows[i::SHARDS])
+    np.testing.assert_array_equal(read_shard(os.path.join(out, s["file"])), rows[i::SHARDS])
   eval_rows = np.concatenate([held["tokens"], held["label"][:, None]], axis=1)
-  np.testing.assert_array_equal(read_rows(os.path.join(out, "eval.array_record")), eval_rows)
+  np.testing.assert_array_equal(read_shard(os.path.join(out, "eval.array_record")), eval_rows)
   assert wordpiece.build_tokenizer((), 0, path=os.path.join(out, "tokenizer.json")).to_str() == \
       task.tokenizer.to_str()
 

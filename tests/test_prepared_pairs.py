@@ -13,7 +13,7 @@ import pytest
 from jembed.data import pairs as pairs_lib, prepare, streaming
 from jembed.errors import UserError
 from jembed.tasks import get_task
-from spine_helpers import apply_overrides, load_config_file
+from spine_helpers import apply_overrides, load_config_file, read_shard
 
 SHARDS = 3
 
@@ -52,15 +52,6 @@ def in_memory(pair_file, tmp_path_factory):
   task = get_task(pairs_config(pair_file), str(tmp_path_factory.mktemp("mem")))
   data = task.load_data()
   return task, data
-
-
-def read_shard(path) -> np.ndarray:
-  from array_record.python import array_record_module
-  reader = array_record_module.ArrayRecordReader(path)
-  try:
-    return np.stack([prepare.decode_row(r) for r in reader.read_all()])
-  finally:
-    reader.close()
 
 
 def test_prepared_pairs_equal_the_in_memory_rows(prepared, in_memory):

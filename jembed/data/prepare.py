@@ -120,9 +120,20 @@ def write_rows(path: str, rows: Iterator[np.ndarray]) -> int:
   return count
 
 
-def tokenizer_sha256(directory: str) -> str:
+def write_metadata(directory: str, tokenizer, rows: Shards, eval_file: str, eval_rows: int,
+                   seq_len: int, skipped: int, **fields: Any) -> dict[str, Any]:
+  """Writes prepared.json (what training checks and reads) last, once everything else is in
+  `directory`, and returns it: the fields every kind has, then the kind's own `fields`."""
   with open(os.path.join(directory, TOKENIZER_FILE), "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+    tok_sha = hashlib.sha256(f.read()).hexdigest()
+  meta = dict(format_version=FORMAT_VERSION, seq_len=seq_len, dtype="int32",
+              shards=rows.entries(), train_rows=rows.written,
+              eval=dict(file=eval_file, rows=eval_rows), tokenizer=TOKENIZER_FILE,
+              tokenizer_sha256=tok_sha, special_ids=wordpiece.special_ids(tokenizer),
+              vocab_size=tokenizer.get_vocab_size(), skipped_records=skipped, **fields)
+  with open(os.path.join(directory, PREPARED_FILE), "w") as f:
+    json.dump(meta, f, indent=2)
+  return meta
 
 
 def write_directory(out: str, build: Callable[[str], None]) -> None:
@@ -258,14 +269,8 @@ def prepare(config, out: str, *, shards: int = 8, overwrite: bool = False,
       counts[i] = 0  # as packing.token_frequencies: the baseline never predicts a special token
     if not carved:
       bad = pipeline.bad_records()   # plus those of the eval files
-    meta = dict(format_version=FORMAT_VERSION, seq_len=seq_len, dtype="int32",
-                shards=shards_out.entries(), train_rows=shards_out.written,
-                eval=dict(file=EVAL_FILE, rows=eval_rows),
-                tokenizer=TOKENIZER_FILE, tokenizer_sha256=tokenizer_sha256(tmp), special_ids=ids,
-                vocab_size=vocab, most_frequent=int(np.argmax(counts)),
-                skipped_records=bad["skipped"], source=description)
-    with open(os.path.join(tmp, PREPARED_FILE), "w") as f:
-      json.dump(meta, f, indent=2)
+    meta = write_metadata(tmp, tok, shards_out, EVAL_FILE, eval_rows, seq_len, bad["skipped"],
+                          most_frequent=int(np.argmax(counts)), source=description)
 
   meta: dict[str, Any] = {}
   write_directory(out, build)

@@ -17,7 +17,6 @@ into place: it is complete or absent. Train on it with --config.data.prepared=DI
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Iterator
 
@@ -97,15 +96,9 @@ def prepare_labeled(config, out: str, *, shards: int, overwrite: bool, log) -> d
       raise UserError("the held-out split is empty; give data.eval or raise data.eval_fraction")
     if streams.eval is not None:
       skipped = pipeline.bad_records()["skipped"]   # plus those of the eval set
-    meta.update(format_version=prepare_lib.FORMAT_VERSION, kind=KIND, seq_len=seq_len,
-                dtype="int32", layout=layout(seq_len), classes=classes, shards=rows.entries(),
-                train_rows=rows.written, eval=dict(file=EVAL_FILE, rows=eval_rows),
-                tokenizer=prepare_lib.TOKENIZER_FILE,
-                tokenizer_sha256=prepare_lib.tokenizer_sha256(tmp), special_ids=ids,
-                vocab_size=tok.get_vocab_size(), skipped_records=skipped,
-                source=streams.description)
-    with open(os.path.join(tmp, prepare_lib.PREPARED_FILE), "w") as f:
-      json.dump(meta, f, indent=2)
+    meta.update(prepare_lib.write_metadata(tmp, tok, rows, EVAL_FILE, eval_rows, seq_len, skipped,
+                                           kind=KIND, layout=layout(seq_len), classes=classes,
+                                           source=streams.description))
 
   prepare_lib.write_directory(out, build)
   log(f"jembed.prepare: wrote {meta['train_rows']} train examples in {shards} shards and "

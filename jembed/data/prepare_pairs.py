@@ -121,14 +121,8 @@ def prepare_pairs(config, out: str, *, shards: int, overwrite: bool, log) -> dic
       raise UserError("the held-out split is empty; give data.eval or raise data.eval_fraction")
     if d.eval:
       skipped = pipeline.bad_records()["skipped"]   # plus those of the eval files
-    meta.update(format_version=prepare_lib.FORMAT_VERSION, kind=KIND, seq_len=seq_len,
-                dtype="int32", layout=cols, num_negatives=k, shards=rows.entries(),
-                train_rows=rows.written, eval=dict(file=EVAL_FILE, rows=eval_rows),
-                tokenizer=prepare_lib.TOKENIZER_FILE,
-                tokenizer_sha256=prepare_lib.tokenizer_sha256(tmp), special_ids=ids,
-                vocab_size=tok.get_vocab_size(), skipped_records=skipped)
-    with open(os.path.join(tmp, prepare_lib.PREPARED_FILE), "w") as f:
-      json.dump(meta, f, indent=2)
+    meta.update(prepare_lib.write_metadata(tmp, tok, rows, EVAL_FILE, eval_rows, seq_len, skipped,
+                                           kind=KIND, layout=cols, num_negatives=k))
 
   prepare_lib.write_directory(out, build)
   log(f"jembed.prepare: wrote {meta['train_rows']} train pairs in {shards} shards and "

@@ -14,6 +14,7 @@ import hashlib
 import os
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from jembed import fs
 from jembed.data import pipeline
 from jembed.errors import UserError
 
@@ -94,10 +95,10 @@ def file_records(path: str, config: Any, form: str) -> Iterator[tuple[str, dict]
   row with more cells than the header are bad records (jembed.data.pipeline.bad_record: an error, or
   skipped and counted with data.on_bad_record='skip'); `form` says what a good record looks like."""
   try:
-    if path.endswith(".csv"):
+    if path.lower().endswith(".csv"):
       yield from _csv_records(path, config)
       return
-    jsonl = path.endswith(".jsonl")
+    jsonl = path.lower().endswith(".jsonl")
     for line_no, line in pipeline.decoded_lines(path, config):
       where = f"{path}:{line_no}"
       if not line.strip():
@@ -139,8 +140,9 @@ def csv_header(path: str) -> list[str]:
   """The column names of a .csv file's first line (for refusing a file without a needed column
   before reading it)."""
   try:
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-      return next(csv.reader(f), [])
+    with fs.open(path, "rb") as f:
+      first = f.readline().decode("utf-8", errors="replace")
+    return next(csv.reader([first]), [])
   except OSError as e:
     raise UserError(f"cannot read {path} ({e.strerror}); check the path and permissions") from None
 
