@@ -67,6 +67,22 @@ def read_shard(path: str):
     reader.close()
 
 
+def assert_resumes_exactly(source, global_batch: int, seed: int, steps: int = 3, **process) -> None:
+  """A prepared training split's iterator, restored from the state it saved after one batch (what the
+  checkpoint holds), yields what the uninterrupted iterator yields next."""
+  import numpy as np
+  it = source.train_iterator(global_batch, seed, prefetch=0, **process)
+  next(it)
+  state = it.get_state()
+  want = [next(it) for _ in range(steps)]
+  again = source.train_iterator(global_batch, seed, prefetch=0, **process)
+  again.set_state(state)
+  for w in want:
+    got = next(again)
+    for k in w:
+      np.testing.assert_array_equal(got[k], w[k])
+
+
 def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
   """Sets dotted keys ("mesh.data": 8) as --config.mesh.data=8 would."""
   for key, value in overrides.items():

@@ -20,7 +20,7 @@ from jembed import checkpoint, train
 from jembed.data import corpus_embedded, documents, packing, prepare, sources, streaming, wordpiece
 from jembed.errors import UserError
 from jembed.tasks import get_task
-from spine_helpers import ROOT, read_shard, tiny_mlm_config, write_corpus
+from spine_helpers import ROOT, assert_resumes_exactly, read_shard, tiny_mlm_config, write_corpus
 
 SHARDS = 4
 RUN = dict(total_steps=4, log_every=1, eval_every=4, checkpoint_every=2, keep_checkpoints=10,
@@ -167,14 +167,7 @@ def test_each_process_reads_only_its_shards_and_the_union_is_the_global_batch(pr
   assert auto.stream_count(2) == 2 and auto.stream_count(1) == 1
 
   # The iterator state restores the stream exactly (what the checkpoint saves).
-  it = source.train_iterator(16, 7, process_count=2, process_index=1)
-  next(it)
-  state = it.get_state()
-  expect = [next(it)["tokens"] for _ in range(2)]
-  again = source.train_iterator(16, 7, process_count=2, process_index=1)
-  again.set_state(state)
-  for e in expect:
-    np.testing.assert_array_equal(next(again)["tokens"], e)
+  assert_resumes_exactly(source, 16, 7, steps=2, process_count=2, process_index=1)
 
 
 @pytest.mark.parametrize("streams, batch, procs, message", [

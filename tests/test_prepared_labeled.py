@@ -13,25 +13,15 @@ import pytest
 from jembed.data import labeled_text, pipeline, prepare, streaming, wordpiece
 from jembed.errors import UserError
 from jembed.tasks import get_task
-from spine_helpers import apply_overrides, load_config_file, read_shard, tiny_encoder
+from spine_helpers import apply_overrides, assert_resumes_exactly, load_config_file, read_shard, tiny_encoder
 
 SHARDS = 3
 
 
 def labelled_config(train_file, **overrides):
-  c = load_config_file("finetune_text")
+  c = tiny_encoder(load_config_file("finetune_text"))
   c.batch_size = 8
-  c.total_steps = 2
-  c.warmup_steps = 1
-  c.log_every = 1
-  c.eval_every = 2
-  c.checkpoint_every = 2
-  c.async_checkpointing = False
-  tiny_encoder(c)
-  c.data.train = train_file
-  c.data.eval_fraction = 0.25
-  c.data.seq_len = 24
-  c.data.vocab_size = 400
+  c.data.update(dict(train=train_file, eval_fraction=0.25, seq_len=24, vocab_size=400))
   return apply_overrides(c, overrides)
 
 
@@ -105,18 +95,8 @@ def test_training_streams_prepared_labelled_text_and_resumes_exactly(prepared, i
   seen = [{r.tobytes() for p_step in (parts[i][s] for s in range(4)) for r in p_step["tokens"]}
           for i in range(3)]
   assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
-  # Exact resume: an iterator restored from a saved state (what the checkpoint holds) goes on as the
-  # uninterrupted one does.
-  it = data.train.train_iterator(6, seed=1, prefetch=0, process_count=1, process_index=0)
-  next(it)
-  state = it.get_state()
-  want = [next(it) for _ in range(3)]
-  again = data.train.train_iterator(6, seed=1, prefetch=0, process_count=1, process_index=0)
-  again.set_state(state)
-  for w in want:
-    got = next(again)
-    for k in w:
-      np.testing.assert_array_equal(got[k], w[k])
+  # Exact resume: the iterator state the checkpoint saves restores the stream.
+  assert_resumes_exactly(data.train, 6, 1, process_count=1, process_index=0)
   # The loop's input (make_train_iterator) feeds the task's classifier, built from its description,
   # which keeps the class names; a gradient step lowers the loss on that batch.
   import jax

@@ -13,7 +13,7 @@ import pytest
 from jembed.data import pairs as pairs_lib, prepare, streaming
 from jembed.errors import UserError
 from jembed.tasks import get_task
-from spine_helpers import apply_overrides, load_config_file, read_shard
+from spine_helpers import apply_overrides, assert_resumes_exactly, load_config_file, read_shard
 
 SHARDS = 3
 
@@ -98,17 +98,8 @@ def test_training_streams_prepared_pairs_per_process_and_resumes_exactly(pair_fi
     one_rows |= {r.tobytes() for r in whole["anchor"]}
   valid = {r.tobytes() for r in in_memory[1].train["anchor"]}
   assert one_rows <= valid
-  # Exact resume: an iterator restored from a saved state yields what the original yields next.
-  it = data.train.train_iterator(6, seed=1, prefetch=0, process_count=1, process_index=0)
-  next(it)
-  state = it.get_state()
-  want = [next(it) for _ in range(3)]
-  again = data.train.train_iterator(6, seed=1, prefetch=0, process_count=1, process_index=0)
-  again.set_state(state)
-  for w in want:
-    got = next(again)
-    for k in w:
-      np.testing.assert_array_equal(got[k], w[k])
+  # Exact resume: the iterator state the checkpoint saves restores the stream.
+  assert_resumes_exactly(data.train, 6, 1, process_count=1, process_index=0)
 
 
 def test_prepared_pairs_bad_input_is_one_line(pair_file, prepared, tmp_path):
