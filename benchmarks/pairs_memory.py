@@ -13,9 +13,9 @@ tokenizer (vocab 8192) is trained once on the embedded texts and given to every 
 measurement builds the task from the config (configs/contrastive_text.py or configs/finetune_text.py,
 as `jembed.main` does), loads its data and draws --batches global batches of 64, without a model: it
 is the input side alone. The in-memory baseline is skipped above --in-memory-max examples (it grows
-with the data: about 1.1 GB per 100k pairs), so a large size can be measured streamed on a machine
-too small for the baseline. Each command runs in its own process; its peak RSS is that child's
-ru_maxrss. Ends with one JSON line.
+with the data: 1.2 GB more per 100k pairs between 10k and 100k), so a large size can be measured
+streamed on a machine too small for the baseline. Each command runs in its own process; its peak RSS
+is that child's ru_maxrss. Ends with one JSON line.
 """
 from __future__ import annotations
 
