@@ -66,7 +66,7 @@ def mpnet_model(path: str) -> str:
 
 def sentences(n: int) -> list[str]:
   """n paragraphs of CPython's documentation (pydoc_data topics), of mixed length, in a fixed order."""
-  from jembed.data.text import embedded_documents
+  from jembed.data.corpus_embedded import embedded_documents
   paras = []
   for doc in embedded_documents():
     for p in doc.split("\n\n"):

@@ -49,12 +49,12 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=10)
   args = p.parse_args()
   import shutil
-  from jembed.data import text
+  from jembed.data import corpus_embedded, wordpiece
   shutil.rmtree(args.dir, ignore_errors=True)
   os.makedirs(args.dir)
   corpus, tok = os.path.join(args.dir, "corpus.txt"), os.path.join(args.dir, "tokenizer.json")
-  docs = text.embedded_documents()
-  text.build_tokenizer(docs, 8192, save_to=tok)
+  docs = corpus_embedded.embedded_documents()
+  wordpiece.build_tokenizer(docs, 8192, save_to=tok)
   with open(corpus, "w") as f:
     copy = 0
     while f.tell() < args.mb * 1e6:

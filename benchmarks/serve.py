@@ -43,10 +43,10 @@ def tiny_model(directory: str) -> str:
   import jax
   from flax import nnx
   from jembed import hf
-  from jembed.data import text
+  from jembed.data import wordpiece
   from jembed.hf.io import abstract_module
   from jembed.models.transformer import TransformerConfig, TransformerEncoder
-  tokenizer = text.build_tokenizer(sentences(2000, 2000), 2000)
+  tokenizer = wordpiece.build_tokenizer(sentences(2000, 2000), 2000)
   cfg = TransformerConfig(num_layers=2, hidden_size=64, num_heads=4, mlp_dim=256,
                           vocab_size=tokenizer.get_vocab_size(), max_position=128)
   rng = np.random.default_rng(0)
@@ -60,7 +60,7 @@ def tiny_model(directory: str) -> str:
 
 def sentences(n: int, chars: int) -> list[str]:
   """n paragraphs of CPython's documentation, cut to `chars` characters, in a fixed order."""
-  from jembed.data.text import embedded_documents
+  from jembed.data.corpus_embedded import embedded_documents
   paras = []
   for doc in embedded_documents():
     for p in doc.split("\n\n"):

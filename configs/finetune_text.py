@@ -25,7 +25,15 @@ installed Python standard library (functions, classes, methods) labelled by the 
 one of six classes: concurrency, files, network, numbers, text, time (jembed/data/labeled_text.py).
 Your own data: --config.data.train=train.jsonl --config.data.eval=test.jsonl (one {"text", "label"}
 object per line; a .csv with a text,label header works too), or --config.data.tfds_name=imdb_reviews
-(prepared under data.data_dir). At the end it prints a classification report and writes
+(prepared under data.data_dir). Data larger than memory: tokenize it once into shards that each host
+streams its share of, then train on them:
+
+  python -m jembed.data.prepare --config configs/finetune_text.py --out /data/labelled-prep \
+      --config.data.train='train/*.jsonl' --config.data.eval=test.jsonl --shards 16
+  python -m jembed.main --config configs/finetune_text.py --workdir /tmp/ft \
+      --config.data.prepared=/data/labelled-prep
+
+At the end it prints a classification report and writes
 WORKDIR/classification_report.json and WORKDIR/confusion_matrix.png (LoRA runs also write
 WORKDIR/lora_adapter/ and WORKDIR/merged/). Then `jembed.load(WORKDIR).predict(texts)` or
 `python -m jembed.predict --model WORKDIR --input texts.txt --output preds.jsonl`.
@@ -92,5 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
       vocab_size=8192,
       seq_len=128,
       on_bad_record="error",    # error | skip (counted and reported) for malformed records or unknown labels
+      prepared="",              # a directory from `python -m jembed.data.prepare`: stream examples from disk
+      streams=0,                # with prepared: shard streams (0 = one per process); fix it to keep the
+                                # same global batches on any number of hosts
   ))
   return c

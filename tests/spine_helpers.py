@@ -19,7 +19,7 @@ def load_config_file(name: str) -> ml_collections.ConfigDict:
 
 
 def write_corpus(directory: str, n_docs: int = 300) -> str:
-  from jembed.data.text import embedded_documents
+  from jembed.data.corpus_embedded import embedded_documents
   path = os.path.join(directory, "corpus.txt")
   if not os.path.exists(path):
     with open(path, "w") as f:
@@ -37,16 +37,50 @@ def tiny_mlm_config(corpus: str, **overrides) -> ml_collections.ConfigDict:
   c.checkpoint_every = 3
   c.eval_batches = 2
   c.async_checkpointing = False
-  c.model.num_layers = 1
-  c.model.hidden_size = 32
-  c.model.num_heads = 2
-  c.model.mlp_dim = 64
-  c.model.max_position = 64
+  tiny_encoder(c)
   c.data.train = corpus
   c.data.eval_fraction = 0.1
   c.data.vocab_size = 512
   c.data.seq_len = 32
   return apply_overrides(c, overrides)
+
+
+def tiny_encoder(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A text config's encoder at test size: one layer of width 32."""
+  c.model.num_layers = 1
+  c.model.hidden_size = 32
+  c.model.num_heads = 2
+  c.model.mlp_dim = 64
+  c.model.max_position = 64
+  return c
+
+
+def read_shard(path: str):
+  """Every row of an ArrayRecord file of prepared rows (jembed.data.prepare), in order."""
+  import numpy as np
+  from array_record.python import array_record_module
+  from jembed.data import shards
+  reader = array_record_module.ArrayRecordReader(path)
+  try:
+    return np.stack([shards.decode_row(r) for r in reader.read_all()])
+  finally:
+    reader.close()
+
+
+def assert_resumes_exactly(source, global_batch: int, seed: int, steps: int = 3, **process) -> None:
+  """A prepared training split's iterator, restored from the state it saved after one batch (what the
+  checkpoint holds), yields what the uninterrupted iterator yields next."""
+  import numpy as np
+  it = source.train_iterator(global_batch, seed, prefetch=0, **process)
+  next(it)
+  state = it.get_state()
+  want = [next(it) for _ in range(steps)]
+  again = source.train_iterator(global_batch, seed, prefetch=0, **process)
+  again.set_state(state)
+  for w in want:
+    got = next(again)
+    for k in w:
+      np.testing.assert_array_equal(got[k], w[k])
 
 
 def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:

@@ -14,9 +14,10 @@ from jembed import probe
 from spine_helpers import apply_overrides, load_config_file
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "jembed"
-# Owned by other work in progress (the data layer's clean-up; the model code reads config.model and
-# model.json dicts alike). Empty it as they go.
-PENDING = ("data/", "models/")
+# Not scanned yet (issue 19): the model code reads config.model and model.json dicts alike; the image
+# stream's options (workers, crop_scale, flip, tfds_split) and pipeline.on_bad_record are read from
+# the data sections of several image configs that do not all define them.
+PENDING = ("models/", "data/image_stream.py", "data/pipeline.py")
 
 
 def _is_config(node: ast.AST, aliases: set[str]) -> bool:

@@ -457,14 +457,14 @@ TEXT_FAULTS = [  # (file name, contents, where the bad record is, words of the m
 
 @pytest.mark.parametrize("name, data, where, words", TEXT_FAULTS, ids=[f[0] for f in TEXT_FAULTS])
 def test_bad_records_in_text_files(tmp_path, name, data, where, words):
-  from jembed.data import pipeline, text
+  from jembed.data import documents, pipeline
   path = tmp_path / name
   path.write_bytes(data)
   with pytest.raises(UserError, match=f"{name}{where}: {words}.*on_bad_record=skip") as e:
-    text.load_documents(text_cfg(path, "error"))
+    documents.load_documents(text_cfg(path, "error"))
   assert "\n" not in str(e.value)
   pipeline.reset_bad_records()
-  docs, _ = text.load_documents(text_cfg(path, "skip"))
+  docs, _ = documents.load_documents(text_cfg(path, "skip"))
   assert len(docs) == 2 and pipeline.bad_records()["skipped"] == 1
   assert f"{name}{where}" in pipeline.bad_records()["examples"][0]
 

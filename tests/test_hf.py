@@ -21,7 +21,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from jembed import hf
-from jembed.data import text
+from jembed.data import wordpiece
 from jembed.errors import UserError
 from jembed.hf.io import abstract_module
 from jembed.models.heads import MlmHead, pool
@@ -52,7 +52,7 @@ def one_line_user_error(excinfo):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-  return text.build_tokenizer(CORPUS, 160)
+  return wordpiece.build_tokenizer(CORPUS, 160)
 
 
 def tiny_encoder(tokenizer, *, pooler=True, mlm=True, seed=0, hidden_act="gelu"):
@@ -106,7 +106,7 @@ def test_export_import_is_exact(tmp_path, tokenizer, pooler, mlm):
       "layer_norm_eps": 1e-12, "hidden_act": "gelu", "dropout": 0.1, "attention_dropout": 0.1,
       "pooler": pooler, "family": "bert"}
   assert (model.pooling, model.normalize, model.max_seq_length) == ("max", mlm, 16)
-  assert model.special_ids == text.special_ids(tokenizer)
+  assert model.special_ids == wordpiece.special_ids(tokenizer)
   names = load_file(os.path.join(first, "model.safetensors"))
   assert any("pooler" in n for n in names) == pooler
   assert all(n.startswith(("bert.", "cls.")) for n in names) == mlm
@@ -134,7 +134,7 @@ def test_linear_weights_are_torch_layout(tmp_path, tokenizer):
                         np.asarray(head["transform"]["kernel"]).T)
   config = json.load(open(os.path.join(out, "config.json")))
   assert config["model_type"] == "bert" and config["architectures"] == ["BertForMaskedLM"]
-  assert config["intermediate_size"] == 64 and config["pad_token_id"] == text.special_ids(tokenizer)["pad"]
+  assert config["intermediate_size"] == 64 and config["pad_token_id"] == wordpiece.special_ids(tokenizer)["pad"]
 
 
 def test_legacy_tensor_names_load_the_same(tmp_path, tokenizer):
@@ -207,7 +207,7 @@ def test_vocab_txt_tokenizer_matches_tokenizer_json(tmp_path, tokenizer):
 
 def test_lowercase_option_is_applied(tmp_path, tokenizer):
   import tokenizers  # pylint: disable=import-outside-toplevel
-  vocab = {t: i for i, t in enumerate(text.SPECIAL_TOKENS + ("hello", "HELLO"))}
+  vocab = {t: i for i, t in enumerate(wordpiece.SPECIAL_TOKENS + ("hello", "HELLO"))}
   cased = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
   cased.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
   cased.post_processor = tokenizers.processors.TemplateProcessing(

@@ -13,15 +13,8 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "jembed"
 
-# Known, owned elsewhere: the data layer's own clean-up (issue 19, item 11). Empty it as they go.
-PENDING_PRIVATE: set[tuple[str, str]] = {
-    ("jembed.data.prepare_pairs", "jembed.data.labeled_text._hash_unit"),
-    ("jembed.data.prepare_pairs", "jembed.data.prepare._chunks"),
-    ("jembed.data.pairs", "jembed.data.labeled_text._docstrings"),
-    ("jembed.data.prepare", "jembed.data.text._doc_hash_unit"),
-    ("jembed.data.image_stream", "jembed.data.images._resolve_source"),
-}
-PENDING_CYCLES: list[set[str]] = [{"jembed.data.prepare", "jembed.data.prepare_pairs"}]
+PENDING_PRIVATE: set[tuple[str, str]] = set()
+PENDING_CYCLES: list[set[str]] = []
 
 
 def _modules() -> dict[str, pathlib.Path]:

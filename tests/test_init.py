@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from jembed import hf, train, tree
-from jembed.data import text
+from jembed.data import wordpiece
 from jembed.errors import UserError
 from jembed.models.heads import MlmHead
 from jembed.models.transformer import TransformerConfig, TransformerEncoder
@@ -23,7 +23,7 @@ CFG = TransformerConfig(num_layers=1, hidden_size=32, num_heads=2, mlp_dim=64, v
 def hf_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("hf")
   corpus = write_corpus(str(root))
-  tok = text.build_tokenizer(open(corpus).read().splitlines(), 512)
+  tok = wordpiece.build_tokenizer(open(corpus).read().splitlines(), 512)
   rngs = nnx.Rngs(params=7, dropout=0)
   encoder = TransformerEncoder(CFG, rngs=rngs)
   head = MlmHead(CFG.hidden_size, CFG.vocab_size, rngs=rngs)

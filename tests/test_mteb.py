@@ -103,11 +103,11 @@ def embedder(tmp_path_factory):
     pass
   from flax import nnx
   from jembed import hf
-  from jembed.data import text
+  from jembed.data import corpus_embedded, wordpiece
   from jembed.models.transformer import TransformerConfig, TransformerEncoder
   cfg = TransformerConfig(num_layers=1, hidden_size=32, num_heads=2, mlp_dim=64, vocab_size=512,
                           max_position=64, dropout=0.0, attention_dropout=0.0)
-  tok = text.build_tokenizer(text.embedded_documents()[:300], 512)
+  tok = wordpiece.build_tokenizer(corpus_embedded.embedded_documents()[:300], 512)
   encoder = TransformerEncoder(cfg, rngs=nnx.Rngs(params=3, dropout=0))
   path = str(tmp_path_factory.mktemp("hf") / "tiny")
   hf.save_dir(path, encoder_config=cfg, params=nnx.to_pure_dict(nnx.state(encoder, nnx.Param)),

@@ -2,7 +2,7 @@
 process's own shards of it (data.prepared, data.streams), and the token cache of text files
 (data.cache_dir).
 
-References are the in-memory path: `text.load_documents` -> `build_tokenizer` -> `pack_documents`,
+References are the in-memory path: `documents.load_documents` -> `build_tokenizer` -> `pack_documents`,
 and a one-process run with the same number of streams."""
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from jembed import checkpoint, train
-from jembed.data import prepare, streaming, text
+from jembed.data import corpus_embedded, documents, packing, prepare, shards, sources, streaming, wordpiece
 from jembed.errors import UserError
 from jembed.tasks import get_task
-from spine_helpers import ROOT, tiny_mlm_config, write_corpus
+from spine_helpers import ROOT, assert_resumes_exactly, read_shard, tiny_mlm_config, write_corpus
 
 SHARDS = 4
 RUN = dict(total_steps=4, log_every=1, eval_every=4, checkpoint_every=2, keep_checkpoints=10,
@@ -39,27 +39,18 @@ def prepared(corpus, tmp_path_factory):
   return out, meta
 
 
-def read_shard(path) -> np.ndarray:
-  from array_record.python import array_record_module
-  reader = array_record_module.ArrayRecordReader(path)
-  try:
-    return np.stack([prepare.decode_row(r) for r in reader.read_all()])
-  finally:
-    reader.close()
-
-
 # ------------------------------------------------------------------------------ prepare
 
 
 def test_prepare_rows_and_tokenizer_equal_the_in_memory_path(corpus, prepared):
   out, meta = prepared
   config = tiny_mlm_config(corpus)
-  train_docs, eval_docs = text.load_documents(config.data)
-  tok = text.build_tokenizer(train_docs, config.data.vocab_size)
-  rows = text.pack_documents(train_docs, tok, 32)
-  held = text.pack_documents(eval_docs, tok, 32)
+  train_docs, eval_docs = documents.load_documents(config.data)
+  tok = wordpiece.build_tokenizer(train_docs, config.data.vocab_size)
+  rows = packing.pack_documents(train_docs, tok, 32)
+  held = packing.pack_documents(eval_docs, tok, 32)
 
-  saved = text.build_tokenizer((), 0, path=os.path.join(out, "tokenizer.json"))
+  saved = wordpiece.build_tokenizer((), 0, path=os.path.join(out, "tokenizer.json"))
   assert saved.to_str() == tok.to_str()
   # Row j of the packed stream is dealt to shard j % SHARDS: each shard is a stride of the rows.
   sizes = [s["rows"] for s in meta["shards"]]
@@ -75,8 +66,8 @@ def test_prepare_rows_and_tokenizer_equal_the_in_memory_path(corpus, prepared):
   assert meta["tokenizer_sha256"] == hashlib.sha256(
       open(os.path.join(out, "tokenizer.json"), "rb").read()).hexdigest()
   assert meta["seq_len"] == 32 and meta["vocab_size"] == tok.get_vocab_size()
-  assert meta["special_ids"] == text.special_ids(tok)
-  freq = text.token_frequencies(rows, tok.get_vocab_size(), special=text.special_ids(tok).values())
+  assert meta["special_ids"] == wordpiece.special_ids(tok)
+  freq = packing.token_frequencies(rows, tok.get_vocab_size(), special=wordpiece.special_ids(tok).values())
   assert meta["most_frequent"] == int(np.argmax(freq))
 
 
@@ -94,15 +85,15 @@ def test_prepare_with_explicit_eval_files_and_a_given_tokenizer(corpus, prepared
   out = str(tmp_path / "prep")
   meta = prepare.prepare(config, out, shards=3, log=lambda _: None)
   assert meta["skipped_records"] == 1
-  tok = text.build_tokenizer((), 0, path=config.data.tokenizer)
-  train_docs, eval_docs = text.load_documents(config.data)
-  rows = text.pack_documents(train_docs, tok, 20)
+  tok = wordpiece.build_tokenizer((), 0, path=config.data.tokenizer)
+  train_docs, eval_docs = documents.load_documents(config.data)
+  rows = packing.pack_documents(train_docs, tok, 20)
   got = np.concatenate([read_shard(os.path.join(out, s["file"])) for s in meta["shards"]])
   # As multisets: the same rows, dealt to three shards.
   np.testing.assert_array_equal(np.unique(got, axis=0), np.unique(rows, axis=0))
   assert len(got) == len(rows)
   np.testing.assert_array_equal(read_shard(os.path.join(out, "eval.array_record")),
-                                text.pack_documents(eval_docs, tok, 20))
+                                packing.pack_documents(eval_docs, tok, 20))
 
 
 def test_prepare_refuses_bad_input_in_one_line_and_writes_nothing(corpus, prepared, tmp_path):
@@ -159,7 +150,7 @@ def test_each_process_reads_only_its_shards_and_the_union_is_the_global_batch(pr
     it = source.train_iterator(16, 7, process_count=2, process_index=p)
     got[p] = [next(it)["tokens"] for _ in range(6)]
     # Streams: shard i belongs to stream i % 2; process p owns stream p.
-    assert set(opened) == {prepare.shard_name(i, SHARDS) for i in range(p, SHARDS, 2)}, opened
+    assert set(opened) == {shards.shard_name(i, SHARDS) for i in range(p, SHARDS, 2)}, opened
   for step in range(6):
     assert got[0][step].shape == (8, 32)
     np.testing.assert_array_equal(np.concatenate([got[0][step], got[1][step]]), want[step])
@@ -176,14 +167,7 @@ def test_each_process_reads_only_its_shards_and_the_union_is_the_global_batch(pr
   assert auto.stream_count(2) == 2 and auto.stream_count(1) == 1
 
   # The iterator state restores the stream exactly (what the checkpoint saves).
-  it = source.train_iterator(16, 7, process_count=2, process_index=1)
-  next(it)
-  state = it.get_state()
-  expect = [next(it)["tokens"] for _ in range(2)]
-  again = source.train_iterator(16, 7, process_count=2, process_index=1)
-  again.set_state(state)
-  for e in expect:
-    np.testing.assert_array_equal(next(again)["tokens"], e)
+  assert_resumes_exactly(source, 16, 7, steps=2, process_count=2, process_index=1)
 
 
 @pytest.mark.parametrize("streams, batch, procs, message", [
@@ -203,7 +187,7 @@ def test_training_config_mismatches_are_refused(corpus, prepared, tmp_path):
   with pytest.raises(UserError, match="data.seq_len=16 .* seq_len=32"):
     get_task(config, str(tmp_path / "w")).load_data()
   other = str(tmp_path / "other.json")
-  text.build_tokenizer(text.embedded_documents()[:50], 200, save_to=other)
+  wordpiece.build_tokenizer(corpus_embedded.embedded_documents()[:50], 200, save_to=other)
   config = tiny_mlm_config(corpus, **{"data.prepared": out, "data.tokenizer": other})
   with pytest.raises(UserError, match="data.tokenizer .* differs from the tokenizer of data.prepared"):
     get_task(config, str(tmp_path / "w")).load_data()
@@ -322,9 +306,9 @@ def test_token_cache_hit_miss_and_off(corpus, tmp_path, monkeypatch):
   shutil.copy(corpus, src)
   workdir = str(tmp_path / "w")
   config = tiny_mlm_config(str(src))
-  ref_docs, ref_eval = text.load_documents(config.data)
-  ref_tok = text.build_tokenizer(ref_docs, 512)
-  ref = text.pack_documents(ref_docs, ref_tok, 32)
+  ref_docs, ref_eval = documents.load_documents(config.data)
+  ref_tok = wordpiece.build_tokenizer(ref_docs, 512)
+  ref = packing.pack_documents(ref_docs, ref_tok, 32)
 
   task = get_task(config, workdir)
   data = task.load_data()
@@ -337,15 +321,15 @@ def test_token_cache_hit_miss_and_off(corpus, tmp_path, monkeypatch):
   def boom(*a, **k):
     raise AssertionError("read or tokenized on a cache hit")
   with monkeypatch.context() as m:
-    m.setattr(text, "load_documents", boom)
-    m.setattr(text, "pack_documents", boom)
-    m.setattr(text, "tokenizer_from_word_counts", boom)
+    m.setattr(documents, "load_documents", boom)
+    m.setattr(packing, "pack_documents", boom)
+    m.setattr(wordpiece, "tokenizer_from_word_counts", boom)
     task = get_task(config, workdir)
     data = task.load_data()
   assert data.info["token_cache"].startswith("hit")
   np.testing.assert_array_equal(data.train["tokens"], ref)
-  np.testing.assert_array_equal(data.eval["tokens"], text.pack_documents(ref_eval, ref_tok, 32))
-  assert task.most_frequent == int(np.argmax(text.token_frequencies(ref, 512, special=task.ids.values())))
+  np.testing.assert_array_equal(data.eval["tokens"], packing.pack_documents(ref_eval, ref_tok, 32))
+  assert task.most_frequent == int(np.argmax(packing.token_frequencies(ref, 512, special=task.ids.values())))
 
   # A changed file (same size, new mtime) is a miss; the stale entry goes when the new is written.
   st = os.stat(src)
@@ -358,7 +342,7 @@ def test_token_cache_hit_miss_and_off(corpus, tmp_path, monkeypatch):
 
   # Another tokenizer is a miss too.
   other = str(tmp_path / "other.json")
-  text.build_tokenizer(ref_docs, 300, save_to=other)
+  wordpiece.build_tokenizer(ref_docs, 300, save_to=other)
   config_tok = tiny_mlm_config(str(src), **{"data.tokenizer": other})
   task = get_task(config_tok, workdir)
   data = task.load_data()
@@ -405,12 +389,12 @@ def test_prepare_holds_out_like_split_train_eval_on_a_tiny_corpus(corpus, tmp_pa
   small.write_bytes(("\n".join(lines[:20]) + "\n").encode() + b"\xff\xfe bad\n"
                     + ("\n".join(lines[20:]) + "\n").encode())
   config = tiny_mlm_config(str(small), **{"data.eval_fraction": 0.001, "data.on_bad_record": "skip"})
-  train_docs, eval_docs = text.load_documents(config.data)
-  assert len(eval_docs) == 1 and not any(text.is_held_out(d, 0.001) for d in eval_docs)
+  train_docs, eval_docs = documents.load_documents(config.data)
+  assert len(eval_docs) == 1 and not any(sources.hash_unit(d) < 0.001 for d in eval_docs)
   meta = prepare.prepare(config, str(tmp_path / "prep"), shards=1, log=lambda _: None)
   assert meta["skipped_records"] == 1
-  tok = text.build_tokenizer(train_docs, 512)
+  tok = wordpiece.build_tokenizer(train_docs, 512)
   np.testing.assert_array_equal(read_shard(str(tmp_path / "prep" / meta["shards"][0]["file"])),
-                                text.pack_documents(train_docs, tok, 32))
+                                packing.pack_documents(train_docs, tok, 32))
   np.testing.assert_array_equal(read_shard(str(tmp_path / "prep" / "eval.array_record")),
-                                text.pack_documents(eval_docs, tok, 32))
+                                packing.pack_documents(eval_docs, tok, 32))

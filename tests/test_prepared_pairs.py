@@ -13,7 +13,7 @@ import pytest
 from jembed.data import pairs as pairs_lib, prepare, streaming
 from jembed.errors import UserError
 from jembed.tasks import get_task
-from spine_helpers import apply_overrides, load_config_file
+from spine_helpers import apply_overrides, assert_resumes_exactly, load_config_file, read_shard
 
 SHARDS = 3
 
@@ -54,15 +54,6 @@ def in_memory(pair_file, tmp_path_factory):
   return task, data
 
 
-def read_shard(path) -> np.ndarray:
-  from array_record.python import array_record_module
-  reader = array_record_module.ArrayRecordReader(path)
-  try:
-    return np.stack([prepare.decode_row(r) for r in reader.read_all()])
-  finally:
-    reader.close()
-
-
 def test_prepared_pairs_equal_the_in_memory_rows(prepared, in_memory):
   out, meta = prepared
   task, data = in_memory
@@ -74,8 +65,8 @@ def test_prepared_pairs_equal_the_in_memory_rows(prepared, in_memory):
   rows = np.concatenate([cols["anchor"], cols["positive"], cols["negative"].reshape(n, -1)], axis=1)
   for i, s in enumerate(meta["shards"]):   # pair j is row j of shard j % SHARDS
     np.testing.assert_array_equal(read_shard(os.path.join(out, s["file"])), rows[i::SHARDS])
-  from jembed.data import text
-  assert text.build_tokenizer((), 0, path=os.path.join(out, "tokenizer.json")).to_str() == \
+  from jembed.data import wordpiece
+  assert wordpiece.build_tokenizer((), 0, path=os.path.join(out, "tokenizer.json")).to_str() == \
       task.tokenizer.to_str()
   held, _ = pairs_lib.load_pairs(os.path.join(out, "eval.jsonl"))
   assert held == task.held_out
@@ -107,17 +98,8 @@ def test_training_streams_prepared_pairs_per_process_and_resumes_exactly(pair_fi
     one_rows |= {r.tobytes() for r in whole["anchor"]}
   valid = {r.tobytes() for r in in_memory[1].train["anchor"]}
   assert one_rows <= valid
-  # Exact resume: an iterator restored from a saved state yields what the original yields next.
-  it = data.train.train_iterator(6, seed=1, prefetch=0, process_count=1, process_index=0)
-  next(it)
-  state = it.get_state()
-  want = [next(it) for _ in range(3)]
-  again = data.train.train_iterator(6, seed=1, prefetch=0, process_count=1, process_index=0)
-  again.set_state(state)
-  for w in want:
-    got = next(again)
-    for k in w:
-      np.testing.assert_array_equal(got[k], w[k])
+  # Exact resume: the iterator state the checkpoint saves restores the stream.
+  assert_resumes_exactly(data.train, 6, 1, process_count=1, process_index=0)
 
 
 def test_prepared_pairs_bad_input_is_one_line(pair_file, prepared, tmp_path):

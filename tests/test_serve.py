@@ -45,10 +45,10 @@ def model_dir(tmp_path_factory):
   import jax
   from flax import nnx
   from jembed import hf
-  from jembed.data import text
+  from jembed.data import wordpiece
   from jembed.hf.io import abstract_module
   from jembed.models.transformer import TransformerConfig, TransformerEncoder
-  tokenizer = text.build_tokenizer(TEXTS * 3 + [LONG], 120)
+  tokenizer = wordpiece.build_tokenizer(TEXTS * 3 + [LONG], 120)
   cfg = TransformerConfig(num_layers=1, hidden_size=32, num_heads=4, mlp_dim=64,
                           vocab_size=tokenizer.get_vocab_size(), max_position=32)
   rng = np.random.default_rng(0)

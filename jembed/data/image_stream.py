@@ -24,10 +24,8 @@ order through the model's evaluation view (image_transforms.eval_transform), a b
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
-import json
 import os
 from typing import Any, Iterator, Sequence
 
@@ -36,6 +34,7 @@ import numpy as np
 
 from jembed import fs
 from jembed.data import image_transforms as T
+from jembed.data import sources
 from jembed.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -409,33 +408,25 @@ def folder_records(root: str, what: str, class_names: list[str] | None = None
 
 
 def _list_rows(path: str, what: str) -> Iterator[tuple[str, Any, str]]:
-  """(image path as written, label, where) of each row of a .csv or .jsonl list."""
-  text = fs.read_text(path)
-  if path.lower().endswith(".csv"):
-    reader = csv.reader(io.StringIO(text))
-    header = [h.strip().lower() for h in next(reader, [])]
+  """(image path as written, label, where) of each row of a .csv or .jsonl list (read by
+  jembed.data.sources.file_records, as the text tasks read theirs; a bad line is one error)."""
+  form = 'write one {"path": ..., "label": ...} object a line'
+  csv_list = path.lower().endswith(".csv")
+  if csv_list:
+    header = [h.strip().lower() for h in sources.csv_header(path)]
     if "path" not in header or "label" not in header:
       raise UserError(f"data.{what} list {path} needs a header row with 'path' and 'label' columns "
                       f"(it has {header}); write e.g. 'path,label' first")
-    ip, il = header.index("path"), header.index("label")
-    for line_no, row in enumerate(reader, start=2):
-      if not any(c.strip() for c in row):
+  for where, record in sources.file_records(path, None, form):
+    record = {str(k).strip().lower(): v for k, v in record.items()}  # a header as written
+    if "path" not in record or "label" not in record:
+      raise UserError(f'{where}: expected an object with "path" and "label", got {record}')
+    if csv_list:
+      if not any(str(v).strip() for v in record.values()):
         continue
-      if len(row) <= max(ip, il):
-        raise UserError(f"{path}:{line_no}: expected path and label columns, got {row}")
-      yield row[ip].strip(), row[il].strip(), f"{path}:{line_no}"
-    return
-  for line_no, line in enumerate(text.splitlines(), start=1):
-    if not line.strip():
-      continue
-    try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg}); write one "
-                      '{"path": ..., "label": ...} object a line') from None
-    if not isinstance(obj, dict) or "path" not in obj or "label" not in obj:
-      raise UserError(f'{path}:{line_no}: expected an object with "path" and "label", got {line[:80]!r}')
-    yield str(obj["path"]), obj["label"], f"{path}:{line_no}"
+      yield str(record["path"]).strip(), str(record["label"]).strip(), where
+    else:
+      yield str(record["path"]), record["label"], where
 
 
 def _int_label(value) -> int | None:
@@ -596,8 +587,8 @@ def model_preprocess(data_config: Any, init_spec: dict | None = None,
 def is_streamed(data_config: Any) -> bool:
   """Whether config.data names a source this module streams (folders, lists, TFDS): everything
   but the embedded digits."""
-  from jembed.data.images import _resolve_source  # pylint: disable=import-outside-toplevel
-  return _resolve_source(data_config) != "embedded"
+  from jembed.data.images import resolve_source  # pylint: disable=import-outside-toplevel
+  return resolve_source(data_config) != "embedded"
 
 
 def default_workers() -> int:
@@ -631,8 +622,8 @@ def _options(config: Any) -> dict:
 def open_splits(data_config: Any, init_spec: dict | None = None
                 ) -> tuple[ImageStream, ImageStream]:
   """(train, held-out) streams for a folder, list or TFDS source (never the embedded digits)."""
-  from jembed.data.images import _resolve_source  # pylint: disable=import-outside-toplevel
-  source = _resolve_source(data_config)
+  from jembed.data.images import resolve_source  # pylint: disable=import-outside-toplevel
+  source = resolve_source(data_config)
   fraction = float(_field(data_config, "eval_fraction", 0.2))
   if not 0.0 <= fraction < 1.0:
     raise UserError(f"data.eval_fraction={fraction} must be in [0, 1)")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from jembed.data import pipeline, tfds_source
+from jembed.data import pipeline, sources, tfds_source
 from jembed.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -46,23 +46,9 @@ def _field(config: Any, name: str, default: Any) -> Any:
   return default if value is None else value
 
 
-def _resolve_source(config: Any) -> str:
-  source = str(_field(config, "source", "")).strip().lower()
-  train = str(_field(config, "train", "")).strip()
-  tfds_name = str(_field(config, "tfds_name", "")).strip()
-  if source in ("", "embedded") and (train or tfds_name):
-    if train and tfds_name:
-      raise UserError("data.train and data.tfds_name are both set; set data.source='folder' "
-                      "or 'tfds' to choose one")
-    return "folder" if train else "tfds"
-  if source in ("", "embedded"):
-    return "embedded"
-  # "files" is what the text sources call a local path; accept it here too.
-  if source in ("folder", "files"):
-    return "folder"
-  if source != "tfds":
-    raise UserError(f"unknown data.source {source!r}; use 'embedded', 'folder' or 'tfds'")
-  return source
+def resolve_source(config: Any) -> str:
+  """'embedded', 'folder' or 'tfds': the source `load_image_dataset` reads for `config`."""
+  return sources.resolve_source(config, "folder")
 
 
 # ----------------------------------------------------------------------------- conversions
@@ -310,7 +296,7 @@ def load_image_splits(data_config: Any) -> tuple[ImageDataset, ImageDataset]:
   image_size (0 keeps the native size, else resize to a square), channels (0 native, 1, 3).
   """
   _check_options(data_config)
-  source = _resolve_source(data_config)
+  source = resolve_source(data_config)
   if source == "embedded":
     return _split(load_digits_dataset(data_config), data_config)
   if source == "tfds":

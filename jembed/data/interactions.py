@@ -33,7 +33,6 @@ import ast
 import csv
 import dataclasses
 import functools
-import json
 import math
 import os
 import sysconfig
@@ -115,8 +114,8 @@ def read_file(path: str, config) -> Rows:
   """Every good row of an interactions file (bad ones raise or are skipped, per data.on_bad_record)."""
   if not fs.exists(path):
     raise UserError(f"interactions file '{path}' does not exist; fix --config.data.train / data.eval")
-  fmt = file_format(path, config.get("format", "auto"))
-  keys = {f: config.get(f"{f}_key", f) for f in ("user", "item", "rating", "timestamp")}
+  fmt = file_format(path, config.format)
+  keys = {f: config[f"{f}_key"] for f in ("user", "item", "rating", "timestamp")}
   rows = Rows([], [], [], [])
   with fs.open(path, "r") as f:
     text = f.read()
@@ -258,20 +257,20 @@ def _filter(rows: Rows, min_rating: float) -> Rows:
 def load(config, seed: int = 0) -> Interactions:
   """The train/eval split `config` (the `data` section) describes, with id vocabularies; `seed`
   draws the random split."""
-  split = config.get("split", "last")
+  split = config.split
   if split not in SPLITS:
     raise UserError(f"data.split='{split}' is unknown; use one of {', '.join(SPLITS)}")
-  min_rating = float(config.get("min_rating", 0.0))
+  min_rating = float(config.min_rating)
   rows = _filter(read_rows(config.train, config) if config.train else stdlib_interactions(), min_rating)
   if not len(rows):
     raise UserError(f"no interactions left in '{config.train or 'the standard library'}' (after "
                     f"data.min_rating={min_rating}); give a file with rows or lower data.min_rating")
-  if config.get("eval", ""):
+  if config.eval:
     train_idx = np.arange(len(rows))
     held = _filter(read_rows(config.eval, config), min_rating)
     eval_pairs = list(zip(held.user, held.item))
   else:
-    train_idx, eval_idx = _split(rows, split, float(config.get("eval_fraction", 0.2)), seed)
+    train_idx, eval_idx = _split(rows, split, float(config.eval_fraction), seed)
     eval_pairs = [(rows.user[i], rows.item[i]) for i in eval_idx]
   users = sorted({rows.user[i] for i in train_idx})
   items = sorted({rows.item[i] for i in train_idx})

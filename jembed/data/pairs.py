@@ -17,20 +17,15 @@ to), split into train and held-out pairs by a hash of the anchor.
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
 import functools
-import glob
 import importlib
-import json
 import math
-import os
 import re
 import warnings
 from typing import Any, Iterator
 
-from jembed.data import labeled_text
-from jembed.data import pipeline
+from jembed.data import labeled_text, pipeline, sources
 from jembed.errors import UserError
 
 ON_BAD_RECORD = ("error", "skip")
@@ -51,61 +46,14 @@ class ScoredPair:
 
 
 class _BadRecord(Exception):
-  """One record's problem; becomes a UserError naming file and line, or a skip."""
+  """One record's problem; becomes a bad record (jembed.data.pipeline.bad_record): an error naming
+  file and line, or skipped and counted."""
 
 
 # ----------------------------------------------------------------------------- files
 
-
-def _paths(spec: str) -> list[str]:
-  paths = []
-  for pattern in (p.strip() for p in str(spec).split(",") if p.strip()):
-    matches = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
-    if not matches:
-      raise UserError(f"{pattern!r} matches no files; check the path or glob")
-    for path in matches:
-      if not path.endswith((".jsonl", ".csv", ".txt")):
-        raise UserError(f"unsupported file {path!r}; use .jsonl (one JSON object a line), .csv "
-                        "(a header row naming the fields) or .txt (unsupervised: a text a line)")
-      paths.append(path)
-  if not paths:
-    raise UserError("no pair files given; pass a .jsonl or .csv path")
-  return paths
-
-
-def _records(path: str, required: tuple[str, ...]) -> Iterator[tuple[int, dict | None, str]]:
-  """(line number, record, problem): a record that cannot be read comes with its problem."""
-  if path.endswith(".txt"):
-    # Unsupervised pairs (SimCSE): each non-empty line is its own positive; dropout makes two views.
-    with open(path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, start=1):
-        if line.strip():
-          text = line.rstrip("\n")
-          yield line_no, {k: text for k in required[:2]}, ""
-  elif path.endswith(".jsonl"):
-    with open(path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          yield line_no, None, f"not valid JSON ({e.msg})"
-          continue
-        if not isinstance(record, dict):
-          yield line_no, None, "not a JSON object"
-          continue
-        yield line_no, record, ""
-  else:
-    with open(path, encoding="utf-8", newline="") as f:
-      reader = csv.DictReader(f)
-      missing = [k for k in required if k not in (reader.fieldnames or [])]
-      if missing:
-        raise UserError(f"{path}: the header {reader.fieldnames} lacks {missing}; name those columns "
-                        "or set the field names")
-      for row in reader:
-        # DictReader fills a short row with None: that field is missing.
-        yield reader.line_num, {k: v for k, v in row.items() if k is not None and v is not None}, ""
+FORMATS = {".jsonl": "one JSON object a line", ".csv": "a header row naming the fields",
+           ".txt": "unsupervised: a text a line"}
 
 
 def _text(record: dict, key: str) -> str:
@@ -119,40 +67,33 @@ def _text(record: dict, key: str) -> str:
   return value
 
 
-def _iter_read(spec: str, required: tuple[str, ...], parse, on_bad_record: str, skipped: list[int]):
-  """The parsed records of every file, one at a time (memory independent of the files' size);
-  skipped[0] counts the bad records skipped."""
+def _iter_read(spec: str, required: tuple[str, ...], parse, on_bad_record: str):
+  """The parsed records of every file, one at a time (memory independent of the files' size); a bad
+  record raises or is skipped and counted by jembed.data.pipeline (the one counter)."""
   if on_bad_record not in ON_BAD_RECORD:
     raise UserError(f"on_bad_record={on_bad_record!r}; use 'error' or 'skip'")
-  for path in _paths(spec):
-    try:
-      for line_no, record, problem in _records(path, required):
-        try:
-          if problem:
-            raise _BadRecord(problem)
-          parsed = parse(record, path.endswith(".csv"))
-        except _BadRecord as e:
-          if on_bad_record == "error":
-            raise UserError(f"{path}:{line_no}: {e}; fix the record or skip bad records "
-                            "(on_bad_record='skip')") from None
-          skipped[0] += 1
-          # The one counter the loop reports (header, log line and metrics row alike).
-          pipeline.skipped_record(f"{path}:{line_no}", str(e))
-          continue
-        yield parsed
-    except UnicodeDecodeError:
-      raise UserError(f"{path} is not UTF-8 text; re-encode it as UTF-8") from None
-    except OSError as e:
-      raise UserError(f"cannot read {path} ({e.strerror}); check the path") from None
+  policy = {"on_bad_record": on_bad_record}
+  form = "fix the record"
+  for path in sources.expand_paths(spec, None, FORMATS):
+    sources.require_columns(path, required, "name those columns or set the field names")
+    for where, record in sources.file_records(path, policy, form):
+      if path.endswith(".txt"):
+        # Unsupervised pairs (SimCSE): each line is its own positive; dropout makes two views.
+        record = {k: record["text"] for k in required[:2]}
+      try:
+        yield parse(record, path.endswith(".csv"))
+      except _BadRecord as e:
+        pipeline.bad_record(policy, where, str(e), form)
 
 
 def _read(spec: str, required: tuple[str, ...], parse, on_bad_record: str, what: str):
-  skipped = [0]
-  out = list(_iter_read(spec, required, parse, on_bad_record, skipped))
+  before = pipeline.bad_records()["skipped"]
+  out = list(_iter_read(spec, required, parse, on_bad_record))
+  skipped = pipeline.bad_records()["skipped"] - before
   if not out:
-    raise UserError(f"{spec!r} holds no valid {what} ({skipped[0]} bad records skipped); check the files "
+    raise UserError(f"{spec!r} holds no valid {what} ({skipped} bad records skipped); check the files "
                     "and field names")
-  return out, skipped[0]
+  return out, skipped
 
 
 def load_pairs(spec: str, *, anchor_key: str = "anchor", positive_key: str = "positive",
@@ -162,12 +103,12 @@ def load_pairs(spec: str, *, anchor_key: str = "anchor", positive_key: str = "po
                _pair_parser(negative_key, anchor_key, positive_key), on_bad_record, "pairs")
 
 
-def iter_pairs(spec: str, skipped: list[int], *, anchor_key: str = "anchor",
-               positive_key: str = "positive", negative_key: str = "negative",
-               on_bad_record: str = "error") -> Iterator[TextPair]:
-  """The pairs of `load_pairs`, streamed one at a time (skipped[0] counts bad records skipped)."""
+def iter_pairs(spec: str, *, anchor_key: str = "anchor", positive_key: str = "positive",
+               negative_key: str = "negative", on_bad_record: str = "error") -> Iterator[TextPair]:
+  """The pairs of `load_pairs`, streamed one at a time (bad records skipped are counted by
+  jembed.data.pipeline)."""
   return _iter_read(spec, (anchor_key, positive_key),
-                    _pair_parser(negative_key, anchor_key, positive_key), on_bad_record, skipped)
+                    _pair_parser(negative_key, anchor_key, positive_key), on_bad_record)
 
 
 def _pair_parser(negative_key: str, anchor_key: str, positive_key: str):
@@ -282,7 +223,7 @@ def _embedded_all() -> tuple[TextPair, ...]:
         module = importlib.import_module(name)
       except ImportError:
         continue
-      found += [p for p in map(_summary_and_rest, labeled_text._docstrings(module)) if p]
+      found += [p for p in map(_summary_and_rest, labeled_text.module_docstrings(module)) if p]
   # A summary shared by several docstrings ("Close the file.") or a body shared by several
   # summaries has no single right answer: drop both kinds.
   anchors = collections.Counter(a for a, _ in found)
@@ -294,16 +235,10 @@ def embedded_pairs(eval_fraction: float = 0.15) -> tuple[list[TextPair], list[Te
   """(train, held-out) pairs from the installed standard library's docstrings (about 1,350 on
   Python 3.11), split by a hash of the anchor: the same split on every machine."""
   pairs = list(_embedded_all())
-  (_, train), (_, held) = labeled_text.hash_split([p.anchor for p in pairs], pairs, eval_fraction)
-  return train, held
+  return sources.split_by_hash([p.anchor for p in pairs], pairs, eval_fraction)
 
 
 # ----------------------------------------------------------------------------- config
-
-
-def _get(config: Any, name: str, default: Any) -> Any:
-  value = config.get(name, default) if config is not None and hasattr(config, "get") else default
-  return default if value is None else value
 
 
 def load_pair_splits(data_config: Any) -> tuple[list[TextPair], list[TextPair], int]:
@@ -311,24 +246,24 @@ def load_pair_splits(data_config: Any) -> tuple[list[TextPair], list[TextPair], 
   embedded pairs when data.train is unset. Without data.eval the train files are split by
   data.eval_fraction (a hash of the anchor). Field names: data.anchor_key / positive_key /
   negative_key; data.on_bad_record: 'error' (default) or 'skip'."""
-  train_spec, eval_spec = str(_get(data_config, "train", "")), str(_get(data_config, "eval", ""))
-  fraction = float(_get(data_config, "eval_fraction", 0.15))
+  train_spec, eval_spec = str(sources.field(data_config, "train", "")), str(sources.field(data_config, "eval", ""))
+  fraction = float(sources.field(data_config, "eval_fraction", 0.15))
   if not train_spec:
     if eval_spec:
       raise UserError("data.eval is set without data.train; give both files, or neither for the "
                       "embedded pairs")
     train, held = embedded_pairs(fraction)
     return train, held, 0
-  keys = dict(anchor_key=str(_get(data_config, "anchor_key", "anchor")),
-              positive_key=str(_get(data_config, "positive_key", "positive")),
-              negative_key=str(_get(data_config, "negative_key", "negative")),
-              on_bad_record=str(_get(data_config, "on_bad_record", "error")))
+  keys = dict(anchor_key=str(sources.field(data_config, "anchor_key", "anchor")),
+              positive_key=str(sources.field(data_config, "positive_key", "positive")),
+              negative_key=str(sources.field(data_config, "negative_key", "negative")),
+              on_bad_record=str(sources.field(data_config, "on_bad_record", "error")))
   train, skipped = load_pairs(train_spec, **keys)
   if eval_spec:
     held, more = load_pairs(eval_spec, **keys)
     skipped += more
   else:
-    (_, train), (_, held) = labeled_text.hash_split([p.anchor for p in train], train, fraction)
+    train, held = sources.split_by_hash([p.anchor for p in train], train, fraction)
   if not held:
     raise UserError("the eval split is empty; give data.eval or raise data.eval_fraction")
   return train, held, skipped

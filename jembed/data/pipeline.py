@@ -9,6 +9,7 @@ import grain
 import jax
 import numpy as np
 
+from jembed import fs
 from jembed.errors import UserError
 
 
@@ -76,9 +77,9 @@ def skipped_once(key: str, message: str) -> None:
 
 
 def decoded_lines(path: str, config) -> Iterator[tuple[int, str]]:
-  """(line number, text) of each line of a file, read as it goes; a line whose bytes are not UTF-8
-  is a bad record (an error, or skipped and counted)."""
-  with open(path, "rb") as f:
+  """(line number, text) of each line of a file (local or gs://), read as it goes; a line whose bytes
+  are not UTF-8 is a bad record (an error, or skipped and counted)."""
+  with fs.open(path, "rb") as f:
     for line_no, raw in enumerate(f, start=1):
       try:
         yield line_no, raw.decode("utf-8")

@@ -19,7 +19,7 @@ import grain
 import jax
 import numpy as np
 
-from jembed.data import prepare as prepare_lib
+from jembed.data import shards as shard_files
 from jembed.errors import UserError
 
 
@@ -39,13 +39,7 @@ class PreparedTrain:
 
   def decode(self, record: bytes) -> dict[str, np.ndarray]:
     """One record as its columns."""
-    flat = prepare_lib.decode_row(record)
-    out, at = {}, 0
-    for name, shape in self.columns().items():
-      size = int(np.prod(shape))
-      out[name] = flat[at:at + size].reshape(shape)
-      at += size
-    return out
+    return decode_columns(record, self.columns())
 
   def __len__(self) -> int:
     return sum(rows for _, rows in self.shards)
@@ -114,8 +108,9 @@ class PreparedTrain:
 
 def open_prepared(directory: str, streams: int = 0, kind: str = "text") -> tuple[dict, PreparedTrain]:
   """(prepared.json, the training split) of a directory written by jembed.data.prepare; `kind`:
-  what the task reads ("text": a packed MLM corpus, "pairs": contrastive pairs)."""
-  meta = prepare_lib.read_metadata(directory)
+  what the task reads ("text": a packed MLM corpus, "pairs": contrastive pairs, "labeled_text":
+  labelled text for classification)."""
+  meta = shard_files.read_metadata(directory)
   if meta.get("kind", "text") != kind:
     raise UserError(f"data.prepared={directory} holds {meta.get('kind', 'text')} rows, this task "
                     f"reads {kind}; prepare it with this task's config")
@@ -130,15 +125,58 @@ def open_prepared(directory: str, streams: int = 0, kind: str = "text") -> tuple
   return meta, PreparedTrain(directory, shards, int(meta["seq_len"]), streams, meta.get("layout"))
 
 
-def read_eval_rows(directory: str, meta: dict, max_rows: int = 0) -> np.ndarray:
-  """The first `max_rows` (0 = all) held-out rows, in order, in memory (the eval split is small and
-  only its first eval_batches * batch_size rows are ever used)."""
+def decode_columns(record: bytes, columns: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+  """One prepared row as its columns (name -> shape, in row order; shape () is a scalar)."""
+  flat = shard_files.decode_row(record)
+  out, at = {}, 0
+  for name, shape in columns.items():
+    size = int(np.prod(shape))
+    out[name] = flat[at:at + size].reshape(shape)
+    at += size
+  return out
+
+
+def read_eval_columns(directory: str, meta: dict, max_rows: int = 0) -> dict[str, np.ndarray]:
+  """The first `max_rows` (0 = all) held-out rows, in order, in memory, as columns (the eval split is
+  small, and of an MLM corpus only its first eval_batches * batch_size rows are ever used)."""
   path = os.path.join(os.path.expanduser(directory), meta["eval"]["file"])
   rows = int(meta["eval"]["rows"])
   n = min(rows, max_rows) if max_rows else rows
+  columns = {k: tuple(v) for k, v in (meta.get("layout") or {"tokens": [meta["seq_len"]]}).items()}
   source = grain.sources.ArrayRecordDataSource([f"{path}[0:{rows}]"])
   records = source.__getitems__(list(range(n))) if n else []
-  out = np.zeros((n, int(meta["seq_len"])), np.int32)
-  for j, record in enumerate(records):
-    out[j] = prepare_lib.decode_row(record)
-  return out
+  decoded = [decode_columns(r, columns) for r in records]
+  return {k: (np.stack([d[k] for d in decoded]) if decoded else np.zeros((0,) + shape, np.int32))
+          for k, shape in columns.items()}
+
+
+def open_prepared_text(directory: str, streams: int, kind: str, seq_len: int, init=None):
+  """(prepared.json, the training split, the tokenizer) of a directory of prepared text rows for a
+  task that reads `kind`, after the checks every text task makes: the rows' seq_len is data.seq_len,
+  tokenizer.json is the one the rows were made with, and a warm-start source (`init`) has its
+  vocabulary."""
+  import hashlib
+  from jembed import fs
+  from jembed.data import wordpiece
+  meta, train = open_prepared(directory, streams, kind=kind)
+  if int(meta["seq_len"]) != seq_len:
+    raise UserError(f"data.seq_len={seq_len} but data.prepared={directory} holds rows of "
+                    f"seq_len={meta['seq_len']}; set --config.data.seq_len={meta['seq_len']} or "
+                    "prepare again with this seq_len")
+  tok_path = fs.join(fs.absolute(directory), meta["tokenizer"])
+  if hashlib.sha256(fs.read_bytes(tok_path)).hexdigest() != meta["tokenizer_sha256"]:
+    raise UserError(f"{tok_path} is not the tokenizer the rows of data.prepared={directory} were made "
+                    "with (its sha256 differs from prepared.json); run jembed.data.prepare again")
+  tok = wordpiece.build_tokenizer((), 0, path=tok_path)
+  if init is not None and init.tokenizer is not None and init.tokenizer.get_vocab() != tok.get_vocab():
+    raise UserError(f"the warm-start source {init.description} has another vocabulary than "
+                    f"data.prepared={directory}; prepare the data with the same config.init")
+  return meta, train, tok
+
+
+def check_streams(data_config) -> bool:
+  """Whether the task reads data.prepared; data.streams without it is refused (it would do nothing)."""
+  if data_config.streams and not data_config.prepared:
+    raise UserError(f"data.streams={data_config.streams} applies only to data.prepared (data made "
+                    "by jembed.data.prepare); set data.prepared or leave data.streams at 0")
+  return bool(data_config.prepared)

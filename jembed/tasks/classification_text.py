@@ -1,10 +1,13 @@
 """Text classification: a Transformer encoder pooled as `model.pooling` says ("" = as the warm-start
-source pools, else [CLS]), then a fresh linear head. Data: jembed/data/labeled_text.py."""
+source pools, else [CLS]), then a fresh linear head. Data: jembed/data/labeled_text.py in memory, or
+rows prepared by `python -m jembed.data.prepare` (jembed/data/prepare_labeled.py) streamed from disk
+with data.prepared."""
 from __future__ import annotations
 
+import jax
 from flax import nnx
 
-from jembed.data import encode, labeled_text
+from jembed.data import encode, labeled_text, streaming, wordpiece
 from jembed.errors import UserError
 from jembed.models.heads import POOLINGS, Classifier, pool
 from jembed.models.transformer import TransformerConfig, TransformerEncoder
@@ -28,6 +31,8 @@ class TextClassificationTask(TextTask, ClassificationBase):
 
   def load_data(self) -> Data:
     d = self.config.data
+    if streaming.check_streams(d):
+      return self._load_prepared()
     data = labeled_text.load_labeled_text(d)
     tok = self.resolve_tokenizer(data.train_texts)
     self.class_names = data.class_names
@@ -41,6 +46,23 @@ class TextClassificationTask(TextTask, ClassificationBase):
     return Data(train=train, eval=held, info={
         "train_texts": len(data.train_texts), "eval_texts": len(data.eval_texts),
         "classes": len(self.class_names), "vocab_size": self.vocab})
+
+  def _load_prepared(self) -> Data:
+    """Labelled text from jembed.data.prepare: training rows streamed from this process's shards, the
+    held-out rows (the whole split: the classification report reads it) in memory, the tokenizer and
+    the class names from the directory."""
+    d = self.config.data
+    meta, train, tok = streaming.open_prepared_text(d.prepared, int(d.streams), "labeled_text",
+                                                    int(d.seq_len), self.init)
+    self.tokenizer, self.ids, self.vocab = tok, wordpiece.special_ids(tok), tok.get_vocab_size()
+    self.class_names = list(meta["classes"])
+    self.encoder_config()  # checks seq_len against the position table
+    held = streaming.read_eval_columns(d.prepared, meta)
+    self.eval_columns = held
+    return Data(train=train, eval=held, info={
+        "train_texts": len(train), "eval_texts": len(held["label"]),
+        "classes": len(self.class_names), "vocab_size": self.vocab, "prepared": d.prepared,
+        "streams": train.stream_count(jax.process_count())})
 
   def model_spec(self):
     # "" = the source's pooling (a sentence-transformers model's mean, say), else [CLS].

@@ -15,7 +15,6 @@ Held-out retrieval (recall@1/10, MRR@10, nDCG@10 with the BEIR definitions) is a
 """
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,7 @@ from flax import nnx
 from jembed import init as init_lib
 from jembed import losses, retrieval
 from jembed.state import ModelDef
-from jembed.data import encode, pairs as pairs_lib
+from jembed.data import encode, pairs as pairs_lib, streaming, wordpiece
 from jembed.errors import UserError
 from jembed.models.heads import pool
 from jembed.models.layers import logical
@@ -67,14 +66,11 @@ class ContrastiveTextTask(TextTask):
   # -- data --
   def load_data(self) -> Data:
     d = self.config.data
-    if d.streams and not d.prepared:
-      raise UserError(f"data.streams={d.streams} applies only to data.prepared (pairs made by "
-                      "jembed.data.prepare); set data.prepared or leave data.streams at 0")
-    if d.prepared:
+    if streaming.check_streams(d):
       return self._load_prepared()
-    train, held, self.skipped = pairs_lib.load_pair_splits(d)
+    train, held, _ = pairs_lib.load_pair_splits(d)
     texts = [t for p in train for t in (p.anchor, p.positive, *p.negatives)]
-    tok = self.resolve_tokenizer(texts)
+    self.resolve_tokenizer(texts)
     self.encoder_config()  # checks seq_len against the position table before encoding anything
     self.num_negatives = _num_negatives(train, int(d.num_negatives))
     self.held_out = held
@@ -90,35 +86,20 @@ class ContrastiveTextTask(TextTask):
   def _load_prepared(self) -> Data:
     """Pairs from jembed.data.prepare: training rows streamed from this process's shards, the
     held-out pairs (text, for the retrieval evaluation) in memory, the tokenizer from the directory."""
-    import hashlib
     from jembed import fs
-    from jembed.data import streaming, text
     d = self.config.data
     where = d.prepared
-    meta, train = streaming.open_prepared(where, int(d.streams), kind="pairs")
-    seq_len = int(d.seq_len)
-    if int(meta["seq_len"]) != seq_len:
-      raise UserError(f"data.seq_len={seq_len} but data.prepared={where} holds rows of "
-                      f"seq_len={meta['seq_len']}; set --config.data.seq_len={meta['seq_len']} or "
-                      "prepare again with this seq_len")
-    tok_path = fs.join(fs.absolute(where), meta["tokenizer"])
-    if hashlib.sha256(fs.read_bytes(tok_path)).hexdigest() != meta["tokenizer_sha256"]:
-      raise UserError(f"{tok_path} is not the tokenizer the rows of data.prepared={where} were made "
-                      "with (its sha256 differs from prepared.json); run jembed.data.prepare again")
-    tok = text.build_tokenizer((), 0, path=tok_path)
-    if self.init is not None and self.init.tokenizer is not None and (
-        self.init.tokenizer.get_vocab() != tok.get_vocab()):
-      raise UserError(f"the warm-start source {self.init.description} has another vocabulary than "
-                      f"data.prepared={where}; prepare the pairs with the same config.init")
+    meta, train, tok = streaming.open_prepared_text(where, int(d.streams), "pairs", int(d.seq_len),
+                                                    self.init)
     setting = int(d.num_negatives)
     if setting >= 0 and setting != int(meta["num_negatives"]):
       raise UserError(f"data.num_negatives={setting} but data.prepared={where} holds "
                       f"{meta['num_negatives']} per pair; set it to {meta['num_negatives']} (or -1)")
-    self.tokenizer, self.ids, self.vocab = tok, text.special_ids(tok), tok.get_vocab_size()
+    self.tokenizer, self.ids, self.vocab = tok, wordpiece.special_ids(tok), tok.get_vocab_size()
     self.encoder_config()  # checks seq_len against the position table
     self.num_negatives = int(meta["num_negatives"])
     held, _ = pairs_lib.load_pairs(fs.join(fs.absolute(where), meta["eval"]["file"]))
-    self.held_out, self.skipped = held, int(meta.get("skipped_records", 0))
+    self.held_out = held
     fits = len(held) >= int(self.config.batch_size) and all(
         len(p.negatives) >= self.num_negatives for p in held)
     info = {"train_pairs": len(train), "eval_pairs": len(held), "hard_negatives": self.num_negatives,

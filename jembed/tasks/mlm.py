@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from jembed import fs
-from jembed.data import pipeline, streaming, text, token_cache
+from jembed.data import documents, packing, pipeline, streaming, token_cache, wordpiece
 from jembed.errors import UserError
 from jembed.models.heads import MlmHead
 from jembed.models.transformer import TransformerConfig, TransformerEncoder
@@ -95,10 +95,10 @@ class MlmTask(TextTask):
       rows = cache.load(tok)
       how = "hit" if rows is not None else "miss"
     if rows is None:
-      train_docs, eval_docs = text.load_documents(d)
+      train_docs, eval_docs = documents.load_documents(d)
       tok = self.resolve_tokenizer(train_docs)
-      train = text.pack_documents(train_docs, tok, self.seq_len)
-      held = text.pack_documents(eval_docs, tok, self.seq_len) if eval_docs else None
+      train = packing.pack_documents(train_docs, tok, self.seq_len)
+      held = packing.pack_documents(eval_docs, tok, self.seq_len) if eval_docs else None
       if cache is not None:
         how = "miss"
         # Written by save_artifacts, with the records this read skipped (a hit reports them again).
@@ -108,7 +108,7 @@ class MlmTask(TextTask):
       pipeline.add_bad_records(bad)
     if held is None or len(held) == 0:
       raise UserError("the held-out split is empty; give data.eval or raise data.eval_fraction")
-    freq = text.token_frequencies(train, self.vocab, special=self.ids.values())
+    freq = packing.token_frequencies(train, self.vocab, special=self.ids.values())
     self.most_frequent = int(np.argmax(freq))
     info = {"train_sequences": len(train), "eval_sequences": len(held), "vocab_size": self.vocab}
     if how:
@@ -118,7 +118,7 @@ class MlmTask(TextTask):
   def _token_cache(self):
     """(the token cache of a files corpus, or None; how it was used, for the log line)."""
     d = self.config.data
-    if text.resolve_source(d) != "files":
+    if documents.resolve_source(d) != "files":
       if d.cache_dir:
         raise UserError(f"data.cache_dir={d.cache_dir!r} applies only to text files (data.train); "
                         "leave it empty")
@@ -126,7 +126,7 @@ class MlmTask(TextTask):
     root = token_cache.cache_root(d, self.workdir)
     if root is None:
       return None, "off"
-    train_files, eval_files = text.source_files(d)
+    train_files, eval_files = documents.source_files(d)
     return token_cache.TokenCache(root, train_files, eval_files, d), ""
 
   def _load_prepared(self) -> Data:
@@ -144,10 +144,10 @@ class MlmTask(TextTask):
         meta["tokenizer_sha256"]):
       raise UserError(f"{tok_path} is not the tokenizer the rows of data.prepared={where} were made "
                       "with (its sha256 differs from prepared.json); run jembed.data.prepare again")
-    tok = text.build_tokenizer((), self.vocab_size_setting(), path=tok_path)
+    tok = wordpiece.build_tokenizer((), self.vocab_size_setting(), path=tok_path)
     for other, what in ((d.tokenizer, "data.tokenizer"),
                         (self._saved_tokenizer_path(), "the workdir's tokenizer.json")):
-      if other and text.build_tokenizer((), 0, path=other).to_str() != tok.to_str():
+      if other and wordpiece.build_tokenizer((), 0, path=other).to_str() != tok.to_str():
         raise UserError(f"{what} ({other}) differs from the tokenizer of data.prepared={where}; "
                         "prepare the corpus with that tokenizer (--config.data.tokenizer) or drop it")
     if self.init is not None and self.init.tokenizer is not None and (
@@ -155,9 +155,9 @@ class MlmTask(TextTask):
       raise UserError(f"the warm-start source {self.init.description} has another vocabulary than "
                       f"data.prepared={where}; prepare the corpus with its tokenizer.json "
                       "(--config.data.tokenizer)")
-    self.tokenizer, self.ids, self.vocab = tok, text.special_ids(tok), tok.get_vocab_size()
+    self.tokenizer, self.ids, self.vocab = tok, wordpiece.special_ids(tok), tok.get_vocab_size()
     max_eval = self.config.eval_batches * self.config.batch_size
-    held = streaming.read_eval_rows(where, meta, max_eval)
+    held = streaming.read_eval_columns(where, meta, max_eval)["tokens"]
     self.most_frequent = int(meta["most_frequent"])
     return Data(train=train, eval={"tokens": held},
                 info={"train_sequences": len(train), "eval_sequences": int(meta["eval"]["rows"]),

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from jembed import fs
 from jembed.data import encode
-from jembed.data import text as text_lib
+from jembed.data import wordpiece
 from jembed.errors import UserError
 from jembed.models.transformer import TransformerConfig
 from jembed.tasks.base import Task
@@ -45,11 +45,11 @@ class TextTask(Task):
     d = self.config.data
     path = self._tokenizer_path()
     if path or self.init is None or self.init.tokenizer is None:
-      tok = text_lib.build_tokenizer(train_texts, int(d.vocab_size), path=path or None)
+      tok = wordpiece.build_tokenizer(train_texts, int(d.vocab_size), path=path or None)
     else:
       tok = encode.plain(self.init.tokenizer)
     self.tokenizer = tok
-    self.ids = text_lib.special_ids(tok)
+    self.ids = wordpiece.special_ids(tok)
     self.vocab = tok.get_vocab_size()
     return tok
 
