@@ -567,7 +567,8 @@ def _load_workdir(path: str, max_seq_length: int | None, step: int | None):
   # Only a classification run's `head` maps features to its `class_names` (a rotation run's head
   # predicts rotations, a SimCLR run's projects).
   classifier = spec["task"] == "classification" and "class_names" in spec
-  head = model.head if classifier else None
+  # A text classifier's head may start from the encoder's pooler (BERT's Hugging Face head).
+  head = (model.classifier_head() if hasattr(model, "classifier_head") else model.head) if classifier else None
   class_names = spec["class_names"] if classifier else None
   if "encoder" in spec:
     import tokenizers
