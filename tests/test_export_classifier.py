@@ -230,3 +230,21 @@ def test_mlm_export_loads_cleanly_with_the_usual_file_modes(root, mlm_run):
   finally:
     transformers.utils.logging.remove_handler(handler)
   assert not any("MISSING" in r or "newly initialized" in r for r in records), records
+
+
+def test_exported_classifier_loads_back_into_jembed(hf_head_export, tmp_path):
+  """jembed.load of the *ForSequenceClassification directory predicts as the workdir does, and a
+  second export of it is byte-identical."""
+  workdir, out, _ = hf_head_export
+  ours, back = embed.load(workdir), embed.load(out)
+  assert back.classes == ours.classes
+  np.testing.assert_allclose(back.logits(TEXTS), ours.logits(TEXTS), atol=1e-5)
+  model = hf.load_dir(out)
+  again = hf.save_model(str(tmp_path / "again"), model)
+  for name in ("model.safetensors", "config.json"):
+    assert open(os.path.join(out, name), "rb").read() == open(os.path.join(again, name), "rb").read()
+  (tmp_path / "in.txt").write_text("\n".join(TEXTS[:2]) + "\n")
+  assert predict.main(["--model", out, "--input", str(tmp_path / "in.txt"),
+                       "--output", str(tmp_path / "p.jsonl")]) == 0
+  assert [json.loads(line)["label"] for line in open(tmp_path / "p.jsonl")] == \
+      [p["label"] for p in ours.predict(TEXTS[:2])]

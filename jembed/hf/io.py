@@ -37,6 +37,11 @@ class HFModel:
   normalize: bool
   max_seq_length: int
   lowercase: bool = False  # sentence_bert_config's do_lower_case: texts are lower-cased first
+  # A *ForSequenceClassification checkpoint's head (SequenceClassifierHead's pure dict; BERT's
+  # pooler is in `params`), its class names (id2label) and what it pools ([CLS], or ModernBERT's mean).
+  classifier: dict | None = None
+  class_names: list[str] | None = None
+  classifier_pooling: str = "cls"
 
   def encode(self, texts) -> tuple[np.ndarray, np.ndarray]:
     """Texts -> (ids, mask) int32 [B, T], exactly as sentence-transformers tokenizes them."""
@@ -91,8 +96,15 @@ def load_dir(path: str) -> HFModel:
   tensors = _read_weights(model_dir)
   encoder_config = hf_config.from_hf_config(cfg, pooler=names.has_pooler(tensors, family),
                                             source=config_path)
-  params, mlm_head = names.from_hf(tensors, encoder_config, source=model_dir)
-  _check_shapes(params, encoder_config, source=model_dir, mlm_head=mlm_head)
+  params, mlm_head, classifier = names.from_hf(tensors, encoder_config, source=model_dir)
+  class_names, classifier_pooling = None, "cls"
+  if classifier is not None:
+    class_names = _class_names(cfg, len(classifier["out"]["bias"]), source=config_path)
+    classifier_pooling = cfg.get("classifier_pooling", "cls") if family == "modernbert" else "cls"
+    if classifier_pooling not in HF_SEQUENCE_HEADS[family][0]:
+      raise UserError(f"{config_path}: classifier_pooling {classifier_pooling!r} is not supported; "
+                      f"jembed pools with {' or '.join(HF_SEQUENCE_HEADS[family][0])}")
+  _check_shapes(params, encoder_config, source=model_dir, mlm_head=mlm_head, classifier=classifier)
   from jembed.models.transformer import TransformerConfig  # pylint: disable=import-outside-toplevel
   limit = TransformerConfig(**encoder_config).max_length
 
@@ -118,7 +130,21 @@ def load_dir(path: str) -> HFModel:
   tokenizer.enable_truncation(max_len)
   return HFModel(encoder_config=encoder_config, params=params, mlm_head=mlm_head, tokenizer=tokenizer,
                  special_ids=ids, pooling=info["pooling"], normalize=info["normalize"],
-                 max_seq_length=max_len, lowercase=info["lowercase"])
+                 max_seq_length=max_len, lowercase=info["lowercase"], classifier=classifier,
+                 class_names=class_names, classifier_pooling=classifier_pooling)
+
+
+def _class_names(cfg: dict, n: int, *, source: str) -> list[str]:
+  """config.json's id2label as a list in logit order (transformers' LABEL_i when it has none)."""
+  id2label = cfg.get("id2label") or {}
+  try:
+    names_by_id = {int(k): str(v) for k, v in id2label.items()}
+  except (TypeError, ValueError, AttributeError):
+    raise UserError(f"{source}: id2label must map class ids to names; re-save the model") from None
+  if names_by_id and sorted(names_by_id) != list(range(n)):
+    raise UserError(f"{source}: id2label has ids {sorted(names_by_id)} but the classifier has {n} "
+                    "outputs; the config and weights do not belong together")
+  return [names_by_id.get(i, f"LABEL_{i}") for i in range(n)]
 
 
 def abstract_module(build):
@@ -129,10 +155,12 @@ def abstract_module(build):
     return nnx.eval_shape(lambda: build(nnx.Rngs(params=0, dropout=0)))
 
 
-def _check_shapes(params: dict, cfg: dict, *, source: str, mlm_head: dict | None = None) -> None:
-  """Every tensor has the shape a TransformerEncoder (and MlmHead) of `cfg` gives it."""
+def _check_shapes(params: dict, cfg: dict, *, source: str, mlm_head: dict | None = None,
+                  classifier: dict | None = None) -> None:
+  """Every tensor has the shape a TransformerEncoder (and MlmHead, SequenceClassifierHead) of `cfg`
+  gives it."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from jembed.models.heads import MlmHead  # pylint: disable=import-outside-toplevel
+  from jembed.models.heads import MlmHead, SequenceClassifierHead  # pylint: disable=import-outside-toplevel
   from jembed.models.transformer import TransformerConfig, TransformerEncoder  # pylint: disable=import-outside-toplevel
   tcfg = TransformerConfig(**cfg)
   want = nnx.to_pure_dict(nnx.state(abstract_module(lambda rngs: TransformerEncoder(tcfg, rngs=rngs)),
@@ -141,6 +169,10 @@ def _check_shapes(params: dict, cfg: dict, *, source: str, mlm_head: dict | None
   if mlm_head is not None:
     head = abstract_module(lambda rngs: MlmHead.for_encoder(tcfg, rngs=rngs))
     pairs.append((nnx.to_pure_dict(nnx.state(head, nnx.Param)), mlm_head))
+  if classifier is not None:
+    n = len(classifier["out"]["bias"])
+    head = abstract_module(lambda rngs: SequenceClassifierHead.for_encoder(tcfg, n, rngs=rngs))
+    pairs.append((nnx.to_pure_dict(nnx.state(head, nnx.Param)), classifier))
   for expected, got in pairs:
     for path, leaf in _flat(expected):
       node = got
@@ -278,7 +310,10 @@ def save_model(path: str, model: HFModel) -> str:
   return save_dir(path, encoder_config=model.encoder_config, params=model.params,
                   tokenizer=model.tokenizer, pooling=model.pooling, normalize=model.normalize,
                   max_seq_length=model.max_seq_length, mlm_head=model.mlm_head,
-                  special_ids=model.special_ids, lowercase=model.lowercase)
+                  special_ids=model.special_ids, lowercase=model.lowercase,
+                  classifier=(SequenceClassifier(model.classifier, list(model.class_names),
+                                                 model.classifier_pooling)
+                              if model.classifier is not None else None))
 
 
 def encoder_from_dir(path: str, *, dtype=None):

@@ -191,8 +191,14 @@ def _paths(path) -> tuple:
   return path if isinstance(path[0], tuple) else (path,)
 
 
-def from_hf(tensors: dict, cfg: dict, *, source: str) -> tuple[dict, dict | None]:
-  """{hf name: array} -> (encoder pure dict, MLM head pure dict or None), Linear weights transposed."""
+def has_classifier(names) -> bool:
+  """Whether a checkpoint is a *ForSequenceClassification's (its output layer is `classifier`)."""
+  return any(n == "classifier.weight" or n.startswith("classifier.out_proj.") for n in names)
+
+
+def from_hf(tensors: dict, cfg: dict, *, source: str) -> tuple[dict, dict | None, dict | None]:
+  """{hf name: array} -> (encoder pure dict, MLM head pure dict or None, SequenceClassifierHead
+  pure dict or None), Linear weights transposed."""
   family = cfg.get("family", "bert")
   canonical = {}
   for name, value in tensors.items():
@@ -201,16 +207,23 @@ def from_hf(tensors: dict, cfg: dict, *, source: str) -> tuple[dict, dict | None
       canonical[key] = value
   entries = _entries(cfg, pooler="pooler.dense.weight" in canonical)
   head_prefix = _FAMILY[family]["head"]
-  head = _head_entries(cfg) if any(k.startswith(head_prefix) for k in canonical) else []
-  missing = [name for name, _, _ in entries + head if name not in canonical]
+  classifier = _classifier_entries(cfg) if has_classifier(canonical) else []
+  # ModernBERT's classifier has a `head` too (dense + norm, no decoder): not an MLM head then.
+  head = (_head_entries(cfg) if not classifier and any(k.startswith(head_prefix) for k in canonical)
+          else [])
+  if classifier and family == "bert" and "pooler.dense.weight" not in canonical:
+    raise UserError(f"{source} is a BertForSequenceClassification without pooler weights; it is not a "
+                    "complete checkpoint")
+  missing = [name for name, _, _ in entries + head + classifier if name not in canonical]
   if missing:
     raise UserError(f"{source} lacks {len(missing)} {family} tensor(s), e.g. '{missing[0]}'; it is not a "
                     "complete checkpoint for its config.json (num_hidden_layers? biases?)")
-  used = {name for name, _, _ in entries + head}
+  used = {name for name, _, _ in entries + head + classifier}
   extra = sorted(set(canonical) - used)
   if extra:
     raise UserError(f"{source} has {len(extra)} tensor(s) a {family} encoder does not use, e.g. "
-                    f"'{extra[0]}'; only base-model and masked-LM checkpoints are supported")
+                    f"'{extra[0]}'; only base-model, masked-LM and sequence-classification checkpoints "
+                    "are supported")
 
   def fill(tree, name, path, kind):
     value = np.asarray(canonical[name])
@@ -224,12 +237,15 @@ def from_hf(tensors: dict, cfg: dict, *, source: str) -> tuple[dict, dict | None
   params: dict = {}
   for name, path, kind in entries:
     fill(params, name, path, kind)
-  mlm = None
-  if head:
-    mlm = {}
-    for name, path, kind in head:
-      fill(mlm, name, path, kind)
-  return params, mlm
+  heads = []
+  for entries_of_head in (head, classifier):
+    tree = None
+    if entries_of_head:
+      tree = {}
+      for name, path, kind in entries_of_head:
+        fill(tree, name, path, kind)
+    heads.append(tree)
+  return params, heads[0], heads[1]
 
 
 def to_hf(params: dict, cfg: dict, pooler: bool, mlm_head: dict | None,
