@@ -248,3 +248,19 @@ def test_exported_classifier_loads_back_into_jembed(hf_head_export, tmp_path):
                        "--output", str(tmp_path / "p.jsonl")]) == 0
   assert [json.loads(line)["label"] for line in open(tmp_path / "p.jsonl")] == \
       [p["label"] for p in ours.predict(TEXTS[:2])]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"problem_type": "multi_label_classification"}, "multi_label_classification head"),
+    ({"id2label": {"0": "a", "7": "b"}}, "id2label has ids [0, 7]"),
+])
+def test_classifier_directories_jembed_cannot_read_are_one_line(hf_head_export, tmp_path, change, message):
+  import shutil
+  _, out, _ = hf_head_export
+  bad = shutil.copytree(out, tmp_path / "bad")
+  config = json.load(open(bad / "config.json"))
+  config.update(change)
+  json.dump(config, open(bad / "config.json", "w"))
+  with pytest.raises(UserError) as e:
+    hf.load_dir(str(bad))
+  assert message in _one_line(e)

@@ -99,6 +99,10 @@ def load_dir(path: str) -> HFModel:
   params, mlm_head, classifier = names.from_hf(tensors, encoder_config, source=model_dir)
   class_names, classifier_pooling = None, "cls"
   if classifier is not None:
+    problem = cfg.get("problem_type") or "single_label_classification"
+    if problem != "single_label_classification" or len(classifier["out"]["bias"]) < 2:
+      raise UserError(f"{config_path}: a {problem} head with {len(classifier['out']['bias'])} output(s) "
+                      "is not supported; jembed reads single-label (softmax) classifiers")
     class_names = _class_names(cfg, len(classifier["out"]["bias"]), source=config_path)
     classifier_pooling = cfg.get("classifier_pooling", "cls") if family == "modernbert" else "cls"
     if classifier_pooling not in HF_SEQUENCE_HEADS[family][0]:
@@ -228,8 +232,9 @@ def save_dir(path: str, *, encoder_config, params: dict, tokenizer: tokenizers.T
   No pooler weights are invented when the encoder has none: sentence_bert_config.json then tells
   sentence-transformers to build the model without one (model_args add_pooling_layer=False), so it
   loads with nothing missing; transformers' AutoModel (BertModel, RobertaModel, MPNetModel) always
-  builds a pooler and reports it newly initialised unless given add_pooling_layer=False. The
-  *ForMaskedLM and *ForSequenceClassification classes load every tensor they have.
+  builds a pooler and reports it newly initialised unless given add_pooling_layer=False. An encoder's
+  pooler weights (from a source that had them) are kept, never dropped: *ForMaskedLM, which has no
+  pooler, lists them as unexpected, as it does for Google's BERT checkpoints.
 
   Local or gs://: the directory is built beside the target and swapped in whole (fs.swap_dir), so a
   reader never sees a half-written model; files get the mode a plain open() gives (fs.file_mode).
