@@ -19,6 +19,10 @@ Defaults follow the source (jembed/transfer.py), and a value you set is always k
     The chosen rate is printed and saved in WORKDIR/config.json.
   model.pooling = "" (auto): the source's pooling (mean for a mean-pooled sentence-transformers
     model), else [CLS].
+  model.head = "" (auto): the Hugging Face head of the source's family (BERT's pooler + linear,
+    RoBERTa's dense + tanh + linear, ...) when it pools as the run does, so `python -m jembed.export`
+    writes a *ForSequenceClassification model; else a linear layer on the pooled features (which
+    exports as an encoder only). Set model.head=hf to always get the exportable head.
 
 With no data given it trains on an embedded dataset that needs no download: docstrings of the
 installed Python standard library (functions, classes, methods) labelled by the topic of their module,
@@ -83,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
       remat="none",             # none | full | dots: recompute layer activations in the backward pass
       pooling="",               # "" = the source's pooling, else cls | cls ([CLS] token) | mean | max | mean_sqrt_len
       pooler=False,             # BERT's tanh pooler over [CLS] (pooler_output); from scratch only, a source brings its own
+      head="",                  # "" = auto | linear | hf (the family's HF head: exports as *ForSequenceClassification)
   ))
 
   c.data = ml_collections.ConfigDict(dict(

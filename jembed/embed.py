@@ -107,9 +107,12 @@ class TextEmbedder(_Embedder):
                source: str = "", head: nnx.Module | None = None,
                class_names: Sequence[str] | None = None, prompts: dict[str, str] | None = None,
                default_prompt_name: str | None = None, similarity_fn_name: str = "cosine",
-               matryoshka_dims: Sequence[int] | bool = ()):
+               matryoshka_dims: Sequence[int] | bool = (), head_pooling: str | None = None):
     from jembed.models.transformer import TransformerEncoder
     self.config = encoder_config
+    # What the classifier head reads (a Hugging Face classifier's [CLS], say, while its
+    # sentence-transformers embedding is the mean); None = `pooling`.
+    self.head_pooling = head_pooling or pooling
     self.tokenizer = tokenizer
     self.ids = dict(special_ids)
     self.pooling = pooling
@@ -180,7 +183,7 @@ class TextEmbedder(_Embedder):
       head_def, head_state = self._head
       params = (params, jax.device_put(head_state, rep))
     data = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
-    pooling = self.pooling
+    pooling = self.head_pooling if what == "logits" else self.pooling
 
     if key in self._fns:  # compiled before; only the weights changed
       fn, _, _ = self._fns[key]
@@ -502,14 +505,41 @@ def load(path: str, *, max_seq_length: int | None = None, step: int | None = Non
     from jembed import hf
     from jembed.models.transformer import TransformerConfig
     m = hf.load_dir(path)
-    return TextEmbedder(TransformerConfig.from_json(m.encoder_config), m.params, m.tokenizer,
+    cfg = TransformerConfig.from_json(m.encoder_config)
+    return TextEmbedder(cfg, m.params, m.tokenizer,
                         m.special_ids, pooling=m.pooling, normalize=m.normalize,
                         max_seq_length=max_seq_length or m.max_seq_length, lowercase=m.lowercase,
                         source=path, **st_options(path),
                         matryoshka_dims=matryoshka_dims(fs.join(path, "config.json"),
-                                                        m.encoder_config["hidden_size"]))
+                                                        m.encoder_config["hidden_size"]),
+                        head=_hf_classifier_head(cfg, m) if m.classifier is not None else None,
+                        class_names=m.class_names, head_pooling=m.classifier_pooling)
   raise UserError(f"'{path}' is not a model directory: it has neither a jembed model.json nor a "
                   "Hugging Face config.json")
+
+
+def _hf_classifier_head(cfg, m) -> nnx.Module:
+  """A *ForSequenceClassification directory's head (after BERT's pooler) holding its weights."""
+  import dataclasses
+  from jembed.models.heads import PoolerClassifier, SequenceClassifierHead
+  from jembed.models.layers import Dense
+  with nnx.use_eager_sharding(False):  # built whole on the host; the embedder places it
+    rngs = nnx.Rngs(0)  # dropout 0: the values below replace every random one
+    head = SequenceClassifierHead.for_encoder(dataclasses.replace(cfg, dropout=0.0),
+                                              len(m.class_names), rngs=rngs)
+    nnx.update(head, _filled(head, m.classifier))
+    if cfg.family != "bert":
+      return head
+    pooler = Dense(cfg.hidden_size, cfg.hidden_size, ("embed", "mlp"), rngs=rngs)
+    nnx.update(pooler, _filled(pooler, m.params["pooler"]))
+  return PoolerClassifier(pooler, head)
+
+
+def _filled(module, values: dict):
+  from jembed.hf.io import jax_tree
+  state = nnx.state(module, nnx.Param)
+  nnx.replace_by_pure_dict(state, jax_tree(values))
+  return state
 
 
 def _load_image_source(path: str):
@@ -567,7 +597,8 @@ def _load_workdir(path: str, max_seq_length: int | None, step: int | None):
   # Only a classification run's `head` maps features to its `class_names` (a rotation run's head
   # predicts rotations, a SimCLR run's projects).
   classifier = spec["task"] == "classification" and "class_names" in spec
-  head = model.head if classifier else None
+  # A text classifier's head may start from the encoder's pooler (BERT's Hugging Face head).
+  head = (model.classifier_head() if hasattr(model, "classifier_head") else model.head) if classifier else None
   class_names = spec["class_names"] if classifier else None
   if "encoder" in spec:
     import tokenizers

@@ -161,9 +161,37 @@ def write_error(p: PathLike, e: OSError) -> UserError:
                    "(files written before are intact)")
 
 
-def write_with(p: PathLike, write: Callable[[str], None], *, mode: int = 0o644) -> None:
+def _umask() -> int:
+  """The process's umask, read without changing it where Linux allows (os.umask can only be read
+  by setting it, which would race with files other threads create meanwhile)."""
+  try:
+    with builtins.open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def file_mode() -> int:
+  """The mode a plain `open(path, "w")` would give a new file: 0666 less the umask (0644 under the
+  usual 022). Temporary files (mkstemp) and some libraries' own atomic writes (safetensors) make
+  0600; what jembed writes gets this mode instead."""
+  return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+  """The mode `os.makedirs` would give a new directory: 0777 less the umask (mkdtemp makes 0700)."""
+  return 0o777 & ~_umask()
+
+
+def write_with(p: PathLike, write: Callable[[str], None], *, mode: int | None = None) -> None:
   """Atomically creates `p` by calling `write(tmp_path)` on a local temporary file, for libraries
-  that only write to a path (tokenizers, matplotlib). For a URL, the local file is then uploaded."""
+  that only write to a path (tokenizers, matplotlib, safetensors). For a URL, the local file is then
+  uploaded. The file gets `mode`, by default what a plain open() would give it (file_mode)."""
   target = path(p)
   if is_local(p):
     directory = os.path.dirname(os.path.abspath(os.fspath(target)))
@@ -177,7 +205,7 @@ def write_with(p: PathLike, write: Callable[[str], None], *, mode: int = 0o644) 
       write(tmp)
       with builtins.open(tmp, "rb+") as f:
         os.fsync(f.fileno())
-      os.chmod(tmp, mode)  # mkstemp makes 0600; run artifacts are for anyone to read
+      os.chmod(tmp, file_mode() if mode is None else mode)  # mkstemp (and safetensors) make 0600
       os.replace(tmp, os.fspath(target))
     except OSError as e:
       raise write_error(p, e) from None
@@ -254,7 +282,7 @@ def swap_dir(final: PathLike, build: Callable[[str], None], *, all_processes: bo
     sync("built")
     if lead:
       if is_local(final):
-        os.chmod(os.fspath(tmp), 0o755)
+        os.chmod(os.fspath(tmp), dir_mode())
       if target.exists():
         target.rename(old)
       tmp.rename(target)

@@ -234,7 +234,8 @@ class Setup:
       if self.task.init is not None:
         params, model_state = init_lib.warm_start(
             self.task.init, params, model_state, backbone=self.task.backbone,
-            same_task=self.task.init.task == self.spec["task"], allow_missing=self.tuning.new_params)
+            same_task=self.task.init.task == self.spec["task"],
+            allow_missing="|".join(r for r in (self.tuning.new_params, self.task.fresh_params) if r))
       return jax.jit(self._make_state, out_shardings=self.shardings)(params, model_state, split_key)
 
   # -- steps --

@@ -620,3 +620,45 @@ def test_unsupported_architectures_are_one_line(tmp_path, model_type):
   assert "\n" not in message and repr(model_type) in message
   for family in ("bert", "roberta", "xlm-roberta", "mpnet", "modernbert"):
     assert family in message
+
+
+# ----------------------------------------------------------------------------- classifiers
+
+
+@pytest.mark.parametrize("family,pooling", [("roberta", "cls"), ("xlm-roberta", "cls"), ("mpnet", "cls"),
+                                            ("modernbert", "cls"), ("modernbert", "mean")])
+def test_classifier_head_exports_as_the_family_s_sequence_classifier(tmp_path, fairseq_tokenizer, family,
+                                                                      pooling):
+  """A text classifier with the Hugging Face head (model.head=hf) of each family: exported, read by
+  transformers' *ForSequenceClassification with nothing missing, the same logits."""
+  torch, transformers = _libs()
+  from jembed.hf.io import SequenceClassifier  # pylint: disable=import-outside-toplevel
+  from jembed.tasks.classification_text import TextClassifier  # pylint: disable=import-outside-toplevel
+  # A pooler the source had: RoBERTa's classifier has none, so the export leaves it out.
+  cfg = _family_config(fairseq_tokenizer, family, pooler=family != "modernbert")
+  labels = ["neg", "neutral", "pos"]
+  params = _random_tree(lambda rngs: TextClassifier(cfg, 3, pooling, head="hf", rngs=rngs), 5)
+  ids = {"pad": 1, "unk": 3, "cls": 0, "sep": 2, "mask": 4}
+  out = hf.save_dir(tmp_path / "m", encoder_config=cfg, params=params["encoder"], tokenizer=fairseq_tokenizer,
+                    special_ids=ids, pooling=pooling, normalize=False, max_seq_length=24,
+                    classifier=SequenceClassifier(params["head"], labels, pooling))
+  model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+      out, output_loading_info=True, attn_implementation="eager")
+  assert type(model).__name__ == hf.config.SEQUENCE_CLASSIFIERS[family]
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  assert model.config.id2label == dict(enumerate(labels))
+  enc = fairseq_tokenizer.encode_batch(TEXTS)
+  length = min(24, max(len(e.ids) for e in enc))
+  tokens = np.full((len(TEXTS), length), 1, np.int32)
+  for i, e in enumerate(enc):
+    tokens[i, :min(len(e.ids), length)] = e.ids[:length]
+  mask = tokens != 1
+  graphdef, state = nnx.split(abstract_module(lambda rngs: TextClassifier(cfg, 3, pooling, head="hf",
+                                                                          rngs=rngs)), nnx.Param)
+  nnx.replace_by_pure_dict(state, hf.io.jax_tree(params))
+  ours = np.asarray(nnx.merge(graphdef, state)(jnp.asarray(tokens), jnp.asarray(mask)))
+  with torch.no_grad():
+    ref = model.eval()(input_ids=torch.tensor(tokens.astype(np.int64)),
+                       attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()
+  print(f"{family} ({pooling}) classifier logits max|jembed - transformers| = {np.abs(ours - ref).max():.3g}")
+  np.testing.assert_allclose(ours, ref, atol=TOL)

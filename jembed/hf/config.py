@@ -22,6 +22,14 @@ ARCHITECTURES = {
     "mpnet": ("MPNetModel", "MPNetForMaskedLM"),
     "modernbert": ("ModernBertModel", "ModernBertForMaskedLM"),
 }
+# model_type -> its sequence-classification class (jembed's model.head=hf).
+SEQUENCE_CLASSIFIERS = {
+    "bert": "BertForSequenceClassification",
+    "roberta": "RobertaForSequenceClassification",
+    "xlm-roberta": "XLMRobertaForSequenceClassification",
+    "mpnet": "MPNetForSequenceClassification",
+    "modernbert": "ModernBertForSequenceClassification",
+}
 
 # The config classes' defaults (transformers 5 configuration_*.py), for keys a config.json leaves out.
 _BERT_LIKE = {
@@ -184,18 +192,30 @@ def normalize_encoder_config(encoder_config) -> dict:
 
 
 def to_hf_config(encoder_config: dict, *, pad_token_id: int, architecture: str, dtype: str,
-                 bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict:
-  """encoder_config (from normalize_encoder_config) -> the config.json its family's model loads."""
+                 bos_token_id: int | None = None, eos_token_id: int | None = None,
+                 labels: list[str] | None = None, classifier_pooling: str = "mean") -> dict:
+  """encoder_config (from normalize_encoder_config) -> the config.json its family's model loads.
+  `labels`: a sequence classifier's class names (id2label / label2id); `classifier_pooling`:
+  ModernBERT's (cls | mean)."""
   family = encoder_config.get("family", "bert")
   cfg = {"architectures": [architecture], "model_type": family, "pad_token_id": int(pad_token_id),
          "initializer_range": 0.02,
          # transformers 5 reads `dtype`; 4.x reads `torch_dtype`.
          "dtype": dtype, "torch_dtype": dtype}
+  if labels is not None:
+    cfg.update(id2label={str(i): name for i, name in enumerate(labels)},
+               label2id={name: i for i, name in enumerate(labels)},
+               problem_type="single_label_classification")
   if family != "bert":  # BertConfig has no bos / eos; the others name <s> / </s> ([CLS] / [SEP]) so
     if bos_token_id is not None:
       cfg["bos_token_id"] = int(bos_token_id)
     if eos_token_id is not None:
       cfg["eos_token_id"] = int(eos_token_id)
+  if family == "modernbert":  # ModernBertConfig names [CLS] / [SEP] again (defaults: its own vocabulary's)
+    if bos_token_id is not None:
+      cfg["cls_token_id"] = int(bos_token_id)
+    if eos_token_id is not None:
+      cfg["sep_token_id"] = int(eos_token_id)
   if family == "modernbert":
     for field, key in _MODERNBERT_FIELDS.items():
       cfg[key] = encoder_config[field]
@@ -205,7 +225,7 @@ def to_hf_config(encoder_config: dict, *, pad_token_id: int, architecture: str, 
     bias = bool(encoder_config["use_bias"])
     cfg.update({
         "attention_bias": bias, "mlp_bias": bias, "classifier_bias": bias, "decoder_bias": True,
-        "embedding_dropout": 0.0, "classifier_activation": "gelu", "classifier_pooling": "mean",
+        "embedding_dropout": 0.0, "classifier_activation": "gelu", "classifier_pooling": classifier_pooling,
         # transformers 4.x reads these three; 5 reads layer_types and rope_parameters.
         "global_attn_every_n_layers": every, "global_rope_theta": encoder_config["rope_theta"],
         "local_rope_theta": encoder_config["local_rope_theta"],
@@ -214,6 +234,8 @@ def to_hf_config(encoder_config: dict, *, pad_token_id: int, architecture: str, 
             "full_attention": {"rope_type": "default", "rope_theta": encoder_config["rope_theta"]},
             "sliding_attention": {"rope_type": "default", "rope_theta": encoder_config["local_rope_theta"]}},
     })
+    if labels is not None:  # its head's dropout; the other families use hidden_dropout_prob
+      cfg["classifier_dropout"] = encoder_config["dropout"]
     return dict(sorted(cfg.items()))
   for field, key in _FIELDS.items():
     if not (family == "mpnet" and field == "type_vocab_size"):

@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import tokenizers
@@ -21,6 +19,7 @@ from jembed.hf import config as hf_config
 from jembed.hf import names
 from jembed.hf import st
 from jembed.hf import tokenizer as hf_tokenizer
+from jembed.models.heads import HF_SEQUENCE_HEADS
 
 WEIGHTS = "model.safetensors"
 TORCH_WEIGHTS = "pytorch_model.bin"
@@ -38,6 +37,11 @@ class HFModel:
   normalize: bool
   max_seq_length: int
   lowercase: bool = False  # sentence_bert_config's do_lower_case: texts are lower-cased first
+  # A *ForSequenceClassification checkpoint's head (SequenceClassifierHead's pure dict; BERT's
+  # pooler is in `params`), its class names (id2label) and what it pools ([CLS], or ModernBERT's mean).
+  classifier: dict | None = None
+  class_names: list[str] | None = None
+  classifier_pooling: str = "cls"
 
   def encode(self, texts) -> tuple[np.ndarray, np.ndarray]:
     """Texts -> (ids, mask) int32 [B, T], exactly as sentence-transformers tokenizes them."""
@@ -92,8 +96,19 @@ def load_dir(path: str) -> HFModel:
   tensors = _read_weights(model_dir)
   encoder_config = hf_config.from_hf_config(cfg, pooler=names.has_pooler(tensors, family),
                                             source=config_path)
-  params, mlm_head = names.from_hf(tensors, encoder_config, source=model_dir)
-  _check_shapes(params, encoder_config, source=model_dir, mlm_head=mlm_head)
+  params, mlm_head, classifier = names.from_hf(tensors, encoder_config, source=model_dir)
+  class_names, classifier_pooling = None, "cls"
+  if classifier is not None:
+    problem = cfg.get("problem_type") or "single_label_classification"
+    if problem != "single_label_classification" or len(classifier["out"]["bias"]) < 2:
+      raise UserError(f"{config_path}: a {problem} head with {len(classifier['out']['bias'])} output(s) "
+                      "is not supported; jembed reads single-label (softmax) classifiers")
+    class_names = _class_names(cfg, len(classifier["out"]["bias"]), source=config_path)
+    classifier_pooling = cfg.get("classifier_pooling", "cls") if family == "modernbert" else "cls"
+    if classifier_pooling not in HF_SEQUENCE_HEADS[family][0]:
+      raise UserError(f"{config_path}: classifier_pooling {classifier_pooling!r} is not supported; "
+                      f"jembed pools with {' or '.join(HF_SEQUENCE_HEADS[family][0])}")
+  _check_shapes(params, encoder_config, source=model_dir, mlm_head=mlm_head, classifier=classifier)
   from jembed.models.transformer import TransformerConfig  # pylint: disable=import-outside-toplevel
   limit = TransformerConfig(**encoder_config).max_length
 
@@ -119,7 +134,21 @@ def load_dir(path: str) -> HFModel:
   tokenizer.enable_truncation(max_len)
   return HFModel(encoder_config=encoder_config, params=params, mlm_head=mlm_head, tokenizer=tokenizer,
                  special_ids=ids, pooling=info["pooling"], normalize=info["normalize"],
-                 max_seq_length=max_len, lowercase=info["lowercase"])
+                 max_seq_length=max_len, lowercase=info["lowercase"], classifier=classifier,
+                 class_names=class_names, classifier_pooling=classifier_pooling)
+
+
+def _class_names(cfg: dict, n: int, *, source: str) -> list[str]:
+  """config.json's id2label as a list in logit order (transformers' LABEL_i when it has none)."""
+  id2label = cfg.get("id2label") or {}
+  try:
+    names_by_id = {int(k): str(v) for k, v in id2label.items()}
+  except (TypeError, ValueError, AttributeError):
+    raise UserError(f"{source}: id2label must map class ids to names; re-save the model") from None
+  if names_by_id and sorted(names_by_id) != list(range(n)):
+    raise UserError(f"{source}: id2label has ids {sorted(names_by_id)} but the classifier has {n} "
+                    "outputs; the config and weights do not belong together")
+  return [names_by_id.get(i, f"LABEL_{i}") for i in range(n)]
 
 
 def abstract_module(build):
@@ -130,10 +159,12 @@ def abstract_module(build):
     return nnx.eval_shape(lambda: build(nnx.Rngs(params=0, dropout=0)))
 
 
-def _check_shapes(params: dict, cfg: dict, *, source: str, mlm_head: dict | None = None) -> None:
-  """Every tensor has the shape a TransformerEncoder (and MlmHead) of `cfg` gives it."""
+def _check_shapes(params: dict, cfg: dict, *, source: str, mlm_head: dict | None = None,
+                  classifier: dict | None = None) -> None:
+  """Every tensor has the shape a TransformerEncoder (and MlmHead, SequenceClassifierHead) of `cfg`
+  gives it."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from jembed.models.heads import MlmHead  # pylint: disable=import-outside-toplevel
+  from jembed.models.heads import MlmHead, SequenceClassifierHead  # pylint: disable=import-outside-toplevel
   from jembed.models.transformer import TransformerConfig, TransformerEncoder  # pylint: disable=import-outside-toplevel
   tcfg = TransformerConfig(**cfg)
   want = nnx.to_pure_dict(nnx.state(abstract_module(lambda rngs: TransformerEncoder(tcfg, rngs=rngs)),
@@ -142,6 +173,10 @@ def _check_shapes(params: dict, cfg: dict, *, source: str, mlm_head: dict | None
   if mlm_head is not None:
     head = abstract_module(lambda rngs: MlmHead.for_encoder(tcfg, rngs=rngs))
     pairs.append((nnx.to_pure_dict(nnx.state(head, nnx.Param)), mlm_head))
+  if classifier is not None:
+    n = len(classifier["out"]["bias"])
+    head = abstract_module(lambda rngs: SequenceClassifierHead.for_encoder(tcfg, n, rngs=rngs))
+    pairs.append((nnx.to_pure_dict(nnx.state(head, nnx.Param)), classifier))
   for expected, got in pairs:
     for path, leaf in _flat(expected):
       node = got
@@ -173,40 +208,58 @@ def _leaves(tree: dict):
       yield value
 
 
+@dataclasses.dataclass
+class SequenceClassifier:
+  """A classifier head to export with the encoder: the family's *ForSequenceClassification."""
+  params: dict        # SequenceClassifierHead's pure dict (BERT: `out` only; its pooler is the encoder's)
+  labels: list[str]   # class names, in logit order (config.json's id2label / label2id)
+  pooling: str = "cls"  # what the head reads: [CLS] (every family) or the mean (ModernBERT only)
+
+
 def save_dir(path: str, *, encoder_config, params: dict, tokenizer: tokenizers.Tokenizer, pooling: str,
              normalize: bool, max_seq_length: int, mlm_head: dict | None = None,
-             special_ids: dict | None = None, lowercase: bool = False) -> str:
+             special_ids: dict | None = None, lowercase: bool = False,
+             classifier: SequenceClassifier | None = None) -> str:
   """Writes a directory that transformers.AutoModel and sentence_transformers.SentenceTransformer load.
 
   `encoder_config` is a TransformerConfig or its fields (its `family` says which transformers
   model: BertModel, RobertaModel, XLMRobertaModel, MPNetModel or ModernBertModel), `params` the
   encoder's pure dict, `mlm_head` MlmHead's pure dict (then the weights are laid out as the
-  family's *ForMaskedLM). Returns the path. No pooler weights are written when the encoder has
-  none: transformers' BertModel (RobertaModel, MPNetModel) then initialises its pooler at random and
-  logs a warning, but loads; the hidden states and every sentence-transformers embedding are
-  unaffected, and jembed round-trips the directory exactly.
+  family's *ForMaskedLM), `classifier` a sequence-classification head (then as the family's
+  *ForSequenceClassification, with id2label; RoBERTa's, MPNet's and ModernBERT's have no pooler, so
+  an encoder's pooler weights are left out). Returns the path.
+
+  No pooler weights are invented when the encoder has none: sentence_bert_config.json then tells
+  sentence-transformers to build the model without one (model_args add_pooling_layer=False), so it
+  loads with nothing missing; transformers' AutoModel (BertModel, RobertaModel, MPNetModel) always
+  builds a pooler and reports it newly initialised unless given add_pooling_layer=False. An encoder's
+  pooler weights (from a source that had them) are kept, never dropped: *ForMaskedLM, which has no
+  pooler, lists them as unexpected, as it does for Google's BERT checkpoints.
+
+  Local or gs://: the directory is built beside the target and swapped in whole (fs.swap_dir), so a
+  reader never sees a half-written model; files get the mode a plain open() gives (fs.file_mode).
   """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  if not fs.is_local(path):
-    # A URL (gs://): written whole to a local temporary directory, then copied into place through a
-    # directory swap (fs.swap_dir), so a reader never sees a half-copied model.
-    if fs.is_file(path):
-      raise UserError(f"{path} exists and is a file; choose a directory path for the model")
-    if fs.isdir(path) and fs.listdir(path) and not fs.exists(fs.join(path, "config.json")):
-      raise UserError(f"{path} exists and is not a model directory; choose an empty or new path")
-    with tempfile.TemporaryDirectory(prefix="jembed-export-") as local:
-      save_dir(os.path.join(local, "model"), encoder_config=encoder_config, params=params,
-               tokenizer=tokenizer, pooling=pooling, normalize=normalize,
-               max_seq_length=max_seq_length, mlm_head=mlm_head, special_ids=special_ids,
-               lowercase=lowercase)
-      fs.swap_dir(path, lambda tmp: fs.copy_tree(os.path.join(local, "model"), tmp))
-    return str(path)
-  target = os.path.abspath(os.path.expanduser(str(path)))
+  local = fs.is_local(path)
+  target = os.path.abspath(os.path.expanduser(str(path))) if local else str(path)
   cfg = hf_config.normalize_encoder_config(encoder_config)
   if bool(cfg["pooler"]) != ("pooler" in params):
     raise UserError(f"encoder_config says pooler={cfg['pooler']} but the parameters "
                     f"{'have' if 'pooler' in params else 'lack'} pooler weights; pass matching ones")
   family = cfg["family"]
+  if mlm_head is not None and classifier is not None:
+    raise UserError("a model is exported with a masked-LM head or a classifier head, not both")
+  if classifier is not None:
+    allowed = HF_SEQUENCE_HEADS[family][0]
+    if classifier.pooling not in allowed:
+      raise UserError(f"{hf_config.SEQUENCE_CLASSIFIERS[family]} pools with {' or '.join(allowed)}, "
+                      f"not {classifier.pooling}; train the classifier with model.head=hf")
+    if family == "bert" and not cfg["pooler"]:
+      raise UserError("BertForSequenceClassification reads the pooler, but the encoder has none; train "
+                      "the classifier with model.head=hf")
+    if family != "bert" and cfg["pooler"]:
+      params = {k: v for k, v in params.items() if k != "pooler"}
+      cfg = dict(cfg, pooler=False)
   if special_ids is None:
     special_ids = hf_tokenizer.special_ids(tokenizer, hf_tokenizer.family_specials(family),
                                            source="the tokenizer")
@@ -218,44 +271,42 @@ def save_dir(path: str, *, encoder_config, params: dict, tokenizer: tokenizers.T
   if cfg.get("positions") == "padded" and special_ids["pad"] != cfg["position_offset"]:
     raise UserError(f"the tokenizer pads with id {special_ids['pad']} but the encoder's positions treat "
                     f"id {cfg['position_offset']} as padding ({family}); export it with its own tokenizer")
-  tensors = names.to_hf(params, cfg, cfg["pooler"], mlm_head)
+  tensors = names.to_hf(params, cfg, cfg["pooler"], mlm_head,
+                        classifier.params if classifier is not None else None)
   _check_shapes(params, cfg, source="the parameters", mlm_head=mlm_head)
-  architecture = hf_config.ARCHITECTURES[family][mlm_head is not None]
-  config_json = hf_config.to_hf_config(cfg, pad_token_id=special_ids["pad"], architecture=architecture,
-                                       dtype=_dtype_name(params), bos_token_id=special_ids["cls"],
-                                       eos_token_id=special_ids["sep"])
+  if classifier is not None:
+    architecture = hf_config.SEQUENCE_CLASSIFIERS[family]
+  else:
+    architecture = hf_config.ARCHITECTURES[family][mlm_head is not None]
+  config_json = hf_config.to_hf_config(
+      cfg, pad_token_id=special_ids["pad"], architecture=architecture, dtype=_dtype_name(params),
+      bos_token_id=special_ids["cls"], eos_token_id=special_ids["sep"],
+      labels=list(classifier.labels) if classifier is not None else None,
+      classifier_pooling=classifier.pooling if classifier is not None else "mean")
   # model_max_length = max_seq_length, as sentence-transformers 6 saves it (it reads the limit from
   # there; older versions from sentence_bert_config.json, also written).
   files = hf_tokenizer.tokenizer_files(tokenizer, special_ids, int(max_seq_length), family=family)
+  # sentence-transformers builds its model with AutoModel, which has a pooler in these families:
+  # without pooler weights, ask for none rather than let it initialise one at random.
+  no_pooler = family != "modernbert" and not cfg["pooler"]
   files.update(st.st_files(pooling=pooling, normalize=normalize, max_seq_length=int(max_seq_length),
-                           lowercase=lowercase, hidden_size=cfg["hidden_size"]))
+                           lowercase=lowercase, hidden_size=cfg["hidden_size"],
+                           model_args={"add_pooling_layer": False} if no_pooler else None))
   files["config.json"] = json.dumps(config_json, indent=2) + "\n"
 
-  parent = os.path.dirname(target)
-  os.makedirs(parent, exist_ok=True)
-  if os.path.exists(target) and not os.path.isdir(target):
+  if fs.is_file(target):
     raise UserError(f"{target} exists and is a file; choose a directory path for the model")
-  if os.path.isdir(target) and os.listdir(target) and not os.path.isfile(os.path.join(target, "config.json")):
+  if fs.isdir(target) and fs.listdir(target) and not fs.exists(fs.join(target, "config.json")):
     raise UserError(f"{target} exists and is not a model directory; choose an empty or new path")
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=parent)
-  try:
+
+  def build(directory: str) -> None:
     for rel, text in files.items():
-      os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
-      with open(os.path.join(tmp, rel), "w", encoding="utf-8") as f:
-        f.write(text)
-    save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700
-    if os.path.isdir(target):
-      # Swap: the old export stays whole until the new one is complete.
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".old", dir=parent)
-      os.rename(target, os.path.join(old, "model"))
-      os.rename(tmp, target)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, target)
-  finally:
-    if os.path.isdir(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+      fs.write_text(fs.join(directory, *rel.split(os.sep)), text)
+    # safetensors writes 0600 (its own temporary file); fs.write_with gives the usual mode.
+    fs.write_with(fs.join(directory, WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+  # Swap: an old export stays whole until the new one is complete.
+  fs.swap_dir(target, build)
   return target
 
 
@@ -264,7 +315,10 @@ def save_model(path: str, model: HFModel) -> str:
   return save_dir(path, encoder_config=model.encoder_config, params=model.params,
                   tokenizer=model.tokenizer, pooling=model.pooling, normalize=model.normalize,
                   max_seq_length=model.max_seq_length, mlm_head=model.mlm_head,
-                  special_ids=model.special_ids, lowercase=model.lowercase)
+                  special_ids=model.special_ids, lowercase=model.lowercase,
+                  classifier=(SequenceClassifier(model.classifier, list(model.class_names),
+                                                 model.classifier_pooling)
+                              if model.classifier is not None else None))
 
 
 def encoder_from_dir(path: str, *, dtype=None):

@@ -124,6 +124,20 @@ def _head_entries(cfg: dict):
           + [("lm_head.bias", ("bias",), "copy")])
 
 
+def _classifier_entries(cfg: dict):
+  """(hf_name, path in the SequenceClassifierHead tree, kind) of the family's
+  *ForSequenceClassification head (BERT's pooler is the encoder's, listed by `_entries`)."""
+  family = cfg.get("family", "bert")
+  bias, norm_bias = cfg.get("use_bias", True), cfg.get("norm_bias", True)
+  module = lambda hf, path, kind, b=bias: _module(hf, path, kind, bias=b, norm_bias=norm_bias)
+  if family == "bert":
+    return module("classifier", ("out",), "dense", True)
+  if family == "modernbert":  # its classifier Linear always has a bias (classifier_bias is the head's)
+    return (module("head.dense", ("dense",), "dense") + module("head.norm", ("norm",), "norm")
+            + module("classifier", ("out",), "dense", True))
+  return module("classifier.dense", ("dense",), "dense") + module("classifier.out_proj", ("out",), "dense")
+
+
 def canonical_name(name: str, family: str = "bert") -> str | None:
   """The base-model name of a stored tensor (its task-model prefix dropped); None for tensors
   that carry nothing."""
@@ -177,8 +191,14 @@ def _paths(path) -> tuple:
   return path if isinstance(path[0], tuple) else (path,)
 
 
-def from_hf(tensors: dict, cfg: dict, *, source: str) -> tuple[dict, dict | None]:
-  """{hf name: array} -> (encoder pure dict, MLM head pure dict or None), Linear weights transposed."""
+def has_classifier(names) -> bool:
+  """Whether a checkpoint is a *ForSequenceClassification's (its output layer is `classifier`)."""
+  return any(n == "classifier.weight" or n.startswith("classifier.out_proj.") for n in names)
+
+
+def from_hf(tensors: dict, cfg: dict, *, source: str) -> tuple[dict, dict | None, dict | None]:
+  """{hf name: array} -> (encoder pure dict, MLM head pure dict or None, SequenceClassifierHead
+  pure dict or None), Linear weights transposed."""
   family = cfg.get("family", "bert")
   canonical = {}
   for name, value in tensors.items():
@@ -187,16 +207,23 @@ def from_hf(tensors: dict, cfg: dict, *, source: str) -> tuple[dict, dict | None
       canonical[key] = value
   entries = _entries(cfg, pooler="pooler.dense.weight" in canonical)
   head_prefix = _FAMILY[family]["head"]
-  head = _head_entries(cfg) if any(k.startswith(head_prefix) for k in canonical) else []
-  missing = [name for name, _, _ in entries + head if name not in canonical]
+  classifier = _classifier_entries(cfg) if has_classifier(canonical) else []
+  # ModernBERT's classifier has a `head` too (dense + norm, no decoder): not an MLM head then.
+  head = (_head_entries(cfg) if not classifier and any(k.startswith(head_prefix) for k in canonical)
+          else [])
+  if classifier and family == "bert" and "pooler.dense.weight" not in canonical:
+    raise UserError(f"{source} is a BertForSequenceClassification without pooler weights; it is not a "
+                    "complete checkpoint")
+  missing = [name for name, _, _ in entries + head + classifier if name not in canonical]
   if missing:
     raise UserError(f"{source} lacks {len(missing)} {family} tensor(s), e.g. '{missing[0]}'; it is not a "
                     "complete checkpoint for its config.json (num_hidden_layers? biases?)")
-  used = {name for name, _, _ in entries + head}
+  used = {name for name, _, _ in entries + head + classifier}
   extra = sorted(set(canonical) - used)
   if extra:
     raise UserError(f"{source} has {len(extra)} tensor(s) a {family} encoder does not use, e.g. "
-                    f"'{extra[0]}'; only base-model and masked-LM checkpoints are supported")
+                    f"'{extra[0]}'; only base-model, masked-LM and sequence-classification checkpoints "
+                    "are supported")
 
   def fill(tree, name, path, kind):
     value = np.asarray(canonical[name])
@@ -210,16 +237,21 @@ def from_hf(tensors: dict, cfg: dict, *, source: str) -> tuple[dict, dict | None
   params: dict = {}
   for name, path, kind in entries:
     fill(params, name, path, kind)
-  mlm = None
-  if head:
-    mlm = {}
-    for name, path, kind in head:
-      fill(mlm, name, path, kind)
-  return params, mlm
+  heads = []
+  for entries_of_head in (head, classifier):
+    tree = None
+    if entries_of_head:
+      tree = {}
+      for name, path, kind in entries_of_head:
+        fill(tree, name, path, kind)
+    heads.append(tree)
+  return params, heads[0], heads[1]
 
 
-def to_hf(params: dict, cfg: dict, pooler: bool, mlm_head: dict | None) -> dict:
-  """(encoder pure dict, MLM head pure dict or None) -> {hf name: C-contiguous numpy array}.
+def to_hf(params: dict, cfg: dict, pooler: bool, mlm_head: dict | None,
+          classifier: dict | None = None) -> dict:
+  """(encoder pure dict, MLM head pure dict or None, SequenceClassifierHead pure dict or None) ->
+  {hf name: C-contiguous numpy array}.
 
   With a head the encoder's names get the family's task-model prefix (`bert.`, `roberta.`, ...).
   Every array is made C-contiguous: safetensors 0.8 writes the buffer of a transposed (F-ordered)
@@ -232,7 +264,7 @@ def to_hf(params: dict, cfg: dict, pooler: bool, mlm_head: dict | None) -> dict:
   if extra:
     raise UserError(f"encoder parameter {'/'.join(map(str, extra[0]))} has no place in a {family} "
                     "checkpoint; export an encoder of that family without adapters (merge LoRA first)")
-  prefix = _FAMILY[family]["prefix"] if mlm_head is not None else ""
+  prefix = _FAMILY[family]["prefix"] if mlm_head is not None or classifier is not None else ""
 
   def convert(tree, path, kind, what):
     parts = [np.asarray(_get(tree, p, what, family)) for p in _paths(path)]
@@ -248,4 +280,11 @@ def to_hf(params: dict, cfg: dict, pooler: bool, mlm_head: dict | None) -> dict:
       raise UserError(f"MLM head parameter {'/'.join(map(str, extra[0]))} has no place in the {family} "
                       "masked-LM head; pass MlmHead's pure dict")
     out.update({name: convert(mlm_head, path, kind, "the MLM head tree") for name, path, kind in head})
+  if classifier is not None:
+    head = _classifier_entries(cfg)
+    extra = sorted(set(_leaf_paths(classifier)) - {path for _, path, _ in head}, key=str)
+    if extra:
+      raise UserError(f"classifier head parameter {'/'.join(map(str, extra[0]))} has no place in the "
+                      f"{family} sequence-classification head; pass SequenceClassifierHead's pure dict")
+    out.update({name: convert(classifier, path, kind, "the classifier head tree") for name, path, kind in head})
   return out

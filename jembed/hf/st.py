@@ -77,8 +77,10 @@ def read_st(directory: str) -> dict:
 
 
 def st_files(*, pooling: str, normalize: bool, max_seq_length: int, lowercase: bool,
-             hidden_size: int) -> dict[str, str]:
-  """{relative path: text} of the sentence-transformers files (the model itself sits in the root)."""
+             hidden_size: int, model_args: dict | None = None) -> dict[str, str]:
+  """{relative path: text} of the sentence-transformers files (the model itself sits in the root).
+  `model_args`: keyword arguments sentence-transformers passes to the transformers model's
+  from_pretrained (`model_args` in sentence_bert_config.json: every version reads that name)."""
   if pooling not in POOLINGS:
     raise UserError(f"pooling '{pooling}' is unknown; use one of {', '.join(POOLINGS)}")
   dump = lambda obj: json.dumps(obj, indent=2) + "\n"
@@ -95,7 +97,8 @@ def st_files(*, pooling: str, normalize: bool, max_seq_length: int, lowercase: b
   files = {
       "modules.json": dump(modules),
       "sentence_bert_config.json": dump({"max_seq_length": int(max_seq_length),
-                                         "do_lower_case": bool(lowercase)}),
+                                         "do_lower_case": bool(lowercase),
+                                         **({"model_args": dict(model_args)} if model_args else {})}),
       "config_sentence_transformers.json": dump({
           "model_type": "SentenceTransformer", "prompts": {}, "default_prompt_name": None,
           "similarity_fn_name": "cosine"}),

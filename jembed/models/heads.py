@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jembed.models.layers import Dense, Embed, LayerNorm, param, zeros_init
+from jembed.models.layers import Dense, Dropout, Embed, LayerNorm, param, zeros_init
 
 
 class MlmHead(nnx.Module):
@@ -67,6 +67,65 @@ class Classifier(nnx.Module):
 
   def __call__(self, x):
     return self.dense(x.astype(jnp.float32))
+
+
+# What each Hugging Face family's *ForSequenceClassification puts between the encoder and its output
+# layer: (pooling it allows, activation of its dense layer or "" for none, LayerNorm after it).
+# BERT's dense + tanh on [CLS] is its encoder's pooler (TransformerEncoder.pooler), so its head here
+# is the output layer alone.
+HF_SEQUENCE_HEADS = {
+    "bert": (("cls",), "", False),
+    "roberta": (("cls",), "tanh", False),
+    "xlm-roberta": (("cls",), "tanh", False),
+    "mpnet": (("cls",), "tanh", False),
+    "modernbert": (("cls", "mean"), "gelu", True),
+}
+
+
+class SequenceClassifierHead(nnx.Module):
+  """A Hugging Face family's sequence-classification head on pooled features, so that a fine-tuned
+  classifier exports as that family's *ForSequenceClassification: [dense -> activation
+  [-> LayerNorm]] -> dropout -> out. RoBERTa, XLM-R, MPNet: dense + tanh (their `classifier.dense`,
+  `classifier.out_proj`); ModernBERT: dense + GELU + LayerNorm (its `head`), then `classifier`;
+  BERT: `classifier` alone, on the encoder's pooler output. Computed in float32, as Classifier."""
+
+  def __init__(self, hidden_size: int, num_classes: int, *, activation: str, norm: bool,
+               eps: float = 1e-12, use_bias: bool = True, norm_bias: bool = True, dropout: float = 0.0,
+               rngs: nnx.Rngs):
+    self.activation = activation
+    self.dense = (Dense(hidden_size, hidden_size, ("embed", "mlp"), use_bias=use_bias, rngs=rngs)
+                  if activation else None)
+    self.norm = LayerNorm(hidden_size, eps=eps, axis_name="mlp", use_bias=norm_bias) if norm else None
+    self.dropout = Dropout(dropout, rngs=rngs)
+    self.out = Dense(hidden_size, num_classes, ("mlp" if activation else "embed", None), rngs=rngs)
+
+  @classmethod
+  def for_encoder(cls, cfg, num_classes: int, *, rngs: nnx.Rngs) -> "SequenceClassifierHead":
+    """The head of a TransformerConfig's family (its width, eps, biases and dropout)."""
+    _, activation, norm = HF_SEQUENCE_HEADS[cfg.family]
+    return cls(cfg.hidden_size, num_classes, activation=activation, norm=norm, eps=cfg.layer_norm_eps,
+               use_bias=cfg.use_bias, norm_bias=cfg.norm_bias, dropout=cfg.dropout, rngs=rngs)
+
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    if self.dense is not None:
+      x = self.dense(x)
+      x = jnp.tanh(x) if self.activation == "tanh" else jax.nn.gelu(x, approximate=False)
+    if self.norm is not None:
+      x = self.norm(x)
+    return self.out(self.dropout(x))
+
+
+class PoolerClassifier(nnx.Module):
+  """BERT's classification path from [CLS] features: the encoder's pooler (dense + tanh), then the
+  head. What a loaded BERT classifier with the Hugging Face head runs on its pooled [CLS] vectors."""
+
+  def __init__(self, pooler: Dense, head: nnx.Module):
+    self.pooler = pooler
+    self.head = head
+
+  def __call__(self, cls_features):
+    return self.head(jnp.tanh(self.pooler(cls_features)))
 
 
 class ProjectionHead(nnx.Module):

@@ -48,6 +48,9 @@ class Task(abc.ABC):
   # A regex of task-owned parameters (e.g. a learnable temperature) that train under every tuning:
   # a LoRA or adapter tuning freezes the backbone, not the objective's own scalars.
   task_params = ""
+  # A regex of backbone parameters the task adds to what a warm-start source has (e.g. BERT's pooler
+  # under a text classifier's Hugging Face head): they start fresh instead of failing the warm start.
+  fresh_params = ""
 
   def __init__(self, config, workdir: str):
     self.config = config_lib.complete(config)  # fields it lacks take the base's values
