@@ -10,7 +10,8 @@ at batch 32 and at its best batch among a few; jembed in float32 and bfloat16, w
 embeddings to sentence-transformers' (float32 torch, its default). Then the contrastive train step
 (MiniLM shape, 64 pairs of length 128, InfoNCE / MNRL at scale 20, AdamW): pairs/s of
 jembed's compiled step against a sentence-transformers MultipleNegativesRankingLoss step. Each timing
-is the best of `--repeats` passes after a warm-up pass (which also compiles). Ends with one JSON line.
+is the best of `--repeats` passes after a warm-up pass (which also compiles); the embedding sides take
+turns within every repeat, and each repeat's ratio is printed. Ends with one JSON line.
 """
 from __future__ import annotations
 
@@ -89,6 +90,11 @@ def _timed(fn) -> float:
 
 
 def bench_embed(model_dir: str, texts: list[str], repeats: int, batches) -> dict:
+  """The three sides take turns in every repeat (the machine is shared: load changes from second to
+  second), so each figure is the best of `repeats` passes taken side by side; `*_ratios_b*` keeps
+  each repeat's jembed / sentence-transformers ratio."""
+  import types
+  sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
   import jembed
   import torch
   from sentence_transformers import SentenceTransformer
@@ -98,17 +104,27 @@ def bench_embed(model_dir: str, texts: list[str], repeats: int, batches) -> dict
   ref = theirs.encode(texts, batch_size=32, convert_to_numpy=True)
   n = len(texts)
   for b in batches:
-    t = best_time(lambda: theirs.encode(texts, batch_size=b, convert_to_numpy=True), repeats)
-    out[f"st_b{b}"] = n / t
+    sides = {"st": lambda: theirs.encode(texts, batch_size=b, convert_to_numpy=True)}
     for dtype in ("float32", "bfloat16"):
-      t = best_time(lambda: ours.embed(texts, batch_size=b, dtype=dtype), repeats)
-      out[f"jembed_{dtype}_b{b}"] = n / t
+      sides[f"jembed_{dtype}"] = lambda dtype=dtype: ours.embed(texts, batch_size=b, dtype=dtype)
+    for fn in sides.values():
+      fn()  # warm-up (and compiles)
+    times = {name: [] for name in sides}
+    for _ in range(repeats):
+      for name, fn in sides.items():
+        times[name].append(_timed(fn))
+    for name, ts in times.items():
+      out[f"{name}_b{b}"] = n / min(ts)
+    for dtype in ("float32", "bfloat16"):
+      out[f"jembed_{dtype}_ratios_b{b}"] = [round(s / j, 3) for s, j in
+                                            zip(times["st"], times[f"jembed_{dtype}"])]
   for dtype in ("float32", "bfloat16"):
     vec = ours.embed(texts, batch_size=32, dtype=dtype)
     cos = (vec * ref).sum(1) / np.linalg.norm(vec, axis=1) / np.linalg.norm(ref, axis=1)
     out[f"jembed_{dtype}_min_cosine_to_st"] = float(cos.min())
     out[f"jembed_{dtype}_max_abs_diff_to_st"] = float(np.abs(vec - ref).max())
   out["torch_threads"] = torch.get_num_threads()
+  out["load_average"] = [round(x, 2) for x in os.getloadavg()]
   return out
 
 
@@ -217,7 +233,9 @@ def main() -> None:
     print(f"jembed {dtype}: best {best:.1f}/s = {best / st_b32:.2f}x sentence-transformers at its default "
           f"(batch 32), {best / st_best:.2f}x at its best; min cosine to ST "
           f"{res[f'jembed_{dtype}_min_cosine_to_st']:.6f}, max |diff| "
-          f"{res[f'jembed_{dtype}_max_abs_diff_to_st']:.2e}")
+          f"{res[f'jembed_{dtype}_max_abs_diff_to_st']:.2e}; per-repeat ratios at batch {batches[0]}: "
+          f"{res[f'jembed_{dtype}_ratios_b{batches[0]}']}")
+  print(f"load average (1, 5, 15 min) at the end: {res['load_average']}")
   if not args.skip_train:
     res.update(bench_train_step(model_dir, texts, args.repeats, args.train_steps))
     print(f"\ncontrastive train step (64 pairs x 128 tokens): jembed {res['jembed_train_pairs_per_s']:.1f} "
