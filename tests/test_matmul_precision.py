@@ -40,6 +40,16 @@ def test_bfloat16_einsum_accumulates_in_float32_with_the_plain_backward(spec, sh
     np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
 
 
+@pytest.mark.parametrize("batch,length,heads", [(1, 1, 1), (3, 7, 3), (1, 7, 3), (3, 1, 1)])
+def test_bfloat16_attention_contractions_run_at_odd_shapes(batch, length, heads):
+  """XLA:CPU has no generic bfloat16 x bfloat16 -> float32 kernel (see layers.einsum): the
+  encoder's forward contractions must reach the one it has at any batch, length and head count."""
+  q, _ = _operands((batch, length, heads, 4), (1,), jnp.bfloat16)
+  scores = jax.jit(lambda x: layers.einsum("bqnh,bknh->bnqk", x, x))(q)
+  ctx = jax.jit(lambda p, v: layers.einsum("bnqk,bknh->bqnh", p, v))(scores.astype(jnp.bfloat16), q)
+  assert np.isfinite(np.asarray(ctx)).all() and ctx.shape == q.shape
+
+
 def test_float32_einsum_is_jnp_einsum():
   spec, shape_a, shape_b = SPECS[1]
   a, b = _operands(shape_a, shape_b, jnp.float32)

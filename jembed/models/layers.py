@@ -55,7 +55,11 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
   benchmarks/embed_throughput.py --micro`); TPU and GPU matrix units accumulate in float32 anyway.
   Callers cast the result back to their compute dtype. The backward pass is the plain einsum's
   (bfloat16 cotangents and dots, as before this), so training keeps its speed and memory on
-  accelerators. float32 operands take jnp.einsum itself: the same graph as always.
+  accelerators. (It cannot take the float32-accumulating form on a CPU: XLA:CPU has no generic
+  bfloat16 x bfloat16 -> float32 kernel, and some of the backward contractions, e.g.
+  "bqnh,bnqk->bknh", miss the fast one and fail with "Unsupported element type for DotThunk"; the
+  forward ones were checked at batch 1-32, lengths 1-128, 1-12 heads.) float32 operands take
+  jnp.einsum itself: the same graph as always.
   """
   if a.dtype == jnp.float32 and b.dtype == jnp.float32:
     return jnp.einsum(spec, a, b)
