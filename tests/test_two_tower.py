@@ -339,3 +339,67 @@ def test_bad_settings_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match=words) as e:
       inter.load(data_config(**kw))
     assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+def test_server_recommends_from_the_workdir_and_from_its_item_index(trained, tmp_path):
+  """python -m jembed.serve --recommender W [--index I]: no text model; /v1/recommend equals
+  Recommender.recommend (seen items excluded unless asked), /v1/similar its similar_items, hits from
+  the index carry its ids; unknown users and bad k are OpenAI-shaped errors; text routes 404."""
+  pytest.importorskip("fastapi")
+  from fastapi.testclient import TestClient
+  import jembed
+  from jembed.serve import __main__ as cli
+  workdir, _, _ = trained
+  rec = jembed.load(workdir)
+  out = str(tmp_path / "items.index")
+  assert recommend.main(["--model", workdir, "--export-index", out]) == 0
+  want = rec.recommend(["u0", "u5"], k=7)
+  want_all = rec.recommend(["u0"], k=7, exclude_seen=False)[0]
+  for flags in ([], ["--index", out]):
+    app, desc = cli.build(cli.parser().parse_args(["--recommender", workdir, *flags]))
+    assert desc.startswith("run: recommendations for 48 users")
+    with TestClient(app) as client:
+      r = client.post("/v1/recommend", json={"user": ["u0", "u5"], "k": 7})
+      assert r.status_code == 200, r.text
+      data = r.json()["data"]
+      assert [d["user"] for d in data] == ["u0", "u5"] and r.json()["model"] == "run"
+      for d, w in zip(data, want):
+        assert [h["id"] for h in d["hits"]] == [h["id"] for h in w]
+        np.testing.assert_allclose([h["score"] for h in d["hits"]], [h["score"] for h in w], rtol=1e-4)
+      r = client.post("/v1/recommend", json={"user": "u0", "k": 7, "exclude_seen": False})
+      assert [h["id"] for h in r.json()["data"][0]["hits"]] == [h["id"] for h in want_all]
+      r = client.post("/v1/similar", json={"item": "i3", "k": 4})
+      hits = r.json()["data"][0]["hits"]
+      assert r.status_code == 200 and len(hits) == 4 and all(h["id"] != "i3" for h in hits)
+      if not flags:
+        assert [h["id"] for h in hits] == [h["id"] for h in rec.similar_items(["i3"], 4)[0]]
+      for body, status, param in [({"user": "nobody"}, 404, "user"), ({"user": "u0", "k": 0}, 400, "k"),
+                                  ({"user": []}, 400, "user"), ({"k": 3}, 400, "user"),
+                                  ({"user": "u0", "exclude_seen": "no"}, 400, "exclude_seen")]:
+        r = client.post("/v1/recommend", json=body)
+        err = r.json()["error"]
+        assert r.status_code == status and err["param"] == param and set(err) == {
+            "message", "type", "param", "code"}, (body, r.text)
+      assert "user 'nobody'" in client.post("/v1/recommend", json={"user": "nobody"}).json()["error"]["message"]
+      r = client.post("/v1/similar", json={"item": "nope"})
+      assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_item"
+      for route in ("/v1/embeddings", "/v1/search"):
+        r = client.post(route, json={"input": "a"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "no_text_model"
+      assert client.get("/v1/models").json()["data"][0]["items"] == len(rec.items)
+      assert 'route="/v1/recommend"' in client.get("/metrics").text
+
+
+def test_server_refuses_a_foreign_index_and_nothing_to_serve(trained, tmp_path, capsys):
+  from jembed import index as index_lib
+  from jembed.serve import __main__ as cli
+  workdir, _, _ = trained
+  rng = np.random.default_rng(0)
+  index_lib.write(str(tmp_path / "other"), rng.normal(size=(3, 16)).astype(np.float32), ids=["i0", "i1", "i2"])
+  assert cli.main(["--recommender", workdir, "--index", str(tmp_path / "other")]) == 2
+  assert "other vectors for the recommender's items" in capsys.readouterr().err
+  assert cli.main([]) == 2
+  assert "nothing to serve" in capsys.readouterr().err

@@ -30,7 +30,8 @@ from jembed.serve.metrics import CONTENT_TYPE, ServerMetrics
 from jembed.serve.protocol import ApiError
 
 PUBLIC = ("/health", "/metrics")   # open even when an API key is set (probes and scrapers)
-ROUTES = ("/v1/embeddings", "/embeddings", "/v1/models", "/v1/search", "/health", "/metrics")
+ROUTES = ("/v1/embeddings", "/embeddings", "/v1/models", "/v1/search", "/health", "/metrics",
+          "/v1/recommend", "/v1/similar")
 RETRY_AFTER_S = 1
 INLINE_SIZE = 4096  # characters (or token ids, or output floats) a request may have to be handled
                     # on the event loop; larger ones go to the thread pool
@@ -38,8 +39,10 @@ INLINE_SIZE = 4096  # characters (or token ids, or output floats) a request may 
 
 def create_app(model, *, served_model_name: str, index=None, api_key: str | None = None,
                max_batch_tokens: int = 16384, max_queue: int = 256, truncate: bool = False,
-               max_request_bytes: int = 2 * 2 ** 20, dtype: str = "float32") -> FastAPI:
-  """The server around a loaded TextEmbedder `model` (and an optional jembed Index over it)."""
+               max_request_bytes: int = 2 * 2 ** 20, dtype: str = "float32",
+               recommender=None) -> FastAPI:
+  """The server around a loaded TextEmbedder `model` (and an optional jembed Index over it); with a
+  `recommender` (a jembed.serve.recommend.RecommendService) also /v1/recommend and /v1/similar."""
   metrics = ServerMetrics()
   n_dev = model.mesh.size
   batcher = Batcher(lambda rows, size: model.embed_token_rows(rows, batch_size=size, dtype=dtype),
@@ -66,28 +69,8 @@ def create_app(model, *, served_model_name: str, index=None, api_key: str | None
     code = "not_found" if exc.status_code == 404 else None
     return _error(ApiError(exc.status_code, str(exc.detail), code=code))
 
-  async def answer(handler, request: Request):
-    try:
-      return await handler(request)
-    except ApiError as e:
-      return _error(e)
-    except UserError as e:  # e.g. query vectors the index cannot take: the request's to fix
-      return _error(ApiError(400, str(e)))
-    except Exception as e:  # pylint: disable=broad-except
-      return _error(ApiError(500, f"the server failed: {type(e).__name__}: {e}", kind="server_error"))
-
   async def json_body(request: Request) -> Any:
-    parts, size = [], 0
-    async for chunk in request.stream():  # a chunked body declares no length: count as it comes
-      size += len(chunk)
-      if size > max_request_bytes:
-        raise _too_large(max_request_bytes)
-      parts.append(chunk)
-    body = b"".join(parts)
-    try:
-      return json.loads(body)
-    except ValueError:
-      raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+    return await read_json(request, max_request_bytes)
 
   async def embed_rows(rows: list[np.ndarray]) -> np.ndarray:
     try:
@@ -167,6 +150,12 @@ def create_app(model, *, served_model_name: str, index=None, api_key: str | None
   async def models_route(request: Request):
     return await answer(models, request)
 
+  if recommender is not None:
+    from jembed.serve import recommend  # pylint: disable=import-outside-toplevel
+    app.state.recommender = recommender
+    recommend.add_routes(app, recommender, served_model_name=served_model_name, answer=answer,
+                         json_body=json_body)
+
   @app.get("/health")
   async def health():
     if not batcher.alive:
@@ -178,6 +167,33 @@ def create_app(model, *, served_model_name: str, index=None, api_key: str | None
     return Response(metrics.render(), media_type=CONTENT_TYPE)
 
   return app
+
+
+async def answer(handler, request: Request):
+  """`handler(request)`'s response, or its error in OpenAI's shape."""
+  try:
+    return await handler(request)
+  except ApiError as e:
+    return _error(e)
+  except UserError as e:  # e.g. query vectors the index cannot take: the request's to fix
+    return _error(ApiError(400, str(e)))
+  except Exception as e:  # pylint: disable=broad-except
+    return _error(ApiError(500, f"the server failed: {type(e).__name__}: {e}", kind="server_error"))
+
+
+async def read_json(request: Request, max_request_bytes: int) -> Any:
+  """The request's JSON body, refused (413) past `max_request_bytes` even when sent chunked."""
+  parts, size = [], 0
+  async for chunk in request.stream():  # a chunked body declares no length: count as it comes
+    size += len(chunk)
+    if size > max_request_bytes:
+      raise _too_large(max_request_bytes)
+    parts.append(chunk)
+  body = b"".join(parts)
+  try:
+    return json.loads(body)
+  except ValueError:
+    raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
 
 
 class _Guard:
