@@ -44,24 +44,30 @@ def unique_rows(ids: jax.Array, grads: jax.Array, num_rows: int) -> tuple[jax.Ar
 
 
 def update(kind: str, table: jax.Array, slots: dict[str, jax.Array], rows: jax.Array,
-           grads: jax.Array, *, learning_rate, step, b1: float = 0.9, b2: float = 0.999
-           ) -> tuple[jax.Array, dict[str, jax.Array]]:
+           grads: jax.Array, *, learning_rate, step, b1: float = 0.9, b2: float = 0.999,
+           apply=True) -> tuple[jax.Array, dict[str, jax.Array]]:
   """`table` and `slots` with `rows` (from `unique_rows`) moved by their summed `grads`; `step` is
-  the number of updates made before this one (Adam's bias correction)."""
+  the number of updates made before this one (Adam's bias correction). Where `apply` (a traced
+  bool) is false the rows are written back unchanged: a step to skip costs no table-sized select."""
   get = lambda a: a.at[rows].get(mode="fill", fill_value=0)
-  put = lambda a, v: a.at[rows].set(v.astype(a.dtype), mode="drop")
+
+  def put(a, new, old):
+    return a.at[rows].set(jnp.where(apply, new, old).astype(a.dtype), mode="drop")
+
   w, g = get(table), grads.astype(jnp.float32)
   if kind == "sgd":
-    return put(table, w - learning_rate * g), {}
+    return put(table, w - learning_rate * g, w), {}
   if kind == "adagrad":
-    acc = get(slots["acc"]) + g * g
+    acc0 = get(slots["acc"])
+    acc = acc0 + g * g
     scale = jnp.where(acc > 0, jax.lax.rsqrt(acc + ADAGRAD_EPS), 0.0)
-    return put(table, w - learning_rate * g * scale), {"acc": put(slots["acc"], acc)}
+    return put(table, w - learning_rate * g * scale, w), {"acc": put(slots["acc"], acc, acc0)}
   if kind == "adam":
     t = (step + 1).astype(jnp.float32)
-    m = b1 * get(slots["m"]) + (1 - b1) * g
-    v = b2 * get(slots["v"]) + (1 - b2) * g * g
+    m0, v0 = get(slots["m"]), get(slots["v"])
+    m = b1 * m0 + (1 - b1) * g
+    v = b2 * v0 + (1 - b2) * g * g
     m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
     new = w - learning_rate * m_hat / (jnp.sqrt(v_hat) + ADAM_EPS)
-    return put(table, new), {"m": put(slots["m"], m), "v": put(slots["v"], v)}
+    return put(table, new, w), {"m": put(slots["m"], m, m0), "v": put(slots["v"], v, v0)}
   raise ValueError(f"unknown row optimizer {kind!r}")

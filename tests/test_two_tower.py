@@ -467,6 +467,12 @@ def test_sparse_tables_train_sharded_equal_one_device_and_keep_untouched_rows(tm
     assert changed == set(np.unique(first["item"]).tolist())   # exactly the batch's items moved
     state, m2 = setup.compiled_train(state, setup.to_global(next(it)))
     assert int(state.model_state["row_step"]) == 2 and float(m2["table_grad_norm"]) > 0
+    # A non-finite step leaves the rows, their optimizer state and the row step as they were.
+    kept = jax.device_get(state.model_state)
+    bad = dict(first, logq=np.full_like(first["logq"], np.nan))
+    state, m3 = setup.compiled_train(state, setup.to_global(bad))
+    assert not np.isfinite(float(m3["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.model_state), kept)
     results.append((spec, [float(m["loss"]), float(m2["loss"])],
                     np.asarray(jax.device_get(state.model_state["item_tower"]["table"]))))
   (_, l1, t1), (spec8, l8, t8) = results

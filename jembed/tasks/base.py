@@ -46,6 +46,10 @@ class Task(abc.ABC):
   # A regex of task-owned parameters (e.g. a learnable temperature) that train under every tuning:
   # a LoRA or adapter tuning freezes the backbone, not the objective's own scalars.
   task_params = ""
+  # True when `value_and_grad` itself leaves the model state unchanged on a step whose loss or
+  # gradients are not finite (two_tower's row-wise tables), so the loop need not select between the
+  # old and new state: for catalogue-sized tables that select would cost more than the step.
+  guards_model_state = False
 
   def __init__(self, config, workdir: str):
     self.config = config

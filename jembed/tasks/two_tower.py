@@ -124,6 +124,8 @@ class TwoTowerTask(Task):
     if float(config.loss.temperature) <= 0:
       raise UserError(f"loss.temperature={config.loss.temperature} must be > 0")
     self.table_updates = str(config.model.table_updates)
+    # Row-wise updates keep their own rows on a non-finite step (see value_and_grad).
+    self.guards_model_state = self.table_updates != "dense"
     if self.table_updates not in ("dense",) + row_optimizer.KINDS:
       raise UserError(f"model.table_updates='{self.table_updates}' is unknown; use dense, or "
                       f"{', '.join(row_optimizer.KINDS)} (only the rows a batch touches change)")
@@ -219,15 +221,19 @@ class TwoTowerTask(Task):
                     + sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(grads)))
     clip = float(c.grad_clip)
     scale = jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-12)) if clip else 1.0
+    # The loop skips a step whose loss or gradients are not finite; it leaves this state to the task
+    # (`guards_model_state`), as a select over whole tables would cost a catalogue-sized copy a step.
+    finite = jnp.isfinite(loss) & jnp.isfinite(norm)
     step = state["row_step"]
     lr = learning_rate_schedule(c)(step)
     for name, rows, g in summed:
       tower = state[name]
       slots = {k: tower[f"table_{k}"] for k in row_optimizer.SLOTS[self.table_updates]}
       table, slots = row_optimizer.update(self.table_updates, tower["table"], slots, rows, g * scale,
-                                          learning_rate=lr, step=step, b1=float(c.b1), b2=float(c.b2))
+                                          learning_rate=lr, step=step, b1=float(c.b1), b2=float(c.b2),
+                                          apply=finite)
       state[name] = dict(tower, table=table, **{f"table_{k}": v for k, v in slots.items()})
-    state["row_step"] = step + 1
+    state["row_step"] = step + finite.astype(step.dtype)
     metrics = dict(metrics, table_grad_norm=norm)
     return (loss, (metrics, state)), grads
 
