@@ -36,6 +36,11 @@ def get_config() -> ml_collections.ConfigDict:
       dim=32,                   # embedding width of both towers
       mlp_dims=(),              # hidden widths of an MLP on top of each table; () = the table row itself
       normalize=True,           # L2-normalise both towers' outputs (cosine / temperature)
+      # How the id tables learn. dense: ordinary parameters of the config's AdamW (every row, every
+      # step: a step costs in proportion to the catalogue). adam | adagrad | sgd: only the rows a batch
+      # touches change, with per-row optimizer state (jembed/row_optimizer.py; lazy Adam, row-wise
+      # Adagrad); same learning_rate schedule, b1, b2, grad_clip; needs weight_decay=0.
+      table_updates="dense",
   ))
   c.loss = ml_collections.ConfigDict(dict(
       temperature=0.2,          # logits = user . item / temperature (on the stdlib default 0.2 beat 0.1 and 0.05)

@@ -77,8 +77,9 @@ def train_step(ctx: StepContext, state: TrainState, batch):
   # A step whose loss or gradient is not finite changes nothing (checked on device, every step);
   # the host reads the record at log steps and before each save.
   finite = reliability.step_is_finite(metrics["loss"], grads, state.step)
-  params, opt_state, model_state = reliability.keep_if_finite(
-      finite, (params, opt_state, model_state), (state.params, state.opt_state, state.model_state))
+  params, opt_state = reliability.keep_if_finite(finite, (params, opt_state), (state.params, state.opt_state))
+  if not ctx.task.guards_model_state:
+    model_state = reliability.keep_if_finite(finite, model_state, state.model_state)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             model_state=model_state,

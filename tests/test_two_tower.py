@@ -339,3 +339,158 @@ def test_bad_settings_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match=words) as e:
       inter.load(data_config(**kw))
     assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+def test_server_recommends_from_the_workdir_and_from_its_item_index(trained, tmp_path):
+  """python -m jembed.serve --recommender W [--index I]: no text model; /v1/recommend equals
+  Recommender.recommend (seen items excluded unless asked), /v1/similar its similar_items, hits from
+  the index carry its ids; unknown users and bad k are OpenAI-shaped errors; text routes 404."""
+  pytest.importorskip("fastapi")
+  from fastapi.testclient import TestClient
+  import jembed
+  from jembed.serve import __main__ as cli
+  workdir, _, _ = trained
+  rec = jembed.load(workdir)
+  out = str(tmp_path / "items.index")
+  assert recommend.main(["--model", workdir, "--export-index", out]) == 0
+  want = rec.recommend(["u0", "u5"], k=7)
+  want_all = rec.recommend(["u0"], k=7, exclude_seen=False)[0]
+  for flags in ([], ["--index", out]):
+    app, desc = cli.build(cli.parser().parse_args(["--recommender", workdir, *flags]))
+    assert desc.startswith("run: recommendations for 48 users")
+    with TestClient(app) as client:
+      r = client.post("/v1/recommend", json={"user": ["u0", "u5"], "k": 7})
+      assert r.status_code == 200, r.text
+      data = r.json()["data"]
+      assert [d["user"] for d in data] == ["u0", "u5"] and r.json()["model"] == "run"
+      for d, w in zip(data, want):
+        assert [h["id"] for h in d["hits"]] == [h["id"] for h in w]
+        np.testing.assert_allclose([h["score"] for h in d["hits"]], [h["score"] for h in w], rtol=1e-4)
+      r = client.post("/v1/recommend", json={"user": "u0", "k": 7, "exclude_seen": False})
+      assert [h["id"] for h in r.json()["data"][0]["hits"]] == [h["id"] for h in want_all]
+      r = client.post("/v1/similar", json={"item": "i3", "k": 4})
+      hits = r.json()["data"][0]["hits"]
+      assert r.status_code == 200 and len(hits) == 4 and all(h["id"] != "i3" for h in hits)
+      if not flags:
+        assert [h["id"] for h in hits] == [h["id"] for h in rec.similar_items(["i3"], 4)[0]]
+      for body, status, param in [({"user": "nobody"}, 404, "user"), ({"user": "u0", "k": 0}, 400, "k"),
+                                  ({"user": []}, 400, "user"), ({"k": 3}, 400, "user"),
+                                  ({"user": "u0", "exclude_seen": "no"}, 400, "exclude_seen")]:
+        r = client.post("/v1/recommend", json=body)
+        err = r.json()["error"]
+        assert r.status_code == status and err["param"] == param and set(err) == {
+            "message", "type", "param", "code"}, (body, r.text)
+      assert "user 'nobody'" in client.post("/v1/recommend", json={"user": "nobody"}).json()["error"]["message"]
+      r = client.post("/v1/similar", json={"item": "nope"})
+      assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_item"
+      for route in ("/v1/embeddings", "/v1/search"):
+        r = client.post(route, json={"input": "a"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "no_text_model"
+      assert client.get("/v1/models").json()["data"][0]["items"] == len(rec.items)
+      assert 'route="/v1/recommend"' in client.get("/metrics").text
+
+
+def test_server_refuses_a_foreign_index_and_nothing_to_serve(trained, tmp_path, capsys):
+  from jembed import index as index_lib
+  from jembed.serve import __main__ as cli
+  workdir, _, _ = trained
+  rng = np.random.default_rng(0)
+  index_lib.write(str(tmp_path / "other"), rng.normal(size=(3, 16)).astype(np.float32), ids=["i0", "i1", "i2"])
+  assert cli.main(["--recommender", workdir, "--index", str(tmp_path / "other")]) == 2
+  assert "other vectors for the recommender's items" in capsys.readouterr().err
+  assert cli.main([]) == 2
+  assert "nothing to serve" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- row-wise table updates
+
+
+def _table_loss(table, ids):
+  rows = jnp.take(table, ids, axis=0)
+  return jnp.sum(jnp.sin(rows) * jnp.arange(1, rows.shape[1] + 1))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "adam"])
+def test_row_updates_equal_dense_optax(kind):
+  """Row-wise sgd and adagrad equal optax's dense ones on a table whose batches repeat ids and skip
+  rows; row-wise adam equals dense adam when every row is touched, and leaves untouched rows alone."""
+  import optax
+  from jembed import row_optimizer
+  rng = np.random.default_rng(0)
+  table = jnp.asarray(rng.normal(size=(10, 3)), jnp.float32)
+  dense = {"sgd": optax.sgd(0.1), "adagrad": optax.adagrad(0.1), "adam": optax.adam(0.1)}[kind]
+  batches = ([np.array([1, 3, 3, 7, 1, 0]), np.array([2, 2, 9, 3, 5, 5])] if kind != "adam" else
+             [rng.permutation(np.r_[np.arange(10), [4, 4]]) for _ in range(3)])
+  d_table, d_state = table, dense.init(table)
+  s_table, slots = table, row_optimizer.init_slots(kind, table)
+  for step, ids in enumerate(batches):
+    ids = jnp.asarray(ids, jnp.int32)
+    g = jax.grad(_table_loss)(d_table, ids)
+    upd, d_state = dense.update(g, d_state, d_table)
+    d_table = optax.apply_updates(d_table, upd)
+    rows = jnp.take(s_table, ids, axis=0)
+    row_g = jax.grad(lambda r: jnp.sum(jnp.sin(r) * jnp.arange(1, 4)))(rows)
+    uniq, summed = row_optimizer.unique_rows(ids, row_g, 10)
+    s_table, slots = row_optimizer.update(kind, s_table, slots, uniq, summed, learning_rate=0.1,
+                                          step=jnp.asarray(step))
+  np.testing.assert_allclose(s_table, d_table, rtol=1e-5, atol=1e-6)
+  if kind == "adam":   # lazy: a row no batch touches keeps its value and zero moments
+    t, slots = row_optimizer.update("adam", table, row_optimizer.init_slots("adam", table),
+                                    *row_optimizer.unique_rows(jnp.asarray([2, 2]), jnp.ones((2, 3)), 10),
+                                    learning_rate=0.1, step=jnp.asarray(0))
+    changed = np.any(np.asarray(t) != np.asarray(table), axis=1)
+    assert changed.tolist() == [i == 2 for i in range(10)] and float(slots["m"][2, 0]) == pytest.approx(0.2)
+
+
+def test_sparse_tables_train_sharded_equal_one_device_and_keep_untouched_rows(tmp_path):
+  """model.table_updates=adam: the tables live outside the optimizer's parameters, only the batch's
+  rows change, 8 devices (rows sharded) equal one, and the run learns like the dense one."""
+  from jembed import train
+  path = write_udata(tmp_path / "u.data", synthetic())
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    setup = train.Setup(tiny_config(path, total_steps=2, **{"model.table_updates": "adam"}),
+                        str(tmp_path / f"s{len(devices)}"), devices=devices)
+    assert "item_tower" not in setup.abs_params or "table" not in setup.abs_params["item_tower"]
+    spec = setup.rest_shardings["item_tower"]["table_m"].spec
+    state = setup.init_state()
+    before = np.asarray(jax.device_get(state.model_state["item_tower"]["table"]))
+    it = pipeline.make_train_iterator(setup.data.train, 32, 0)
+    first = next(it)
+    setup.compile(state, setup.to_global(first))
+    state, m = setup.compiled_train(state, setup.to_global(first))
+    after = np.asarray(jax.device_get(state.model_state["item_tower"]["table"]))
+    changed = set(np.flatnonzero(np.any(after != before, axis=1)))
+    assert changed == set(np.unique(first["item"]).tolist())   # exactly the batch's items moved
+    state, m2 = setup.compiled_train(state, setup.to_global(next(it)))
+    assert int(state.model_state["row_step"]) == 2 and float(m2["table_grad_norm"]) > 0
+    # A non-finite step leaves the rows, their optimizer state and the row step as they were.
+    kept = jax.device_get(state.model_state)
+    bad = dict(first, logq=np.full_like(first["logq"], np.nan))
+    state, m3 = setup.compiled_train(state, setup.to_global(bad))
+    assert not np.isfinite(float(m3["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.model_state), kept)
+    results.append((spec, [float(m["loss"]), float(m2["loss"])],
+                    np.asarray(jax.device_get(state.model_state["item_tower"]["table"]))))
+  (_, l1, t1), (spec8, l8, t8) = results
+  assert spec8[0] == ("data", "fsdp", "tensor")
+  np.testing.assert_allclose(l1, l8, rtol=1e-5)
+  np.testing.assert_allclose(t1, t8, rtol=1e-4, atol=1e-6)
+
+
+def test_sparse_adam_run_learns_and_loads(tmp_path):
+  import jembed
+  from jembed import train
+  path = write_udata(tmp_path / "u.data", synthetic())
+  # Each row moves only when a batch holds it (about 2 epochs here): lazy Adam wants a larger rate.
+  final = train.train_and_evaluate(tiny_config(path, learning_rate=0.2, **{"model.table_updates": "adam"}),
+                                   str(tmp_path / "w"))
+  assert final["recall@10"] > final["popularity_recall@10"] + 0.1
+  assert len(jembed.load(str(tmp_path / "w")).recommend(["u0"], k=5)[0]) == 5
+  for kw, words in [({"model.table_updates": "lazy"}, "table_updates='lazy'"),
+                    ({"model.table_updates": "sgd", "weight_decay": 0.1}, "weight_decay=0.1")]:
+    with pytest.raises(UserError, match=words):
+      train.Setup(tiny_config(path, **kw), str(tmp_path / "x"))

@@ -7,6 +7,11 @@
 
 Then any OpenAI client: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY)
 .embeddings.create(model=NAME, input=["a text"])`.
+
+Recommendations from a two-tower workdir, with or without a text model (jembed/serve/recommend.py):
+
+    python -m jembed.serve --recommender runs/tt [--index runs/tt.items.index] [--port 8000]
+    POST /v1/recommend {"user": "196", "k": 10, "exclude_seen": true}; POST /v1/similar {"item": "242"}
 """
 from __future__ import annotations
 
@@ -21,8 +26,12 @@ from jembed.errors import UserError, run_cli
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m jembed.serve", description=__doc__.split("\n\n")[0])
-  p.add_argument("--model", required=True, help="jembed workdir or export, or a Hugging Face dir")
-  p.add_argument("--index", default="", help="a jembed index directory to answer /v1/search from")
+  p.add_argument("--model", default="", help="jembed workdir or export, or a Hugging Face dir (the "
+                 "text model; optional with --recommender)")
+  p.add_argument("--index", default="", help="a jembed index directory to answer /v1/search from (with "
+                 "--recommender and no --model: the item index recommendations are ranked from)")
+  p.add_argument("--recommender", default="",
+                 help="a two-tower workdir to answer /v1/recommend and /v1/similar from")
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every one)")
   p.add_argument("--port", type=int, default=8000)
   p.add_argument("--api-key", default=os.environ.get("JEMBED_API_KEY", ""),
@@ -56,6 +65,18 @@ def build(args):
     raise UserError(f"--port {args.port} is not a TCP port; use 0..65535")
   if args.max_request_bytes < 1:
     raise UserError(f"--max-request-bytes {args.max_request_bytes} must be positive")
+  if not args.model and not args.recommender:
+    raise UserError("nothing to serve; pass --model DIR (a text model), --recommender WORKDIR (a "
+                    "two-tower workdir), or both")
+  service = None
+  if args.recommender:
+    if args.model and args.index:
+      raise UserError("--index with both --model and --recommender is ambiguous; serve the text index "
+                      "and the item index from two servers")
+    from jembed.serve.recommend import RecommendService  # pylint: disable=import-outside-toplevel
+    service = RecommendService.load(args.recommender, "" if args.model else args.index)
+    if not args.model:
+      return _recommender_only(args, service)
   from jembed import embed  # pylint: disable=import-outside-toplevel
   from jembed.serve.app import create_app  # pylint: disable=import-outside-toplevel
   model = embed.load(args.model)
@@ -72,15 +93,37 @@ def build(args):
   name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
   app = create_app(model, served_model_name=name, index=index, api_key=args.api_key or None,
                    max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue,
-                   truncate=args.truncate, max_request_bytes=args.max_request_bytes, dtype=args.dtype)
+                   truncate=args.truncate, max_request_bytes=args.max_request_bytes, dtype=args.dtype,
+                   recommender=service)
   if args.warm_up:  # every batch shape compiled before the first client, not in its latency
     t0 = time.perf_counter()
     shapes = app.state.batcher.warm_up()
+    if service is not None:
+      service.warm_up()
     print(f"jembed.serve: compiled {shapes} batch shapes in {time.perf_counter() - t0:.0f} s",
           file=sys.stderr)
   desc = (f"{name}: {model.dim} dims, at most {model.max_seq_length} tokens an input, {args.dtype}"
-          + (f", index of {len(index)} vectors" if index is not None else ""))
+          + (f", index of {len(index)} vectors" if index is not None else "")
+          + (f", {_describe(service)}" if service is not None else ""))
   return app, desc
+
+
+def _recommender_only(args, service):
+  """(app, description) of a server of recommendations with no text model."""
+  from jembed.serve.recommend import create_app  # pylint: disable=import-outside-toplevel
+  name = args.served_model_name or os.path.basename(os.path.normpath(args.recommender))
+  app = create_app(service, served_model_name=name, api_key=args.api_key or None,
+                   max_request_bytes=args.max_request_bytes)
+  if args.warm_up:
+    service.warm_up()
+  return app, f"{name}: {_describe(service)}"
+
+
+def _describe(service) -> str:
+  rec = service.rec
+  where = (f"ranked from index of {len(service.index)} items" if service.index is not None
+           else f"{len(rec.items)} items")
+  return f"recommendations for {len(rec.users)} users, {rec.dim} dims, {where}"
 
 
 def run(args) -> str:

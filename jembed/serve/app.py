@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import threading
 import time
@@ -23,14 +22,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jembed.embed import truncate as truncate_dims
-from jembed.errors import UserError
 from jembed.serve import protocol
 from jembed.serve.batcher import Batcher, QueueFull
+from jembed.serve.common import Guard, answer, error_response, plain_json, read_json
 from jembed.serve.metrics import CONTENT_TYPE, ServerMetrics
 from jembed.serve.protocol import ApiError
 
-PUBLIC = ("/health", "/metrics")   # open even when an API key is set (probes and scrapers)
-ROUTES = ("/v1/embeddings", "/embeddings", "/v1/models", "/v1/search", "/health", "/metrics")
 RETRY_AFTER_S = 1
 INLINE_SIZE = 4096  # characters (or token ids, or output floats) a request may have to be handled
                     # on the event loop; larger ones go to the thread pool
@@ -38,8 +35,10 @@ INLINE_SIZE = 4096  # characters (or token ids, or output floats) a request may 
 
 def create_app(model, *, served_model_name: str, index=None, api_key: str | None = None,
                max_batch_tokens: int = 16384, max_queue: int = 256, truncate: bool = False,
-               max_request_bytes: int = 2 * 2 ** 20, dtype: str = "float32") -> FastAPI:
-  """The server around a loaded TextEmbedder `model` (and an optional jembed Index over it)."""
+               max_request_bytes: int = 2 * 2 ** 20, dtype: str = "float32",
+               recommender=None) -> FastAPI:
+  """The server around a loaded TextEmbedder `model` (and an optional jembed Index over it); with a
+  `recommender` (a jembed.serve.recommend.RecommendService) also /v1/recommend and /v1/similar."""
   metrics = ServerMetrics()
   n_dev = model.mesh.size
   batcher = Batcher(lambda rows, size: model.embed_token_rows(rows, batch_size=size, dtype=dtype),
@@ -59,35 +58,15 @@ def create_app(model, *, served_model_name: str, index=None, api_key: str | None
                             max_request_bytes=max_request_bytes, dtype=dtype)
   created = int(time.time())
 
-  app.add_middleware(_Guard, api_key=api_key, max_request_bytes=max_request_bytes, metrics=metrics)
+  app.add_middleware(Guard, api_key=api_key, max_request_bytes=max_request_bytes, metrics=metrics)
 
   @app.exception_handler(StarletteHTTPException)
-  async def http_error(_request, exc: StarletteHTTPException):
+  async def httperror_response(_request, exc: StarletteHTTPException):
     code = "not_found" if exc.status_code == 404 else None
-    return _error(ApiError(exc.status_code, str(exc.detail), code=code))
-
-  async def answer(handler, request: Request):
-    try:
-      return await handler(request)
-    except ApiError as e:
-      return _error(e)
-    except UserError as e:  # e.g. query vectors the index cannot take: the request's to fix
-      return _error(ApiError(400, str(e)))
-    except Exception as e:  # pylint: disable=broad-except
-      return _error(ApiError(500, f"the server failed: {type(e).__name__}: {e}", kind="server_error"))
+    return error_response(ApiError(exc.status_code, str(exc.detail), code=code))
 
   async def json_body(request: Request) -> Any:
-    parts, size = [], 0
-    async for chunk in request.stream():  # a chunked body declares no length: count as it comes
-      size += len(chunk)
-      if size > max_request_bytes:
-        raise _too_large(max_request_bytes)
-      parts.append(chunk)
-    body = b"".join(parts)
-    try:
-      return json.loads(body)
-    except ValueError:
-      raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+    return await read_json(request, max_request_bytes)
 
   async def embed_rows(rows: list[np.ndarray]) -> np.ndarray:
     try:
@@ -141,7 +120,7 @@ def create_app(model, *, served_model_name: str, index=None, api_key: str | None
     hits = await run_in_threadpool(locked_search, vectors, min(k, len(index)))
     data = [{"object": "search_result", "index": i, "hits": h} for i, h in enumerate(hits)]
     payload = {"object": "list", "data": data, "model": served_model_name, "usage": usage(rows)}
-    return Response(json.dumps(payload, default=_plain), media_type="application/json")
+    return Response(json.dumps(payload, default=plain_json), media_type="application/json")
 
   search_lock = threading.Lock()  # one search at a time: the index's searcher caches as it goes
 
@@ -167,6 +146,12 @@ def create_app(model, *, served_model_name: str, index=None, api_key: str | None
   async def models_route(request: Request):
     return await answer(models, request)
 
+  if recommender is not None:
+    from jembed.serve import recommend  # pylint: disable=import-outside-toplevel
+    app.state.recommender = recommender
+    recommend.add_routes(app, recommender, served_model_name=served_model_name, answer=answer,
+                         json_body=json_body)
+
   @app.get("/health")
   async def health():
     if not batcher.alive:
@@ -180,72 +165,5 @@ def create_app(model, *, served_model_name: str, index=None, api_key: str | None
   return app
 
 
-class _Guard:
-  """ASGI middleware (plain, not Starlette's BaseHTTPMiddleware, which costs a task group and two
-  memory streams per request): the Bearer key (401), the declared body size (413), and every
-  answer counted in /metrics by route and status, with its latency."""
-
-  def __init__(self, app, *, api_key: str | None, max_request_bytes: int, metrics: ServerMetrics):
-    self.app, self.api_key, self.max_bytes, self.metrics = app, api_key, max_request_bytes, metrics
-
-  async def __call__(self, scope, receive, send):
-    if scope["type"] != "http":
-      return await self.app(scope, receive, send)
-    t0 = time.perf_counter()
-    path = scope["path"]
-    status = 500  # what an exception escaping the app becomes
-
-    async def send_counted(message):
-      nonlocal status
-      if message["type"] == "http.response.start":
-        status = message["status"]
-      await send(message)
-
-    headers = dict(scope["headers"])
-    try:
-      if self.api_key and path not in PUBLIC and not _authorized(headers, self.api_key):
-        await _error(ApiError(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
-                              code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-                     )(scope, receive, send_counted)
-      elif _declared_length(headers) > self.max_bytes:
-        await _error(_too_large(self.max_bytes))(scope, receive, send_counted)
-      else:
-        await self.app(scope, receive, send_counted)
-    finally:
-      route = path if path in ROUTES else "other"
-      self.metrics.requests.inc(route, str(status))
-      self.metrics.latency.observe(time.perf_counter() - t0, route)
-
-
-def _error(e: ApiError) -> JSONResponse:
-  return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-
-def _authorized(headers: dict, api_key: str) -> bool:
-  scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-  return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
-
-
-def _declared_length(headers: dict) -> int:
-  try:
-    return int(headers.get(b"content-length", b"0"))
-  except ValueError:
-    return 0
-
-
-def _too_large(limit: int) -> ApiError:
-  return ApiError(413, f"the request body is over {limit} bytes (--max-request-bytes); send fewer or "
-                  "shorter inputs per request", code="request_too_large")
-
-
 def _size(items) -> int:
   return sum(len(t) for t in items)
-
-
-def _plain(x):
-  """JSON for the NumPy scalars and arrays an index's stored fields may hold."""
-  if isinstance(x, np.generic):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  raise TypeError(f"{type(x).__name__} is not JSON serialisable")

@@ -51,6 +51,10 @@ class Task(abc.ABC):
   # A regex of backbone parameters the task adds to what a warm-start source has (e.g. BERT's pooler
   # under a text classifier's Hugging Face head): they start fresh instead of failing the warm start.
   fresh_params = ""
+  # True when `value_and_grad` itself leaves the model state unchanged on a step whose loss or
+  # gradients are not finite (two_tower's row-wise tables), so the loop need not select between the
+  # old and new state: for catalogue-sized tables that select would cost more than the step.
+  guards_model_state = False
 
   def __init__(self, config, workdir: str):
     self.config = config_lib.complete(config)  # fields it lacks take the base's values

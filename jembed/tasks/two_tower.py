@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jembed import fs, losses, ranking
+from jembed import fs, losses, ranking, row_optimizer
+from jembed.optimizer import learning_rate_schedule
+from jembed.state import ModelDef
 from jembed.data import interactions as inter
 from jembed.errors import UserError
 from jembed.models.layers import logical
@@ -32,19 +34,36 @@ VOCAB_FILE = "vocab.json"
 HISTORY_FILE = "history.npz"
 
 
+class TableRows(nnx.Variable):
+  """An id table (and its per-row optimizer state) updated row-wise by the task itself
+  (`model.table_updates` adam/adagrad/sgd: jembed.row_optimizer), not by the config's optimizer: a
+  variable of the model state, so the dense optimizer never sees it."""
+
+
 class Tower(nnx.Module):
   """id -> embedding table row (-> MLP) (-> L2 normalisation)."""
 
-  def __init__(self, rows: int, dim: int, mlp_dims, normalize: bool, *, rngs: nnx.Rngs):
+  def __init__(self, rows: int, dim: int, mlp_dims, normalize: bool, *, rngs: nnx.Rngs,
+               table_updates: str = "dense"):
     width = mlp_dims[0] if mlp_dims else dim
     init = jax.random.normal(rngs.params(), (rows, width), jnp.float32) / np.sqrt(width)
-    self.table = nnx.Param(init, **logical("table_rows", None))
+    kind = nnx.Param if table_updates == "dense" else TableRows
+    self.table = kind(init, **logical("table_rows", None))
+    if table_updates != "dense":
+      for name, value in row_optimizer.init_slots(table_updates, init).items():
+        setattr(self, f"table_{name}", TableRows(value, **logical("table_rows", None)))
     sizes = list(mlp_dims) + ([dim] if mlp_dims else [])
     self.mlp = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
     self.normalize = normalize
 
+  def rows(self, ids):
+    return jnp.take(self.table[...], ids, axis=0)
+
   def __call__(self, ids):
-    x = jnp.take(self.table[...], ids, axis=0)
+    return self.head(self.rows(ids))
+
+  def head(self, x):
+    """What follows the table: the MLP and the normalisation, on gathered rows."""
     for i, layer in enumerate(self.mlp):
       x = layer(x)
       if i < len(self.mlp) - 1:
@@ -57,9 +76,11 @@ class Tower(nnx.Module):
 class TwoTowerModel(nnx.Module):
 
   def __init__(self, num_users: int, num_items: int, dim: int, mlp_dims, normalize: bool, *,
-               rngs: nnx.Rngs):
-    self.user_tower = Tower(num_users, dim, mlp_dims, normalize, rngs=rngs)
-    self.item_tower = Tower(num_items, dim, mlp_dims, normalize, rngs=rngs)
+               rngs: nnx.Rngs, table_updates: str = "dense"):
+    self.user_tower = Tower(num_users, dim, mlp_dims, normalize, rngs=rngs, table_updates=table_updates)
+    self.item_tower = Tower(num_items, dim, mlp_dims, normalize, rngs=rngs, table_updates=table_updates)
+    if table_updates != "dense":   # row-wise updates made so far: the schedule's and Adam's step
+      self.row_step = TableRows(jnp.zeros((), jnp.int32))
 
 
 @functools.lru_cache(maxsize=8)
@@ -103,6 +124,21 @@ class TwoTowerTask(Task):
                       "implemented yet; leave it empty to train id towers")
     if float(config.loss.temperature) <= 0:
       raise UserError(f"loss.temperature={config.loss.temperature} must be > 0")
+    self.table_updates = str(config.model.table_updates)
+    # Row-wise updates keep their own rows on a non-finite step (see value_and_grad).
+    self.guards_model_state = self.table_updates != "dense"
+    if self.table_updates not in ("dense",) + row_optimizer.KINDS:
+      raise UserError(f"model.table_updates='{self.table_updates}' is unknown; use dense, or "
+                      f"{', '.join(row_optimizer.KINDS)} (only the rows a batch touches change)")
+    if self.table_updates != "dense":
+      if float(config.weight_decay):
+        raise UserError(f"weight_decay={config.weight_decay} with model.table_updates="
+                        f"'{self.table_updates}': decaying every row each step is a dense update; set "
+                        "--config.weight_decay=0 or model.table_updates=dense")
+      if int(config.grad_accum_steps) > 1:
+        raise UserError(f"grad_accum_steps={config.grad_accum_steps} with model.table_updates="
+                        f"'{self.table_updates}': row-wise updates apply once per micro-batch; use "
+                        "grad_accum_steps=1 or model.table_updates=dense")
 
   # -- data --
   def load_data(self) -> Data:
@@ -137,21 +173,68 @@ class TwoTowerTask(Task):
       raise UserError(f"model.dim={m.dim} and model.mlp_dims={tuple(dims)} must be positive")
     return {"task": "two_tower", "vocab": VOCAB_FILE, "history": HISTORY_FILE,
             "backbone": {"num_users": len(self.data.users), "num_items": len(self.data.items),
-                         "dim": int(m.dim), "mlp_dims": dims, "normalize": bool(m.normalize)}}
+                         "dim": int(m.dim), "mlp_dims": dims, "normalize": bool(m.normalize),
+                         "table_updates": self.table_updates}}
 
   @classmethod
   def build_model(cls, spec, rngs):
     b = spec["backbone"]
     return TwoTowerModel(b["num_users"], b["num_items"], b["dim"], tuple(b["mlp_dims"]),
-                         b["normalize"], rngs=rngs)
+                         b["normalize"], rngs=rngs, table_updates=b.get("table_updates", "dense"))
 
   # -- objective --
   def loss(self, model, batch, rng, train):
+    return self._loss_of(model.user_tower(batch["user"]), model.item_tower(batch["item"]), batch)
+
+  def _loss_of(self, users, items, batch):
     lc = self.config.loss
-    return losses.sampled_softmax(model.user_tower(batch["user"]), model.item_tower(batch["item"]),
-                                  batch["item"], temperature=float(lc.temperature),
+    return losses.sampled_softmax(users, items, batch["item"], temperature=float(lc.temperature),
                                   log_q=batch["logq"] if lc.logq else None,
                                   remove_accidental_hits=bool(lc.remove_accidental_hits))
+
+  def value_and_grad(self, make_model, trained, batch, rng):
+    """Dense tables: the loop's gradients. Row-wise tables (`model.table_updates`): the touched rows
+    are gathered outside the differentiated function, the loss differentiated w.r.t. them (and the
+    dense parameters, e.g. an MLP), and the rows updated here by jembed.row_optimizer; the updated
+    tables return in the model state, so the loop's optimizer sees only the dense parameters."""
+    if self.table_updates == "dense":
+      return super().value_and_grad(make_model, trained, batch, rng)
+    c = self.config
+    before = make_model(trained)
+    user_rows = before.user_tower.rows(batch["user"])
+    item_rows = before.item_tower.rows(batch["item"])
+
+    def loss_fn(t, ur, ir):
+      model = make_model(t)
+      loss, metrics = self._loss_of(model.user_tower.head(ur), model.item_tower.head(ir), batch)
+      return loss, (metrics, ModelDef.model_state(model))
+
+    (loss, (metrics, state)), (grads, g_user, g_item) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1, 2), has_aux=True)(trained, user_rows, item_rows)
+    towers = (("user_tower", batch["user"], g_user), ("item_tower", batch["item"], g_item))
+    summed = [(name, *row_optimizer.unique_rows(ids, g, state[name]["table"].shape[0]))
+              for name, ids, g in towers]
+    # Clipped by the norm of every gradient, the rows' and the dense parameters', as a dense table's
+    # would be (the loop clips the dense parameters by their own norm).
+    norm = jnp.sqrt(sum(jnp.sum(g * g) for _, _, g in summed)
+                    + sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(grads)))
+    clip = float(c.grad_clip)
+    scale = jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-12)) if clip else 1.0
+    # The loop skips a step whose loss or gradients are not finite; it leaves this state to the task
+    # (`guards_model_state`), as a select over whole tables would cost a catalogue-sized copy a step.
+    finite = jnp.isfinite(loss) & jnp.isfinite(norm)
+    step = state["row_step"]
+    lr = learning_rate_schedule(c)(step)
+    for name, rows, g in summed:
+      tower = state[name]
+      slots = {k: tower[f"table_{k}"] for k in row_optimizer.SLOTS[self.table_updates]}
+      table, slots = row_optimizer.update(self.table_updates, tower["table"], slots, rows, g * scale,
+                                          learning_rate=lr, step=step, b1=float(c.b1), b2=float(c.b2),
+                                          apply=finite)
+      state[name] = dict(tower, table=table, **{f"table_{k}": v for k, v in slots.items()})
+    state["row_step"] = step + finite.astype(step.dtype)
+    metrics = dict(metrics, table_grad_norm=norm)
+    return (loss, (metrics, state)), grads
 
   # -- evaluation (host side) --
   def retrieval_metrics(self, model) -> dict[str, float]:
